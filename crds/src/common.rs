@@ -1,0 +1,229 @@
+//! Pieces shared by every Drover kind: conditions, CPU lists, and the patterns and
+//! limits the schemas validate against.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::core::{Resource, ResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// The API group of every Drover kind.
+pub const GROUP: &str = "drover.dev";
+/// The API version of every Drover kind.
+pub const VERSION: &str = "v1alpha1";
+
+/// The most vCPUs one VM may have. Guests address CPUs by xAPIC ID (8 bits, 255 is
+/// the broadcast ID), which is what the MP table and MADT we build describe.
+pub const MAX_VCPUS: u32 = 254;
+
+/// A Kubernetes object name (RFC 1123 subdomain), for fields that refer to objects.
+pub const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// A Linux CPU list as in `/sys/devices/system/cpu/online` or `taskset -c`:
+/// comma-separated CPU numbers and inclusive ranges, e.g. `0-3,8,10-11`.
+pub const CPU_LIST_PATTERN: &str = r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$";
+
+/// CEL (Kubernetes strings and lists libraries) for the number of CPUs in a CPU list
+/// that already matched [`CPU_LIST_PATTERN`]; `L` is replaced by the field.
+pub(crate) const CEL_CPU_LIST_COUNT: &str =
+    "L.split(',').map(r, r.contains('-') ? int(r.split('-')[1]) - int(r.split('-')[0]) + 1 : 1).sum()";
+
+/// CEL that holds when no range of a CPU list runs backwards (`5-2`).
+pub(crate) const CEL_CPU_LIST_ORDERED: &str =
+    "L.split(',').all(r, !r.contains('-') || int(r.split('-')[0]) <= int(r.split('-')[1]))";
+
+/// Substitutes the field expression into one of the `CEL_*` templates above.
+pub(crate) fn cel(template: &str, field: &str) -> String {
+    template.replace('L', field)
+}
+
+/// Conditions of a status, as the Kubernetes API conventions describe them: a list
+/// keyed by `type`, so that server-side apply merges one condition at a time.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Conditions(pub Vec<Condition>);
+
+impl JsonSchema for Conditions {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Conditions".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let mut schema = <Vec<Condition>>::json_schema(generator);
+        schema.insert("x-kubernetes-list-type".into(), "map".into());
+        schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["type"]));
+        schema
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+}
+
+impl Conditions {
+    /// The condition of this type, if present.
+    pub fn get(&self, type_: &str) -> Option<&Condition> {
+        self.0.iter().find(|c| c.type_ == type_)
+    }
+
+    /// Sets a condition, keeping `lastTransitionTime` when its status did not change
+    /// (the Kubernetes convention: the time records when the status last flipped).
+    pub fn set(&mut self, new: Condition) {
+        match self.0.iter_mut().find(|c| c.type_ == new.type_) {
+            Some(old) if old.status == new.status => {
+                let since = old.last_transition_time.clone();
+                *old = Condition { last_transition_time: since, ..new };
+            }
+            Some(old) => *old = new,
+            None => self.0.push(new),
+        }
+    }
+}
+
+/// A set of host CPUs, parsed from the Linux CPU-list syntax (`0-3,8`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CpuSet(std::collections::BTreeSet<u32>);
+
+impl CpuSet {
+    /// Parses a CPU list such as `0-3,8,10-11`. The empty string is the empty set.
+    pub fn parse(list: &str) -> Result<Self, Error> {
+        let bad = |why: &str| Error::CpuList { list: list.to_string(), why: why.to_string() };
+        let mut cpus = std::collections::BTreeSet::new();
+        if list.trim().is_empty() {
+            return Ok(Self(cpus));
+        }
+        for part in list.trim().split(',') {
+            let (first, last) = match part.split_once('-') {
+                Some((a, b)) => (a, b),
+                None => (part, part),
+            };
+            let first: u32 = first.trim().parse().map_err(|_| bad(&format!("`{part}` is not a CPU number or range")))?;
+            let last: u32 = last.trim().parse().map_err(|_| bad(&format!("`{part}` is not a CPU number or range")))?;
+            if first > last {
+                return Err(bad(&format!("range `{part}` runs backwards")));
+            }
+            if last - first >= 65_536 {
+                return Err(bad(&format!("range `{part}` is larger than any host")));
+            }
+            cpus.extend(first..=last);
+        }
+        Ok(Self(cpus))
+    }
+
+    /// How many CPUs the set holds.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `cpu` is in the set.
+    pub fn contains(&self, cpu: u32) -> bool {
+        self.0.contains(&cpu)
+    }
+
+    /// The CPUs in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().copied()
+    }
+}
+
+impl FromIterator<u32> for CpuSet {
+    fn from_iter<I: IntoIterator<Item = u32>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
+    }
+}
+
+impl std::fmt::Display for CpuSet {
+    /// Writes the canonical CPU list, folding runs into ranges (`0-3,8`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut cpus = self.iter().peekable();
+        let mut first_range = true;
+        while let Some(start) = cpus.next() {
+            let mut end = start;
+            while cpus.peek() == Some(&(end + 1)) {
+                end += 1;
+                cpus.next();
+            }
+            if !first_range {
+                f.write_str(",")?;
+            }
+            first_range = false;
+            if start == end { write!(f, "{start}")? } else { write!(f, "{start}-{end}")? }
+        }
+        Ok(())
+    }
+}
+
+/// The `generation` a controller saw, for `status.observedGeneration`.
+pub fn generation_of<K: Resource>(obj: &K) -> Option<i64> {
+    obj.meta().generation
+}
+
+/// `namespace/name` of an object, for log lines and messages.
+pub fn object_ref<K: Resource>(obj: &K) -> String {
+    match obj.namespace() {
+        Some(ns) => format!("{ns}/{}", obj.name_any()),
+        None => obj.name_any(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_list_parses_ranges_and_singles() {
+        let set = CpuSet::parse("0-3,8,10-11").unwrap();
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![0, 1, 2, 3, 8, 10, 11]);
+        assert_eq!(set.len(), 7);
+        assert_eq!(set.to_string(), "0-3,8,10-11");
+    }
+
+    #[test]
+    fn cpu_list_display_folds_runs() {
+        let set: CpuSet = [5, 1, 2, 3, 7].into_iter().collect();
+        assert_eq!(set.to_string(), "1-3,5,7");
+        assert_eq!(CpuSet::default().to_string(), "");
+    }
+
+    #[test]
+    fn cpu_list_rejects_malformed_input() {
+        for bad in ["a", "1-", "-1", "3-1", "1,,2", "0-70000"] {
+            let err = CpuSet::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(bad), "error for {bad:?} should quote the input: {err}");
+        }
+    }
+
+    #[test]
+    fn conditions_keep_transition_time_when_status_is_unchanged() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let t = |s: &str| Time(s.parse().unwrap());
+        let cond = |status: &str, time: &str, reason: &str| Condition {
+            type_: "Ready".into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: t(time),
+        };
+        let mut conditions = Conditions::default();
+        conditions.set(cond("True", "2026-01-01T00:00:00Z", "Booted"));
+        conditions.set(cond("True", "2026-01-02T00:00:00Z", "StillBooted"));
+        let ready = conditions.get("Ready").unwrap();
+        assert_eq!(ready.reason, "StillBooted");
+        assert_eq!(ready.last_transition_time, t("2026-01-01T00:00:00Z"));
+        conditions.set(cond("False", "2026-01-03T00:00:00Z", "Crashed"));
+        assert_eq!(conditions.get("Ready").unwrap().last_transition_time, t("2026-01-03T00:00:00Z"));
+        assert_eq!(conditions.0.len(), 1);
+    }
+}
+
+/// For `skip_serializing_if` on status conditions.
+pub(crate) fn is_empty_conditions(c: &Conditions) -> bool {
+    c.0.is_empty()
+}

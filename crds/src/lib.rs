@@ -1,0 +1,34 @@
+//! Drover's Kubernetes API, group `drover.dev`, version `v1alpha1`:
+//! [`VirtualMachine`], [`VirtualMachineMigration`], [`HostPolicy`] and [`DRSRule`].
+//!
+//! The CRD YAML in `crds/` and `charts/drover/crds/` is generated from these types
+//! (`cargo run -p drover-crds --bin crdgen`); a test fails when it is stale. Every
+//! rule a user can break is checked by the API server (OpenAPI and CEL in the
+//! schema), so `kubectl apply` refuses a bad spec with a message naming the field.
+
+pub mod common;
+pub mod drs_rule;
+pub mod generate;
+pub mod host_policy;
+pub mod migration;
+pub mod vm;
+
+pub use common::{Conditions, CpuSet, GROUP, MAX_VCPUS, VERSION};
+pub use drs_rule::{DRSRule, DRSRuleSpec, DRSRuleStatus};
+pub use host_policy::{HostPolicy, HostPolicySpec, HostPolicyStatus};
+pub use migration::{VirtualMachineMigration, VirtualMachineMigrationSpec, VirtualMachineMigrationStatus};
+pub use vm::{VirtualMachine, VirtualMachineSpec, VirtualMachineStatus};
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A CPU list that does not parse.
+    #[error("invalid CPU list {list:?}: {why}")]
+    CpuList { list: String, why: String },
+    /// A CRD that could not be turned into YAML.
+    #[error("cannot serialize CRD {name}: {source}")]
+    Serialize { name: String, source: serde_norway::Error },
+    /// Reading or writing generated files.
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}

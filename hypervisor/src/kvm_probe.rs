@@ -1,0 +1,63 @@
+//! What the host's KVM offers: whether it opens, its API version, vCPU limits and
+//! the capabilities Drover relies on (in-kernel irqchip, dirty logging, ...).
+
+use kvm_ioctls::{Cap, Kvm};
+use serde::Serialize;
+
+use crate::Error;
+
+/// KVM facts of this host.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct KvmFacts {
+    /// `KVM_GET_API_VERSION` (12 on every Linux since 2.6.22).
+    pub api_version: i32,
+    /// Recommended vCPU count (`KVM_CAP_NR_VCPUS`).
+    pub recommended_vcpus: usize,
+    /// Hard vCPU limit (`KVM_CAP_MAX_VCPUS`).
+    pub max_vcpus: usize,
+    /// Capabilities Drover uses, with whether each is present.
+    pub capabilities: std::collections::BTreeMap<String, bool>,
+}
+
+impl KvmFacts {
+    /// Whether every capability Drover needs is present.
+    pub fn usable(&self) -> bool {
+        self.capabilities.values().all(|present| *present)
+    }
+}
+
+/// Capabilities the VMM needs, named as in the KVM API documentation.
+const REQUIRED: [(Cap, &str); 6] = [
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    (Cap::Xsave, "KVM_CAP_XSAVE"),
+];
+
+/// Opens `/dev/kvm` and reads what it offers.
+pub fn probe() -> Result<KvmFacts, Error> {
+    let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+    Ok(KvmFacts {
+        api_version: kvm.get_api_version(),
+        recommended_vcpus: kvm.get_nr_vcpus(),
+        max_vcpus: kvm.get_max_vcpus(),
+        capabilities: REQUIRED.iter().map(|(cap, name)| (name.to_string(), kvm.check_extension(*cap))).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs `/dev/kvm` (any KVM, PVM included); fails saying so when it is absent.
+    #[test]
+    fn probe_reads_the_host_kvm() {
+        let facts = probe().expect("this test needs a readable and writable /dev/kvm");
+        assert_eq!(facts.api_version, 12, "KVM API version");
+        assert!(facts.max_vcpus >= facts.recommended_vcpus && facts.recommended_vcpus >= 1, "{facts:?}");
+        assert!(facts.usable(), "missing KVM capabilities: {:?}", facts.capabilities);
+    }
+}

@@ -1,0 +1,26 @@
+//! `drover-agent`: Drover's node agent: runs the VMs of its host.
+//!
+//! A thin shell for now: it parses its command line and logs; the VM supervisor, heartbeat and migration endpoints arrive with issue 5.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "drover-agent", version, about = "Drover's node agent: runs the VMs of its host")]
+struct Cli {
+    /// Path of a kubeconfig; without it, the in-cluster configuration or $KUBECONFIG.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<std::path::PathBuf>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), kubeconfig = ?cli.kubeconfig, "starting");
+    tracing::error!("nothing to run yet: the VM supervisor, heartbeat and migration endpoints arrive with issue 5");
+    ExitCode::from(2)
+}
