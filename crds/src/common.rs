@@ -20,12 +20,15 @@ pub const MAX_VCPUS: u32 = 254;
 /// A Kubernetes object name (RFC 1123 subdomain), for fields that refer to objects.
 pub const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 
-/// A Linux CPU list as in `/sys/devices/system/cpu/online` or `taskset -c`:
-/// comma-separated CPU numbers and inclusive ranges, e.g. `0-3,8,10-11`.
-pub const CPU_LIST_PATTERN: &str = r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$";
+/// CEL that holds when `L` is a well-formed Linux CPU list, as in
+/// `/sys/devices/system/cpu/online` or `taskset -c`: comma-separated CPU numbers and
+/// inclusive ranges, e.g. `0-3,8,10-11`. Kept in CEL rather than an
+/// OpenAPI `pattern` so that the message can say what is expected, and so that the
+/// rules below can be guarded by it (they would fail to evaluate on garbage).
+pub(crate) const CEL_CPU_LIST_VALID: &str = "L.matches('^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$')";
 
 /// CEL (Kubernetes strings and lists libraries) for the number of CPUs in a CPU list
-/// that already matched [`CPU_LIST_PATTERN`]; `L` is replaced by the field.
+/// that already matched [`CEL_CPU_LIST_VALID`]; `L` is replaced by the field.
 pub(crate) const CEL_CPU_LIST_COUNT: &str =
     "L.split(',').map(r, r.contains('-') ? int(r.split('-')[1]) - int(r.split('-')[0]) + 1 : 1).sum()";
 
@@ -36,6 +39,16 @@ pub(crate) const CEL_CPU_LIST_ORDERED: &str =
 /// Substitutes the field expression into one of the `CEL_*` templates above.
 pub(crate) fn cel(template: &str, field: &str) -> String {
     template.replace('L', field)
+}
+
+/// The CEL rule for a CPU-list field: well formed, and no range backwards.
+pub(crate) fn cpu_list_rule() -> kube::core::Rule {
+    kube::core::Rule::new(format!(
+        "{} && {}",
+        cel(CEL_CPU_LIST_VALID, "self"),
+        cel(CEL_CPU_LIST_ORDERED, "self")
+    ))
+    .message("must be a CPU list such as 0-3,8 (numbers and low-high ranges, comma-separated)")
 }
 
 /// Conditions of a status, as the Kubernetes API conventions describe them: a list

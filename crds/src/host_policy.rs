@@ -6,7 +6,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{CEL_CPU_LIST_ORDERED, CPU_LIST_PATTERN, Conditions, cel};
+use crate::common::{Conditions, cpu_list_rule};
 use crate::vm::{NumaPolicy, RestartPriority};
 
 /// Settings for the hosts its nodeSelector picks: what they offer to VMs, how HA
@@ -58,8 +58,8 @@ pub struct HostPolicySpec {
 pub struct CapacitySpec {
     /// Host CPUs kept for the host itself and never given to VMs, as a CPU list (`0-1`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 512), pattern(CPU_LIST_PATTERN))]
-    #[x_kube(validation = Rule::new(cel(CEL_CPU_LIST_ORDERED, "self")).message("every range must be written low-high, e.g. 2-5"))]
+    #[schemars(length(max = 512))]
+    #[x_kube(validation = cpu_list_rule())]
     pub reserved_cpus: Option<String>,
 
     /// Host memory kept for the host itself, a quantity (default 1Gi).

@@ -7,7 +7,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{CEL_CPU_LIST_COUNT, CEL_CPU_LIST_ORDERED, CPU_LIST_PATTERN, Conditions, MAX_VCPUS, cel};
+use crate::common::{CEL_CPU_LIST_COUNT, CEL_CPU_LIST_VALID, Conditions, MAX_VCPUS, cel, cpu_list_rule};
 
 /// A virtual machine: its vCPUs (Virtual SMP), memory, boot source and disks, and
 /// what Drover does when its host fails or enters maintenance. The operator places it
@@ -91,7 +91,9 @@ pub enum RunStrategy {
 #[x_kube(
     validation = Rule::new("!has(self.topology) || self.topology.sockets * self.topology.cores * self.topology.threads == self.vcpus")
         .message("sockets × cores × threads must equal vcpus").field_path(".topology"),
-    validation = Rule::new(format!("self.placement != 'Dedicated' || !has(self.hostCpus) || {} >= self.vcpus", cel(CEL_CPU_LIST_COUNT, "self.hostCpus")))
+    validation = Rule::new(format!(
+        "self.placement != 'Dedicated' || !has(self.hostCpus) || !{} || {} >= self.vcpus",
+        cel(CEL_CPU_LIST_VALID, "self.hostCpus"), cel(CEL_CPU_LIST_COUNT, "self.hostCpus")))
         .message("Dedicated placement needs at least one host CPU per vCPU: hostCpus lists fewer CPUs than vcpus").field_path(".hostCpus"),
     validation = Rule::new("self.priority == 'Custom' ? has(self.shares) : !has(self.shares)")
         .message("shares must be set when priority is Custom, and only then").field_path(".shares"),
@@ -115,8 +117,8 @@ pub struct CpuSpec {
     /// Host CPUs the vCPUs may run on, in Linux CPU-list syntax (`0-3,8`). Optional:
     /// without it the operator chooses. Changing it applies to the running VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 512), pattern(CPU_LIST_PATTERN))]
-    #[x_kube(validation = Rule::new(cel(CEL_CPU_LIST_ORDERED, "self")).message("every range must be written low-high, e.g. 2-5"))]
+    #[schemars(length(max = 512))]
+    #[x_kube(validation = cpu_list_rule())]
     pub host_cpus: Option<String>,
 
     /// With Dedicated placement, allow two vCPUs of this VM on hyper-thread siblings
