@@ -114,3 +114,55 @@ pub fn stale_files(root: &Path) -> Result<Vec<String>, Error> {
 fn io(path: &Path, source: std::io::Error) -> Error {
     Error::Io { path: path.display().to_string(), source }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_yaml_is_up_to_date() {
+        let stale = stale_files(&repo_root()).expect("render CRDs");
+        assert!(stale.is_empty(), "generated CRD YAML is stale: {stale:?}; regenerate it with `{REGENERATE}` and commit the result");
+    }
+
+    #[test]
+    fn every_kind_has_status_subresource_category_and_conditions_map() {
+        for crd in crds() {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            assert!(crd.spec.names.categories.as_ref().is_some_and(|c| c.contains(&"drover".to_string())), "{name}: category");
+            let version = &crd.spec.versions[0];
+            assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "{name}: status subresource");
+            let schema = serde_json::to_value(&version.schema).expect("schema");
+            let conditions = &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
+            assert_eq!(conditions["x-kubernetes-list-type"], "map", "{name}: conditions list-map");
+            assert_eq!(conditions["x-kubernetes-list-map-keys"], serde_json::json!(["type"]), "{name}: conditions keyed by type");
+            assert!(schema["openAPIV3Schema"]["properties"]["status"]["properties"]["observedGeneration"].is_object(), "{name}: observedGeneration");
+        }
+    }
+
+    #[test]
+    fn every_field_has_a_description() {
+        fn walk(path: &str, schema: &serde_json::Value, missing: &mut Vec<String>) {
+            if let Some(props) = schema.get("properties").and_then(|p| p.as_object()) {
+                for (key, child) in props {
+                    let child_path = format!("{path}.{key}");
+                    // metadata is Kubernetes' own, and apiVersion/kind are documented by it.
+                    let exempt = ["metadata", "apiVersion", "kind"].contains(&key.as_str()) && path.is_empty();
+                    if !exempt && child.get("description").is_none() {
+                        missing.push(child_path.clone());
+                    }
+                    walk(&child_path, child, missing);
+                }
+            }
+            if let Some(items) = schema.get("items") {
+                walk(&format!("{path}[]"), items, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        for crd in crds() {
+            let schema = serde_json::to_value(&crd.spec.versions[0].schema).expect("schema");
+            walk(&crd.spec.names.kind, &schema["openAPIV3Schema"], &mut missing);
+        }
+        assert!(missing.is_empty(), "fields without a doc comment (kubectl explain shows nothing): {missing:#?}");
+    }
+}
