@@ -13,7 +13,8 @@ pub mod host_policy;
 pub mod migration;
 pub mod vm;
 
-pub use common::{Conditions, CpuSet, GROUP, MAX_VCPUS, VERSION};
+pub use common::{Conditions, GROUP, MAX_VCPUS, VERSION};
+pub use drover_topology::CpuSet;
 pub use drs_rule::{DRSRule, DRSRuleSpec, DRSRuleStatus};
 pub use host_policy::{HostPolicy, HostPolicySpec, HostPolicyStatus};
 pub use migration::{VirtualMachineMigration, VirtualMachineMigrationSpec, VirtualMachineMigrationStatus};
@@ -22,9 +23,6 @@ pub use vm::{VirtualMachine, VirtualMachineSpec, VirtualMachineStatus};
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A CPU list that does not parse.
-    #[error("invalid CPU list {list:?}: {why}")]
-    CpuList { list: String, why: String },
     /// A CRD that could not be turned into YAML.
     #[error("cannot serialize CRD {name}: {source}")]
     Serialize { name: String, source: serde_norway::Error },

@@ -1,0 +1,65 @@
+/* Drover's test guest: shared definitions of the ring-0 part (start.S, kernel.c)
+ * and the ring-3 workloads (user.c). Freestanding x86-64, no libc. */
+#ifndef DROVER_GUEST_H
+#define DROVER_GUEST_H
+
+#define KERNEL_CS 0x08
+#define KERNEL_DS 0x10
+#define KERNEL32_CS 0x18
+#define USER_DS (0x20 | 3)
+#define USER_CS (0x28 | 3)
+#define TSS_SELECTOR(cpu) (0x30 + 16 * (cpu))
+
+#define MAX_CPUS 256
+#define KSTACK_SIZE 4096
+#define USTACK_SIZE 8192
+/* Where the BSP copies the AP start-up code; the SIPI vector is its page number. */
+#define TRAMPOLINE 0x8000
+
+/* Ports. The TSS I/O bitmap lets ring 3 use every port below IOMAP_PORTS. */
+#define COM1 0x3f8
+#define EXIT_PORT 0x501 /* QEMU's isa-debug-exit and Drover's exit device */
+#define I8042_CMD 0x64
+#define IOMAP_PORTS 0x600
+
+#define SYSCALL_VECTOR 0x80
+#define SYS_HALT 0
+
+#ifndef __ASSEMBLER__
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+/* The PVH start_info structure (xen/include/public/arch-x86/hvm/start_info.h). */
+struct hvm_start_info {
+    u32 magic;
+    u32 version;
+    u32 flags;
+    u32 nr_modules;
+    u64 modlist_paddr;
+    u64 cmdline_paddr;
+    u64 rsdp_paddr;
+    u64 memmap_paddr;
+    u32 memmap_entries;
+    u32 reserved;
+};
+
+struct hvm_memmap_entry {
+    u64 addr;
+    u64 size;
+    u32 type;
+    u32 reserved;
+};
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
+static inline u64 rdtsc(void) {
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+
+void user_main(u32 cpu, struct hvm_start_info *info) __attribute__((noreturn));
+#endif
+#endif

@@ -1,0 +1,155 @@
+/* Drover's test guest, ring 0: the least a CPU needs before it can run workloads in
+ * ring 3: a TSS (its I/O bitmap opens the ports the workloads use; PVM checks it
+ * instead of IOPL), an IDT for exceptions and one system call (halt), and, on the
+ * BSP, the INIT-SIPI-SIPI that starts the APs through the local APIC. */
+#include "guest.h"
+
+struct tss {
+    u32 reserved0;
+    u64 rsp[3];
+    u64 reserved1;
+    u64 ist[7];
+    u64 reserved2;
+    u16 reserved3;
+    u16 iomap_base;
+    u8 iomap[IOMAP_PORTS / 8 + 1]; /* bit clear = port allowed; last byte all ones */
+} __attribute__((packed));
+
+struct idt_gate {
+    u16 offset_lo;
+    u16 selector;
+    u8 ist;
+    u8 type_attr;
+    u16 offset_mid;
+    u32 offset_hi;
+    u32 reserved;
+} __attribute__((packed));
+
+struct frame {
+    u64 vector, error, rip, cs, rflags, rsp, ss;
+};
+
+extern u64 gdt_tss[];
+extern const u64 isr_table[32];
+extern const u64 isr_syscall;
+extern const char tramp_start[], tramp_end[];
+void halt_forever(void) __attribute__((noreturn));
+
+u8 kstacks[MAX_CPUS][KSTACK_SIZE] __attribute__((aligned(4096)));
+static u8 ustacks[MAX_CPUS][USTACK_SIZE] __attribute__((aligned(4096)));
+static struct tss tss[MAX_CPUS] __attribute__((aligned(64)));
+static struct idt_gate idt[256] __attribute__((aligned(16)));
+static struct hvm_start_info *boot_info;
+
+#define LAPIC_ICR_LO ((volatile u32 *)0xFEE00300)
+#define LAPIC_ICR_HI ((volatile u32 *)0xFEE00310)
+
+static void kputs(const char *s) {
+    while (*s) outb(COM1, (u8)*s++);
+}
+
+static void kput_hex(u64 v) {
+    char buf[19] = "0x";
+    for (int i = 0; i < 16; i++) buf[2 + i] = "0123456789abcdef"[(v >> (60 - 4 * i)) & 0xf];
+    buf[18] = 0;
+    kputs(buf);
+}
+
+static void set_gate(int vector, u64 handler, u8 dpl) {
+    struct idt_gate *g = &idt[vector];
+    g->offset_lo = (u16)handler;
+    g->selector = KERNEL_CS;
+    g->ist = 0;
+    g->type_attr = (u8)(0x8E | (dpl << 5)); /* present, 64-bit interrupt gate */
+    g->offset_mid = (u16)(handler >> 16);
+    g->offset_hi = (u32)(handler >> 32);
+    g->reserved = 0;
+}
+
+static void load_idt(void) {
+    struct {
+        u16 limit;
+        u64 base;
+    } __attribute__((packed)) ptr = {sizeof(idt) - 1, (u64)idt};
+    __asm__ volatile("lidt %0" ::"m"(ptr));
+}
+
+/* Gives this CPU its TSS and drops to ring 3, never to return. */
+static void __attribute__((noreturn)) enter_user(u32 cpu) {
+    struct tss *t = &tss[cpu];
+    u64 base = (u64)t, limit = sizeof(*t) - 1;
+    t->rsp[0] = (u64)&kstacks[cpu][KSTACK_SIZE];
+    t->iomap_base = __builtin_offsetof(struct tss, iomap);
+    t->iomap[IOMAP_PORTS / 8] = 0xff;
+    /* 64-bit available TSS descriptor (type 9, present). */
+    gdt_tss[2 * cpu] = (limit & 0xffff) | ((base & 0xffffff) << 16) | (0x89ULL << 40) | (((limit >> 16) & 0xf) << 48) |
+                       (((base >> 24) & 0xff) << 56);
+    gdt_tss[2 * cpu + 1] = base >> 32;
+    __asm__ volatile("ltr %w0" ::"r"((u16)TSS_SELECTOR(cpu)));
+    load_idt();
+
+    u64 ustack_top = (u64)&ustacks[cpu][USTACK_SIZE] - 8; /* as if after a call */
+    __asm__ volatile(
+        "pushq %[ss]\n\t"
+        "pushq %[rsp]\n\t"
+        "pushq $0x2\n\t" /* RFLAGS: interrupts off, IOPL 0 */
+        "pushq %[cs]\n\t"
+        "pushq %[rip]\n\t"
+        "iretq" ::[ss] "i"(USER_DS),
+        [rsp] "r"(ustack_top), [cs] "i"(USER_CS), [rip] "r"((u64)user_main), "D"((u64)cpu), "S"((u64)boot_info)
+        : "memory");
+    __builtin_unreachable();
+}
+
+static int cmdline_has(const char *word) {
+    const char *s = boot_info && boot_info->cmdline_paddr ? (const char *)boot_info->cmdline_paddr : "";
+    for (; *s; s++) {
+        const char *a = s, *b = word;
+        while (*b && *a == *b) a++, b++;
+        if (!*b) return 1;
+    }
+    return 0;
+}
+
+void kmain_bsp(u32 start_info) {
+    boot_info = (struct hvm_start_info *)(u64)start_info;
+    for (int v = 0; v < 32; v++) set_gate(v, isr_table[v], 0);
+    set_gate(SYSCALL_VECTOR, isr_syscall, 3);
+
+    if (cmdline_has("drover.mode=triple-fault")) {
+        /* For the VMM's fault handling: an exception with no usable IDT. */
+        struct {
+            u16 limit;
+            u64 base;
+        } __attribute__((packed)) empty = {0, 0};
+        __asm__ volatile("lidt %0; int3" ::"m"(empty));
+    }
+
+    /* Start every other CPU: INIT, then SIPI twice (vector = trampoline page). */
+    u8 *dst = (u8 *)TRAMPOLINE;
+    for (const char *p = tramp_start; p < tramp_end; p++) *dst++ = (u8)*p;
+    *LAPIC_ICR_HI = 0;
+    *LAPIC_ICR_LO = 0x000C4500; /* INIT, all excluding self */
+    *LAPIC_ICR_LO = 0x000C4600 | (TRAMPOLINE >> 12); /* SIPI */
+    *LAPIC_ICR_LO = 0x000C4600 | (TRAMPOLINE >> 12);
+    enter_user(0);
+}
+
+void kmain_ap(u32 cpu) { enter_user(cpu); }
+
+/* Exceptions and the system call land here. */
+void ktrap(struct frame *f, u64 nr) {
+    if (f->vector == SYSCALL_VECTOR) {
+        if (nr == SYS_HALT) halt_forever();
+        return;
+    }
+    kputs("drover-guest: exception ");
+    kput_hex(f->vector);
+    kputs(" error ");
+    kput_hex(f->error);
+    kputs(" at ");
+    kput_hex(f->rip);
+    kputs("\n");
+    outb(EXIT_PORT, (u8)(0x80 | f->vector));
+    halt_forever();
+}

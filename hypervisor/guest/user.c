@@ -1,0 +1,222 @@
+/* Drover's test guest, ring 3: the workloads. They run at native speed even under
+ * PVM, print through the serial port (COM1) and end the VM through the exit port.
+ *
+ * Every CPU reports in, learns how many CPUs there are (ACPI MADT, else the command
+ * line's drover.cpus=N), waits for all of them, and runs the workload chosen by
+ * drover.mode= on the command line:
+ *   sum (default)  each CPU sums splitmix64(i) over its share of i < drover.work
+ *                  (default 2^20); CPU 0 prints the total and exits with status 0.
+ *   spin           every CPU spins; CPU 0 prints a tick about every 2^29 TSC cycles.
+ *   reset          CPU 0 asks the i8042 controller for a CPU reset.
+ *   fault          CPU 0 executes hlt in ring 3 (#GP), which ends the VM through
+ *                  the exception handler.
+ * Exit port values: 0 success, 1..0x7f workload failure, 0x80 + vector exception. */
+#include "guest.h"
+
+static volatile u32 print_lock;
+static volatile u32 arrived;
+static volatile u32 finished;
+static volatile u64 total;
+
+static void lock(void) {
+    while (__atomic_exchange_n(&print_lock, 1, __ATOMIC_ACQUIRE)) cpu_relax();
+}
+static void unlock(void) { __atomic_store_n(&print_lock, 0, __ATOMIC_RELEASE); }
+
+static void puts_(const char *s) {
+    while (*s) outb(COM1, (u8)*s++);
+}
+
+static void put_dec(u64 v) {
+    char buf[21];
+    int i = 20;
+    buf[i] = 0;
+    do buf[--i] = (char)('0' + v % 10); while ((v /= 10) && i > 0);
+    puts_(&buf[i]);
+}
+
+static void put_hex(u64 v) {
+    char buf[17];
+    for (int i = 0; i < 16; i++) buf[i] = "0123456789abcdef"[(v >> (60 - 4 * i)) & 0xf];
+    buf[16] = 0;
+    puts_(buf);
+}
+
+static void __attribute__((noreturn)) guest_exit(u8 status) {
+    outb(EXIT_PORT, status);
+    for (;;) cpu_relax(); /* the VMM ends the VM; never reached on a working one */
+}
+
+static void __attribute__((noreturn)) halt_this_cpu(void) {
+    __asm__ volatile("int $0x80" ::"a"((u64)SYS_HALT));
+    __builtin_unreachable();
+}
+
+static int starts_with(const char *s, const char *prefix) {
+    while (*prefix)
+        if (*s++ != *prefix++) return 0;
+    return 1;
+}
+
+/* The value of `key` (e.g. "drover.mode=") on the command line, or 0. */
+static const char *param(struct hvm_start_info *info, const char *key) {
+    const char *s = info->cmdline_paddr ? (const char *)info->cmdline_paddr : "";
+    for (; *s; s++)
+        if ((s == (const char *)info->cmdline_paddr || s[-1] == ' ') && starts_with(s, key)) {
+            while (*s != '=') s++;
+            return s + 1;
+        }
+    return 0;
+}
+
+static u64 param_u64(struct hvm_start_info *info, const char *key, u64 dflt) {
+    const char *v = param(info, key);
+    if (!v || *v < '0' || *v > '9') return dflt;
+    u64 n = 0;
+    while (*v >= '0' && *v <= '9') n = n * 10 + (u64)(*v++ - '0');
+    return n;
+}
+
+static int mode_is(struct hvm_start_info *info, const char *mode) {
+    const char *v = param(info, "drover.mode=");
+    if (!v) return starts_with("sum", mode) && mode[3] == 0;
+    while (*mode)
+        if (*v++ != *mode++) return 0;
+    return *v == 0 || *v == ' ';
+}
+
+static int sig_is(const u8 *p, const char *sig) {
+    for (int i = 0; i < 4; i++)
+        if (p[i] != (u8)sig[i]) return 0;
+    return 1;
+}
+
+/* Enabled local APICs in the ACPI MADT, as an OS counts its CPUs; 0 without ACPI. */
+static u32 cpus_from_madt(struct hvm_start_info *info) {
+    if (info->version < 1 || !info->rsdp_paddr) return 0;
+    const u8 *rsdp = (const u8 *)info->rsdp_paddr;
+    int xsdt = rsdp[15] >= 2 && *(const u64 *)(rsdp + 24);
+    const u8 *sdt = xsdt ? (const u8 *)*(const u64 *)(rsdp + 24) : (const u8 *)(u64) * (const u32 *)(rsdp + 16);
+    u32 entries = (*(const u32 *)(sdt + 4) - 36) / (xsdt ? 8 : 4);
+    for (u32 i = 0; i < entries; i++) {
+        const u8 *table = xsdt ? (const u8 *)*(const u64 *)(sdt + 36 + 8 * i) : (const u8 *)(u64) * (const u32 *)(sdt + 36 + 4 * i);
+        if (!sig_is(table, "APIC")) continue;
+        u32 len = *(const u32 *)(table + 4), count = 0;
+        for (const u8 *e = table + 44; e + 2 <= table + len && e[1]; e += e[1]) {
+            if (e[0] == 0 && (*(const u32 *)(e + 4) & 1)) count++;  /* local APIC */
+            if (e[0] == 9 && (*(const u32 *)(e + 8) & 1)) count++;  /* local x2APIC */
+        }
+        return count;
+    }
+    return 0;
+}
+
+static void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d) {
+    __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
+}
+
+static u64 splitmix64(u64 x) {
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+void user_main(u32 cpu, struct hvm_start_info *info) {
+    u32 a, b, c, d;
+    cpuid(1, 0, &a, &b, &c, &d);
+    u32 apic_id = b >> 24;
+    u32 ncpus = cpus_from_madt(info);
+    if (!ncpus) ncpus = (u32)param_u64(info, "drover.cpus=", 1);
+
+    lock();
+    puts_("drover-guest: cpu ");
+    put_dec(cpu);
+    puts_(" up, apic id ");
+    put_dec(apic_id);
+    puts_("\n");
+    if (cpu == 0) {
+        u32 smt, per_package;
+        cpuid(0xb, 0, &a, &smt, &c, &d);
+        cpuid(0xb, 1, &a, &per_package, &c, &d);
+        puts_("drover-guest: ");
+        put_dec(ncpus);
+        puts_(" cpus, cpuid topology: ");
+        put_dec(smt & 0xffff);
+        puts_(" threads/core, ");
+        put_dec(per_package & 0xffff);
+        puts_(" threads/package\n");
+    }
+    unlock();
+
+    __atomic_add_fetch(&arrived, 1, __ATOMIC_SEQ_CST);
+    u64 deadline = rdtsc() + (120ULL << 30); /* ~1 minute at 2 GHz; the wait is normally milliseconds */
+    while (__atomic_load_n(&arrived, __ATOMIC_SEQ_CST) < ncpus) {
+        if (rdtsc() > deadline) {
+            if (cpu == 0) {
+                lock();
+                puts_("drover-guest: only ");
+                put_dec(arrived);
+                puts_(" of ");
+                put_dec(ncpus);
+                puts_(" cpus came up\n");
+                unlock();
+                guest_exit(2);
+            }
+            halt_this_cpu();
+        }
+        cpu_relax();
+    }
+    if (cpu == 0) {
+        lock();
+        puts_("drover-guest: all cpus up\n");
+        unlock();
+    }
+
+    if (mode_is(info, "spin")) {
+        u64 next = rdtsc(), ticks = 0;
+        for (;;) {
+            if (cpu == 0 && rdtsc() >= next) {
+                next = rdtsc() + (1ULL << 29);
+                lock();
+                puts_("drover-guest: tick ");
+                put_dec(ticks++);
+                puts_("\n");
+                unlock();
+            }
+            cpu_relax();
+        }
+    }
+    if (mode_is(info, "reset")) {
+        if (cpu == 0) outb(I8042_CMD, 0xfe);
+        halt_this_cpu();
+    }
+    if (mode_is(info, "fault")) {
+        if (cpu == 0) __asm__ volatile("hlt");
+        halt_this_cpu();
+    }
+    if (!mode_is(info, "sum")) {
+        if (cpu == 0) {
+            puts_("drover-guest: unknown drover.mode\n");
+            guest_exit(1);
+        }
+        halt_this_cpu();
+    }
+
+    u64 work = param_u64(info, "drover.work=", 1 << 20), sum = 0;
+    for (u64 i = cpu; i < work; i += ncpus) sum += splitmix64(i);
+    __atomic_add_fetch(&total, sum, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&finished, 1, __ATOMIC_SEQ_CST);
+    if (cpu != 0) halt_this_cpu();
+    while (__atomic_load_n(&finished, __ATOMIC_SEQ_CST) < ncpus) cpu_relax();
+    lock();
+    puts_("drover-guest: sum ");
+    put_hex(total);
+    puts_(" over ");
+    put_dec(work);
+    puts_(" on ");
+    put_dec(ncpus);
+    puts_(" cpus\ndrover-guest: done\n");
+    unlock();
+    guest_exit(0);
+}
