@@ -22,8 +22,10 @@
 #define I8042_CMD 0x64
 #define IOMAP_PORTS 0x600
 
-#define SYSCALL_VECTOR 0x80
-#define SYS_HALT 0
+/* Ring 3 asks ring 0 to halt its CPU with `ud2` and this value in %rax. Neither
+ * `int n` nor `syscall` from ring 3 reaches ring 0 under PVM (the first raises #UD,
+ * the second stays at CPL 3), but exceptions are delivered through the IDT. */
+#define HALT_REQUEST 0x68616c74 /* "halt" */
 
 #ifndef __ASSEMBLER__
 typedef unsigned char u8;
@@ -60,6 +62,20 @@ static inline u64 rdtsc(void) {
     return ((u64)hi << 32) | lo;
 }
 
+/* What ring 0 learned about each CPU (CPUID), for the workloads to report. */
+struct cpu_facts {
+    u32 apic_id;
+    u32 threads_per_core;
+    u32 threads_per_package;
+};
+extern struct cpu_facts cpu_facts[MAX_CPUS];
+
 void user_main(u32 cpu, struct hvm_start_info *info) __attribute__((noreturn));
+/* Serialises serial output between CPUs and privilege levels. */
+extern volatile u32 print_lock;
+static inline void print_lock_take(void) {
+    while (__atomic_exchange_n(&print_lock, 1, __ATOMIC_ACQUIRE)) cpu_relax();
+}
+static inline void print_lock_release(void) { __atomic_store_n(&print_lock, 0, __ATOMIC_RELEASE); }
 #endif
 #endif

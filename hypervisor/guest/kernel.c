@@ -31,7 +31,6 @@ struct frame {
 
 extern u64 gdt_tss[];
 extern const u64 isr_table[32];
-extern const u64 isr_syscall;
 extern const char tramp_start[], tramp_end[];
 void halt_forever(void) __attribute__((noreturn));
 
@@ -75,7 +74,23 @@ static void load_idt(void) {
 }
 
 /* Gives this CPU its TSS and drops to ring 3, never to return. */
+struct cpu_facts cpu_facts[MAX_CPUS];
+
+static void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d) {
+    __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
+}
+
 static void __attribute__((noreturn)) enter_user(u32 cpu) {
+    /* CPUID from ring 0: under PVM, ring-3 CPUID reports the host's CPU, not ours. */
+    u32 a, b, c, d;
+    struct cpu_facts *facts = &cpu_facts[cpu];
+    cpuid(1, 0, &a, &b, &c, &d);
+    facts->apic_id = b >> 24;
+    cpuid(0xb, 0, &a, &b, &c, &d);
+    facts->threads_per_core = b & 0xffff;
+    cpuid(0xb, 1, &a, &b, &c, &d);
+    facts->threads_per_package = b & 0xffff;
+
     struct tss *t = &tss[cpu];
     u64 base = (u64)t, limit = sizeof(*t) - 1;
     t->rsp[0] = (u64)&kstacks[cpu][KSTACK_SIZE];
@@ -114,7 +129,6 @@ static int cmdline_has(const char *word) {
 void kmain_bsp(u32 start_info) {
     boot_info = (struct hvm_start_info *)(u64)start_info;
     for (int v = 0; v < 32; v++) set_gate(v, isr_table[v], 0);
-    set_gate(SYSCALL_VECTOR, isr_syscall, 3);
 
     if (cmdline_has("drover.mode=triple-fault")) {
         /* For the VMM's fault handling: an exception with no usable IDT. */
@@ -137,12 +151,11 @@ void kmain_bsp(u32 start_info) {
 
 void kmain_ap(u32 cpu) { enter_user(cpu); }
 
-/* Exceptions and the system call land here. */
-void ktrap(struct frame *f, u64 nr) {
-    if (f->vector == SYSCALL_VECTOR) {
-        if (nr == SYS_HALT) halt_forever();
-        return;
-    }
+/* Exceptions land here: a halt request from ring 3, or a fault to report. */
+void ktrap(struct frame *f, u64 rax) {
+    const u8 *insn = (const u8 *)f->rip;
+    if (f->vector == 6 && rax == HALT_REQUEST && insn[0] == 0x0f && insn[1] == 0x0b) halt_forever();
+    print_lock_take();
     kputs("drover-guest: exception ");
     kput_hex(f->vector);
     kputs(" error ");
@@ -150,6 +163,7 @@ void ktrap(struct frame *f, u64 nr) {
     kputs(" at ");
     kput_hex(f->rip);
     kputs("\n");
+    print_lock_release();
     outb(EXIT_PORT, (u8)(0x80 | f->vector));
     halt_forever();
 }

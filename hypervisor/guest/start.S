@@ -119,10 +119,9 @@ isr\vec:
     ISR 8,1; ISR 9,0; ISR 10,1; ISR 11,1; ISR 12,1; ISR 13,1; ISR 14,1; ISR 15,0
     ISR 16,0; ISR 17,1; ISR 18,0; ISR 19,0; ISR 20,0; ISR 21,1; ISR 22,0; ISR 23,0
     ISR 24,0; ISR 25,0; ISR 26,0; ISR 27,0; ISR 28,0; ISR 29,1; ISR 30,1; ISR 31,0
-    ISR 128,0
 isr_common:
     mov %rsp, %rdi           /* struct frame: vector, error, rip, cs, rflags, rsp, ss */
-    mov %rax, %rsi           /* system-call number */
+    mov %rax, %rsi           /* HALT_REQUEST with ud2 */
     call ktrap
     jmp halt_forever
 
@@ -133,9 +132,6 @@ isr_table:
     .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
     .quad isr\v
     .endr
-    .globl isr_syscall
-isr_syscall:
-    .quad isr128
 
 /* GDT: fixed segments, then one 16-byte TSS descriptor per CPU (filled in by each CPU). */
     .data

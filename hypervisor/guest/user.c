@@ -13,15 +13,13 @@
  * Exit port values: 0 success, 1..0x7f workload failure, 0x80 + vector exception. */
 #include "guest.h"
 
-static volatile u32 print_lock;
+volatile u32 print_lock;
 static volatile u32 arrived;
 static volatile u32 finished;
 static volatile u64 total;
 
-static void lock(void) {
-    while (__atomic_exchange_n(&print_lock, 1, __ATOMIC_ACQUIRE)) cpu_relax();
-}
-static void unlock(void) { __atomic_store_n(&print_lock, 0, __ATOMIC_RELEASE); }
+static void lock(void) { print_lock_take(); }
+static void unlock(void) { print_lock_release(); }
 
 static void puts_(const char *s) {
     while (*s) outb(COM1, (u8)*s++);
@@ -48,7 +46,7 @@ static void __attribute__((noreturn)) guest_exit(u8 status) {
 }
 
 static void __attribute__((noreturn)) halt_this_cpu(void) {
-    __asm__ volatile("int $0x80" ::"a"((u64)SYS_HALT));
+    __asm__ volatile("ud2" ::"a"((u64)HALT_REQUEST) : "memory");
     __builtin_unreachable();
 }
 
@@ -111,10 +109,6 @@ static u32 cpus_from_madt(struct hvm_start_info *info) {
     return 0;
 }
 
-static void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d) {
-    __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
-}
-
 static u64 splitmix64(u64 x) {
     x += 0x9e3779b97f4a7c15ULL;
     x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -123,9 +117,7 @@ static u64 splitmix64(u64 x) {
 }
 
 void user_main(u32 cpu, struct hvm_start_info *info) {
-    u32 a, b, c, d;
-    cpuid(1, 0, &a, &b, &c, &d);
-    u32 apic_id = b >> 24;
+    u32 apic_id = cpu_facts[cpu].apic_id;
     u32 ncpus = cpus_from_madt(info);
     if (!ncpus) ncpus = (u32)param_u64(info, "drover.cpus=", 1);
 
@@ -136,15 +128,12 @@ void user_main(u32 cpu, struct hvm_start_info *info) {
     put_dec(apic_id);
     puts_("\n");
     if (cpu == 0) {
-        u32 smt, per_package;
-        cpuid(0xb, 0, &a, &smt, &c, &d);
-        cpuid(0xb, 1, &a, &per_package, &c, &d);
         puts_("drover-guest: ");
         put_dec(ncpus);
         puts_(" cpus, cpuid topology: ");
-        put_dec(smt & 0xffff);
+        put_dec(cpu_facts[0].threads_per_core);
         puts_(" threads/core, ");
-        put_dec(per_package & 0xffff);
+        put_dec(cpu_facts[0].threads_per_package);
         puts_(" threads/package\n");
     }
     unlock();
