@@ -1,11 +1,27 @@
 //! Drover's VMM: one `drover-vmm` process per VM, on KVM through the rust-vmm crates.
 //!
-//! This crate grows module by module (see docs/architecture.md); today it holds the
-//! KVM probe the tests and the agent use to tell whether a host can run VMs.
+//! - `config`: the VM configuration (shared with the agent)
+//! - `arch`: x86-64 layout, CPUID, registers, ACPI, PVH
+//! - `boot`: loads the kernel and boot structures
+//! - `vstate`: the KVM VM and its vCPU threads
+//! - `devices`: serial, i8042, exit device
+//! - `affinity`: host CPUs of the vCPU threads
+//! - `vmm`: puts it together and runs the VM
+//! - `kvm_probe`: what the host's KVM offers
 
+pub mod affinity;
+pub mod arch;
+pub mod boot;
+pub mod config;
+pub mod devices;
 pub mod kvm_probe;
+pub mod vmm;
+pub mod vstate;
 
-/// Errors of the VMM.
+/// The test guest image built with this crate (see `guest/`), for tests and benchmarks.
+pub const TEST_GUEST: &[u8] = include_bytes!(env!("DROVER_TEST_GUEST"));
+
+/// Errors of the VMM. Each says what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// `/dev/kvm` could not be opened.
@@ -14,4 +30,16 @@ pub enum Error {
     /// A KVM ioctl failed.
     #[error("KVM {what} failed: {source}")]
     Kvm { what: &'static str, source: kvm_ioctls::Error },
+    /// The configuration is wrong; the message names the field.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The kernel cannot be loaded.
+    #[error("kernel {path}: {why}")]
+    Kernel { path: String, why: String },
+    /// Guest memory cannot be set up.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// Another I/O failure.
+    #[error("{0}")]
+    Io(String),
 }

@@ -1,9 +1,14 @@
-//! `drover-vmm`: runs one Drover VM. Today: `drover-vmm kvm-check` reports whether
-//! this host's KVM can run Drover VMs.
+//! `drover-vmm`: runs one Drover VM per process.
+//!
+//! Exit status: 0 guest shut down, 1 VMM error (bad configuration, no KVM, kernel
+//! not loadable, ...; one log line says what), 2 bad command line, 3 guest reset,
+//! 4 guest fault (triple fault, emulation failure), 5 guest reported a failure.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use drover_hypervisor::config::{CpuPlacement, NumaConfig, NumaPolicy, SerialOutput, Topology, VmConfig};
 
 #[derive(Parser)]
 #[command(name = "drover-vmm", version, about = "Drover's VMM: one process per virtual machine, on KVM")]
@@ -14,9 +19,123 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a VM until the guest ends it.
+    Run(RunArgs),
     /// Report what /dev/kvm offers (API version, vCPU limits, needed capabilities) as
     /// JSON; exit status 1 when it cannot run Drover VMs.
     KvmCheck,
+    /// Write Drover's test guest image (a PVH ELF) to a file.
+    WriteTestGuest {
+        /// Where to write it.
+        path: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// A JSON VM configuration (the agent's format); flags below override its fields.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Guest topology as SOCKETS:CORES:THREADS.
+    #[arg(long, value_parser = parse_topology)]
+    topology: Option<Topology>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Kernel image.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Serial output: `stdout`, `null`, or a file path.
+    #[arg(long)]
+    serial: Option<String>,
+    /// Host CPUs for the vCPUs (CPU list, e.g. 0-3).
+    #[arg(long)]
+    host_cpus: Option<String>,
+    /// Pin each vCPU to a host CPU of its own.
+    #[arg(long)]
+    dedicated: bool,
+    /// With --dedicated, allow vCPUs on hyper-thread siblings.
+    #[arg(long)]
+    allow_siblings: bool,
+    /// NUMA policy of guest memory: None, Preferred, Strict or Interleave.
+    #[arg(long)]
+    numa_policy: Option<String>,
+    /// NUMA nodes (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    numa_nodes: Vec<u32>,
+    /// CPU shares (Low 500, Normal 1000, High 2000).
+    #[arg(long)]
+    shares: Option<u32>,
+    /// Control API socket path.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// VM name, for logs.
+    #[arg(long)]
+    name: Option<String>,
+}
+
+fn parse_topology(s: &str) -> Result<Topology, String> {
+    let parts: Vec<u32> = s.split(':').map(|p| p.parse().map_err(|_| format!("{s:?} is not SOCKETS:CORES:THREADS"))).collect::<Result<_, _>>()?;
+    match parts[..] {
+        [sockets, cores, threads] => Ok(Topology { sockets, cores, threads }),
+        _ => Err(format!("{s:?} is not SOCKETS:CORES:THREADS")),
+    }
+}
+
+impl RunArgs {
+    fn into_config(self) -> Result<VmConfig, drover_hypervisor::Error> {
+        let missing = |f: &str| drover_hypervisor::Error::Config(format!("--{f} is required (or give --config)"));
+        let mut c = match &self.config {
+            Some(path) => VmConfig::from_file(path)?,
+            None => VmConfig {
+                name: "vm".into(),
+                vcpus: self.vcpus.ok_or_else(|| missing("vcpus"))?,
+                topology: None,
+                memory_mib: self.memory_mib.ok_or_else(|| missing("memory-mib"))?,
+                kernel: self.kernel.clone().ok_or_else(|| missing("kernel"))?,
+                initrd: None,
+                cmdline: String::new(),
+                serial: SerialOutput::Stdout,
+                cpus: CpuPlacement::default(),
+                numa: NumaConfig::default(),
+                shares: 1000,
+                api_socket: None,
+            },
+        };
+        if let Some(v) = self.vcpus { c.vcpus = v }
+        if let Some(v) = self.topology { c.topology = Some(v) }
+        if let Some(v) = self.memory_mib { c.memory_mib = v }
+        if let Some(v) = self.kernel { c.kernel = v }
+        if let Some(v) = self.cmdline { c.cmdline = v }
+        if let Some(v) = self.name { c.name = v }
+        if let Some(v) = self.serial {
+            c.serial = match v.as_str() {
+                "stdout" => SerialOutput::Stdout,
+                "null" => SerialOutput::Null,
+                path => SerialOutput::File(path.into()),
+            };
+        }
+        if let Some(v) = self.host_cpus { c.cpus.host_cpus = Some(v) }
+        if self.dedicated { c.cpus.dedicated = true }
+        if self.allow_siblings { c.cpus.allow_siblings = true }
+        if let Some(v) = self.numa_policy {
+            c.numa.policy = serde_json::from_value(serde_json::Value::String(v.clone()))
+                .map_err(|_| drover_hypervisor::Error::Config(format!("--numa-policy: {v:?} is not None, Preferred, Strict or Interleave")))?;
+        }
+        if !self.numa_nodes.is_empty() { c.numa.nodes = self.numa_nodes }
+        if c.numa.policy == NumaPolicy::None && !c.numa.nodes.is_empty() {
+            return Err(drover_hypervisor::Error::Config("--numa-nodes needs --numa-policy".into()));
+        }
+        if let Some(v) = self.shares { c.shares = v }
+        if let Some(v) = self.api_socket { c.api_socket = Some(v) }
+        Ok(c)
+    }
 }
 
 fn main() -> ExitCode {
@@ -26,6 +145,24 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => {
+            let result = args.into_config().and_then(|config| drover_hypervisor::vmm::run(&config));
+            match result {
+                Ok(exit) => {
+                    if exit.exit_code() == 0 {
+                        tracing::info!("{exit}");
+                    } else {
+                        tracing::error!("{exit}");
+                    }
+                    // vCPU threads may be blocked in KVM_RUN; the process exit ends them.
+                    std::process::exit(i32::from(exit.exit_code()));
+                }
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::KvmCheck => match drover_hypervisor::kvm_probe::probe() {
             Ok(facts) => {
                 println!("{}", serde_json::to_string_pretty(&facts).unwrap_or_default());
@@ -39,6 +176,13 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::WriteTestGuest { path } => match std::fs::write(&path, drover_hypervisor::TEST_GUEST) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("writing {}: {e}", path.display());
                 ExitCode::FAILURE
             }
         },

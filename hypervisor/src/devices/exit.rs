@@ -1,0 +1,53 @@
+//! How a VM ends, and the exit device through which a guest ends it.
+
+/// The exit device's port (QEMU's isa-debug-exit default).
+pub const EXIT_PORT: u16 = 0x501;
+
+/// Why a VM stopped running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off (wrote 0 to the exit device).
+    Shutdown,
+    /// The guest asked for a reset (i8042 CPU reset, or a KVM reset event).
+    Reset,
+    /// The guest reported a failure: a non-zero value written to the exit device
+    /// (the test guest writes 1..0x7f for workload failures, 0x80 + vector for an
+    /// exception it could not handle).
+    GuestFailure(u8),
+    /// The guest crashed in a way the CPU or KVM reports (triple fault, emulation
+    /// failure, failed VM entry).
+    Fault(String),
+    /// The VMM itself failed while running (a KVM ioctl error).
+    VmmError(String),
+}
+
+impl VmExit {
+    /// The process exit status for this outcome (documented in the README).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            VmExit::Shutdown => 0,
+            VmExit::VmmError(_) => 1,
+            VmExit::Reset => 3,
+            VmExit::Fault(_) => 4,
+            VmExit::GuestFailure(_) => 5,
+        }
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::Shutdown => write!(f, "guest shut down"),
+            VmExit::Reset => write!(f, "guest requested a reset"),
+            VmExit::GuestFailure(v) if *v >= 0x80 => write!(f, "guest reported an unhandled exception (vector {})", v - 0x80),
+            VmExit::GuestFailure(v) => write!(f, "guest reported failure {v}"),
+            VmExit::Fault(why) => write!(f, "guest fault: {why}"),
+            VmExit::VmmError(why) => write!(f, "VMM error: {why}"),
+        }
+    }
+}
+
+/// The outcome a value written to the exit device stands for.
+pub fn from_guest(value: u8) -> VmExit {
+    if value == 0 { VmExit::Shutdown } else { VmExit::GuestFailure(value) }
+}

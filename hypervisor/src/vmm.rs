@@ -1,0 +1,89 @@
+//! Builds a VM from its configuration and runs it until the guest ends it.
+
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::{cpuid, layout, regs};
+use crate::config::{SerialOutput, VmConfig};
+use crate::devices::{PioBus, VmExit, serial};
+use crate::vstate::{vcpu::Vcpu, vm::Vm};
+use crate::{Error, affinity, boot};
+
+/// Runs the VM described by `config` until it stops; returns why it stopped.
+pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
+    let started = Instant::now();
+    config.validate()?;
+    let topology = config.topology();
+    let apic_ids: Vec<u32> = (0..config.vcpus).map(|i| cpuid::apic_id(i, topology)).collect();
+    if let Some(&max) = apic_ids.iter().max().filter(|id| **id > 254) {
+        return Err(Error::Config(format!("topology: needs APIC ID {max}, above the xAPIC limit of 254; use fewer sockets or cores")));
+    }
+    let placement = affinity::plan(config)?;
+
+    let mem_bytes = config.memory_mib << 20;
+    let vm = Vm::new(config.vcpus, mem_bytes)?;
+    let ram = layout::ram_regions(mem_bytes);
+    let entry = boot::load(config, &vm.memory, &apic_ids, &ram)?;
+
+    let (events_tx, events) = mpsc::channel();
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(format!("eventfd: {e}")))?;
+    vm.fd
+        .register_irqfd(&irq, serial::COM1_GSI)
+        .map_err(|source| Error::Kvm { what: "KVM_IRQFD", source })?;
+    let bus = Arc::new(PioBus::new(vm_superio::Serial::new(serial::IrqTrigger(irq), serial_output(&config.serial)?), events_tx.clone()));
+
+    let supported = vm
+        .kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| Error::Kvm { what: "KVM_GET_SUPPORTED_CPUID", source })?;
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for index in 0..config.vcpus {
+        let fd = vm.fd.create_vcpu(u64::from(index)).map_err(|source| Error::Kvm { what: "KVM_CREATE_VCPU", source })?;
+        let mut cpuid = supported.clone();
+        cpuid::configure(&mut cpuid, index, topology);
+        fd.set_cpuid2(&cpuid).map_err(|source| Error::Kvm { what: "KVM_SET_CPUID2", source })?;
+        fd.set_fpu(&regs::reset_fpu()).map_err(|source| Error::Kvm { what: "KVM_SET_FPU", source })?;
+        if index == 0 {
+            let sregs = fd.get_sregs().map_err(|source| Error::Kvm { what: "KVM_GET_SREGS", source })?;
+            fd.set_sregs(&regs::pvh_sregs(sregs)).map_err(|source| Error::Kvm { what: "KVM_SET_SREGS", source })?;
+            fd.set_regs(&regs::pvh_regs(entry.entry, entry.start_info))
+                .map_err(|source| Error::Kvm { what: "KVM_SET_REGS", source })?;
+        }
+        vcpus.push(Vcpu { index, fd, bus: bus.clone(), events: events_tx.clone() });
+    }
+
+    for vcpu in vcpus {
+        let cpus = placement.get(vcpu.index as usize).cloned();
+        vcpu.spawn(move |index| {
+            if let Some(cpus) = cpus {
+                if let Err(e) = affinity::pin_current_thread(&cpus) {
+                    tracing::warn!("vCPU {index}: {e}");
+                }
+            }
+        })
+        .map_err(|e| Error::Io(format!("starting a vCPU thread: {e}")))?;
+    }
+    tracing::info!(name = %config.name, vcpus = config.vcpus, memory_mib = config.memory_mib, setup_us = started.elapsed().as_micros() as u64, "VM started");
+
+    // The first outcome a vCPU or device reports ends the VM.
+    let exit = events.recv().unwrap_or_else(|_| VmExit::VmmError("every vCPU thread ended without an outcome".into()));
+    Ok(exit)
+}
+
+fn serial_output(out: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>, Error> {
+    Ok(match out {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::Null => Box::new(std::io::sink()),
+        SerialOutput::File(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| Error::Io(format!("serial output {}: {e}", path.display())))?,
+        ),
+    })
+}

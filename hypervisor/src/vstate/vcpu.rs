@@ -1,0 +1,71 @@
+//! vCPUs: each runs `KVM_RUN` in its own thread, named `vcpu N`, and handles the
+//! exits that reach user space (port and MMIO I/O, shutdown, errors).
+
+use std::sync::Arc;
+use std::sync::mpsc::Sender;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::{PioBus, VmExit};
+
+/// KVM_SYSTEM_EVENT_* types.
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+
+/// One vCPU, ready to run.
+pub struct Vcpu {
+    pub index: u32,
+    pub fd: VcpuFd,
+    pub bus: Arc<PioBus>,
+    pub events: Sender<VmExit>,
+}
+
+impl Vcpu {
+    /// Starts the vCPU in a thread of its own. `on_start` runs first in that thread
+    /// (pinning and priority are per thread).
+    pub fn spawn(self, on_start: impl FnOnce(u32) + Send + 'static) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new().name(format!("vcpu {}", self.index)).spawn(move || {
+            on_start(self.index);
+            self.run();
+        })
+    }
+
+    /// Runs until the VM ends; the outcome goes to `events`.
+    fn run(mut self) {
+        loop {
+            match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => self.bus.write(port, data),
+                Ok(VcpuExit::IoIn(port, data)) => self.bus.read(port, data),
+                // No MMIO devices yet: reads see nothing, writes are dropped.
+                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
+                Ok(VcpuExit::MmioWrite(..)) => {}
+                Ok(VcpuExit::Hlt) => {
+                    // With the in-kernel LAPIC, HLT sleeps in KVM; seeing it means no
+                    // interrupt can wake the CPU.
+                    return self.stop(VmExit::Fault(format!("vCPU {} halted with no way to wake", self.index)));
+                }
+                Ok(VcpuExit::Shutdown) => {
+                    return self.stop(VmExit::Fault(format!("triple fault on vCPU {} (KVM_EXIT_SHUTDOWN)", self.index)));
+                }
+                Ok(VcpuExit::SystemEvent(SYSTEM_EVENT_RESET, _)) => return self.stop(VmExit::Reset),
+                Ok(VcpuExit::SystemEvent(SYSTEM_EVENT_SHUTDOWN, _)) => return self.stop(VmExit::Shutdown),
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    return self.stop(VmExit::Fault(format!("VM entry failed on vCPU {} (reason {reason:#x}, host cpu {cpu})", self.index)));
+                }
+                Ok(VcpuExit::InternalError) => {
+                    return self.stop(VmExit::Fault(format!("KVM internal error on vCPU {} (emulation failure)", self.index)));
+                }
+                Ok(other) => {
+                    let why = format!("unexpected exit on vCPU {}: {other:?}", self.index);
+                    return self.stop(VmExit::Fault(why));
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => return self.stop(VmExit::VmmError(format!("KVM_RUN on vCPU {}: {e}", self.index))),
+            }
+        }
+    }
+
+    fn stop(&self, exit: VmExit) {
+        let _ = self.events.send(exit);
+    }
+}

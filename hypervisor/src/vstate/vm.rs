@@ -1,0 +1,55 @@
+//! The KVM VM: in-kernel interrupt controllers (PIC, IOAPIC, LAPICs) and PIT, and
+//! guest RAM registered as KVM memory slots.
+
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestMemoryMmap};
+
+use crate::Error;
+use crate::arch::x86_64::layout;
+
+/// A KVM VM with its guest memory.
+pub struct Vm {
+    pub kvm: Kvm,
+    pub fd: VmFd,
+    pub memory: GuestMemoryMmap,
+}
+
+impl Vm {
+    /// Opens /dev/kvm, creates the VM, its interrupt controllers and `mem_bytes` of RAM.
+    pub fn new(vcpus: u32, mem_bytes: u64) -> Result<Self, Error> {
+        let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+        let max = kvm.get_max_vcpus();
+        if vcpus as usize > max {
+            return Err(Error::Config(format!("vcpus: {vcpus} is more than this host's KVM allows ({max})")));
+        }
+        let fd = kvm.create_vm().map_err(|source| Error::Kvm { what: "KVM_CREATE_VM", source })?;
+        fd.set_tss_address(layout::KVM_TSS_ADDRESS).map_err(|source| Error::Kvm { what: "KVM_SET_TSS_ADDR", source })?;
+        fd.create_irq_chip().map_err(|source| Error::Kvm { what: "KVM_CREATE_IRQCHIP", source })?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        fd.create_pit2(pit).map_err(|source| Error::Kvm { what: "KVM_CREATE_PIT2", source })?;
+
+        let ranges: Vec<(GuestAddress, usize)> =
+            layout::ram_regions(mem_bytes).into_iter().map(|(start, size)| (GuestAddress(start), size as usize)).collect();
+        let memory = GuestMemoryMmap::from_ranges(&ranges)
+            .map_err(|e| Error::Memory(format!("cannot allocate {} MiB of guest memory: {e}", mem_bytes >> 20)))?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host = memory
+                .get_host_address(region.start_addr())
+                .map_err(|e| Error::Memory(format!("guest memory region at {:#x}: {e}", region.start_addr().0)))?;
+            let slot_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `memory`, which lives as
+            // long as the VM (both are fields of `Vm`, and the VM fd is dropped first),
+            // and slots do not overlap (one per region of a non-overlapping layout).
+            unsafe { fd.set_user_memory_region(slot_region) }
+                .map_err(|source| Error::Kvm { what: "KVM_SET_USER_MEMORY_REGION", source })?;
+        }
+        Ok(Self { kvm, fd, memory })
+    }
+}
