@@ -41,12 +41,17 @@ pub fn plan_on(config: &VmConfig, topo: &HostTopology, usable: &CpuSet) -> Resul
 
 /// The CPUs this process may run on.
 pub fn current_affinity() -> Result<CpuSet, Error> {
+    thread_affinity(0)
+}
+
+/// The CPUs thread `tid` may run on.
+pub fn thread_affinity(tid: i32) -> Result<CpuSet, Error> {
     // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: the pointer and size describe `set`, which outlives the call.
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let rc = unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
     if rc != 0 {
-        return Err(Error::Io(format!("sched_getaffinity: {}", std::io::Error::last_os_error())));
+        return Err(Error::Io(format!("sched_getaffinity({tid}): {}", std::io::Error::last_os_error())));
     }
     // SAFETY: CPU_ISSET reads `set` within CPU_SETSIZE.
     Ok((0..libc::CPU_SETSIZE as u32).filter(|c| unsafe { libc::CPU_ISSET(*c as usize, &set) }).collect())

@@ -3,18 +3,24 @@
 //! - `config`: the VM configuration (shared with the agent)
 //! - `arch`: x86-64 layout, CPUID, registers, ACPI, PVH
 //! - `boot`: loads the kernel and boot structures
-//! - `vstate`: the KVM VM and its vCPU threads
+//! - `vstate`: the KVM VM and its vCPU threads; `memory`: NUMA binding of guest RAM
 //! - `devices`: serial, i8042, exit device
-//! - `affinity`: host CPUs of the vCPU threads
+//! - `affinity`: host CPUs of the vCPU threads; `priority`: their CPU shares
+//! - `control`: the running VM (pause, resume, live CPU and priority changes);
+//!   `api`: the control API on a Unix socket
 //! - `vmm`: puts it together and runs the VM
 //! - `kvm_probe`: what the host's KVM offers
 
 pub mod affinity;
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod kvm_probe;
+pub mod memory;
+pub mod priority;
 pub mod vmm;
 pub mod vstate;
 

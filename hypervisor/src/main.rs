@@ -24,6 +24,19 @@ enum Command {
     /// Report what /dev/kvm offers (API version, vCPU limits, needed capabilities) as
     /// JSON; exit status 1 when it cannot run Drover VMs.
     KvmCheck,
+    /// Send one request to a running VMM's control API and print the reply, e.g.
+    /// `drover-vmm api --socket /run/drover/vm.sock PATCH /vm/cpus '{"hostCpus":"0-1"}'`.
+    Api {
+        /// The VMM's control socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// GET, PUT or PATCH.
+        method: String,
+        /// /vm, /vm/pause, /vm/resume, /vm/shutdown, /vm/cpus or /vm/priority.
+        path: String,
+        /// JSON body.
+        body: Option<String>,
+    },
     /// Write Drover's test guest image (a PVH ELF) to a file.
     WriteTestGuest {
         /// Where to write it.
@@ -173,6 +186,16 @@ fn main() -> ExitCode {
                     tracing::error!("KVM lacks capabilities Drover needs: {:?}", facts.capabilities);
                     ExitCode::FAILURE
                 }
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Api { socket, method, path, body } => match drover_hypervisor::api::request(&socket, &method, &path, body.as_deref()) {
+            Ok((status, reply)) => {
+                println!("{reply}");
+                if (200..300).contains(&status) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
             }
             Err(e) => {
                 tracing::error!("{e}");

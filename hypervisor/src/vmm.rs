@@ -11,7 +11,9 @@ use crate::arch::x86_64::{cpuid, layout, regs};
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::{PioBus, VmExit, serial};
 use crate::vstate::{vcpu::Vcpu, vm::Vm};
-use crate::{Error, affinity, boot};
+use crate::control::{self, VmControl};
+use crate::priority::Priority;
+use crate::{Error, affinity, api, boot, memory};
 
 /// Runs the VM described by `config` until it stops; returns why it stopped.
 pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
@@ -23,18 +25,22 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
         return Err(Error::Config(format!("topology: needs APIC ID {max}, above the xAPIC limit of 254; use fewer sockets or cores")));
     }
     let placement = affinity::plan(config)?;
+    let (events_tx, events) = mpsc::channel();
 
     let mem_bytes = config.memory_mib << 20;
     let vm = Vm::new(config.vcpus, mem_bytes)?;
+    let numa_nodes = numa_nodes(config, &placement)?;
+    memory::bind(&vm.memory, config.numa.policy, &numa_nodes)?;
+    let control = Arc::new(VmControl::new(config.clone(), started, placement, numa_nodes, Priority::create(&config.name), events_tx.clone()));
+    control.apply_initial_shares()?;
     let ram = layout::ram_regions(mem_bytes);
     let entry = boot::load(config, &vm.memory, &apic_ids, &ram)?;
 
-    let (events_tx, events) = mpsc::channel();
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(format!("eventfd: {e}")))?;
     vm.fd
         .register_irqfd(&irq, serial::COM1_GSI)
         .map_err(|source| Error::Kvm { what: "KVM_IRQFD", source })?;
-    let bus = Arc::new(PioBus::new(vm_superio::Serial::new(serial::IrqTrigger(irq), serial_output(&config.serial)?), events_tx.clone()));
+    let bus = Arc::new(PioBus::new(vm_superio::Serial::new(serial::IrqTrigger(irq), serial_output(&config.serial)?), events_tx.clone(), control.clone()));
 
     let supported = vm
         .kvm
@@ -53,25 +59,38 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
             fd.set_regs(&regs::pvh_regs(entry.entry, entry.start_info))
                 .map_err(|source| Error::Kvm { what: "KVM_SET_REGS", source })?;
         }
-        vcpus.push(Vcpu { index, fd, bus: bus.clone(), events: events_tx.clone() });
+        vcpus.push(Vcpu { index, fd, bus: bus.clone(), events: events_tx.clone(), control: control.clone() });
     }
 
+    control::install_kick_handler()?;
     for vcpu in vcpus {
-        let cpus = placement.get(vcpu.index as usize).cloned();
-        vcpu.spawn(move |index| {
-            if let Some(cpus) = cpus {
-                if let Err(e) = affinity::pin_current_thread(&cpus) {
-                    tracing::warn!("vCPU {index}: {e}");
-                }
-            }
-        })
-        .map_err(|e| Error::Io(format!("starting a vCPU thread: {e}")))?;
+        let handle = vcpu.spawn().map_err(|e| Error::Io(format!("starting a vCPU thread: {e}")))?;
+        control.register(handle);
+    }
+    if let Some(socket) = &config.api_socket {
+        api::serve(socket, control.clone())?;
     }
     tracing::info!(name = %config.name, vcpus = config.vcpus, memory_mib = config.memory_mib, setup_us = started.elapsed().as_micros() as u64, "VM started");
 
-    // The first outcome a vCPU or device reports ends the VM.
+    // The first outcome a vCPU, a device or the API reports ends the VM.
     let exit = events.recv().unwrap_or_else(|_| VmExit::VmmError("every vCPU thread ended without an outcome".into()));
+    control.cleanup();
+    if let Some(socket) = &config.api_socket {
+        let _ = std::fs::remove_file(socket);
+    }
     Ok(exit)
+}
+
+/// The NUMA nodes guest memory is bound to: the configured ones, else those of the
+/// host CPUs the vCPUs run on.
+fn numa_nodes(config: &VmConfig, placement: &[drover_topology::CpuSet]) -> Result<drover_topology::CpuSet, Error> {
+    if !config.numa.nodes.is_empty() {
+        return Ok(config.numa.nodes.iter().copied().collect());
+    }
+    let topo = drover_topology::HostTopology::read(std::path::Path::new(affinity::SYSFS_ROOT))
+        .map_err(|e| Error::Io(format!("host topology: {e}")))?;
+    let cpus: drover_topology::CpuSet = placement.iter().flat_map(|s| s.iter()).collect();
+    Ok(drover_topology::numa_nodes_for(&topo, &cpus).into_iter().collect())
 }
 
 fn serial_output(out: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>, Error> {

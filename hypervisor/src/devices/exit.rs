@@ -8,6 +8,8 @@ pub const EXIT_PORT: u16 = 0x501;
 pub enum VmExit {
     /// The guest powered off (wrote 0 to the exit device).
     Shutdown,
+    /// The VM was powered off through the control API.
+    PoweredOff,
     /// The guest asked for a reset (i8042 CPU reset, or a KVM reset event).
     Reset,
     /// The guest reported a failure: a non-zero value written to the exit device
@@ -25,7 +27,7 @@ impl VmExit {
     /// The process exit status for this outcome (documented in the README).
     pub fn exit_code(&self) -> u8 {
         match self {
-            VmExit::Shutdown => 0,
+            VmExit::Shutdown | VmExit::PoweredOff => 0,
             VmExit::VmmError(_) => 1,
             VmExit::Reset => 3,
             VmExit::Fault(_) => 4,
@@ -38,6 +40,7 @@ impl std::fmt::Display for VmExit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             VmExit::Shutdown => write!(f, "guest shut down"),
+            VmExit::PoweredOff => write!(f, "powered off through the control API"),
             VmExit::Reset => write!(f, "guest requested a reset"),
             VmExit::GuestFailure(v) if *v >= 0x80 => write!(f, "guest reported an unhandled exception (vector {})", v - 0x80),
             VmExit::GuestFailure(v) => write!(f, "guest reported failure {v}"),

@@ -6,8 +6,10 @@ pub mod exit;
 pub mod i8042;
 pub mod serial;
 
-use std::sync::Mutex;
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+use crate::control::VmControl;
 
 pub use exit::VmExit;
 
@@ -19,17 +21,21 @@ const EXIT_PORTS: std::ops::RangeInclusive<u16> = exit::EXIT_PORT..=exit::EXIT_P
 pub struct PioBus {
     serial: Mutex<serial::SerialPort>,
     events: Sender<VmExit>,
+    control: Arc<VmControl>,
 }
 
 impl PioBus {
-    pub fn new(serial: serial::SerialPort, events: Sender<VmExit>) -> Self {
-        Self { serial: Mutex::new(serial), events }
+    pub fn new(serial: serial::SerialPort, events: Sender<VmExit>, control: Arc<VmControl>) -> Self {
+        Self { serial: Mutex::new(serial), events, control }
     }
 
     /// A guest write to `port`.
     pub fn write(&self, port: u16, data: &[u8]) {
         let Some(&value) = data.first() else { return };
         if COM1.contains(&port) {
+            if port == *COM1.start() {
+                self.control.note_output();
+            }
             // An output that fails (a closed pipe, a full disk) must not stop the guest.
             if let Err(e) = self.with_serial(|s| s.write((port - COM1.start()) as u8, value)) {
                 tracing::debug!("serial output: {e:?}");

@@ -6,6 +6,7 @@ use std::sync::mpsc::Sender;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use crate::control::VmControl;
 use crate::devices::{PioBus, VmExit};
 
 /// KVM_SYSTEM_EVENT_* types.
@@ -18,14 +19,14 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     pub bus: Arc<PioBus>,
     pub events: Sender<VmExit>,
+    pub control: Arc<VmControl>,
 }
 
 impl Vcpu {
-    /// Starts the vCPU in a thread of its own. `on_start` runs first in that thread
-    /// (pinning and priority are per thread).
-    pub fn spawn(self, on_start: impl FnOnce(u32) + Send + 'static) -> std::io::Result<std::thread::JoinHandle<()>> {
+    /// Starts the vCPU in a thread of its own, pinned and prioritised as planned.
+    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new().name(format!("vcpu {}", self.index)).spawn(move || {
-            on_start(self.index);
+            self.control.vcpu_started(self.index);
             self.run();
         })
     }
@@ -33,6 +34,7 @@ impl Vcpu {
     /// Runs until the VM ends; the outcome goes to `events`.
     fn run(mut self) {
         loop {
+            self.control.pause_point();
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => self.bus.write(port, data),
                 Ok(VcpuExit::IoIn(port, data)) => self.bus.read(port, data),

@@ -1,0 +1,152 @@
+//! The control API: HTTP/1.1 with JSON bodies on a Unix socket, as Firecracker and
+//! cloud-hypervisor serve theirs. One request per connection, served in order by one
+//! thread: the API is for an agent and an operator, a few requests a second at most,
+//! so the server is the small loop below rather than a general HTTP stack (an early
+//! version on tiny_http dropped a connection now and then when a request arrived
+//! while the VMM was starting).
+//!
+//! | request | does |
+//! | --- | --- |
+//! | `GET /vm` | status: state, vCPUs (thread, host CPUs, last CPU, CPU time), memory, uptime, boot time, shares |
+//! | `PUT /vm/pause`, `PUT /vm/resume` | stop / restart every vCPU (the migration hooks) |
+//! | `PUT /vm/shutdown` | power the VM off (exit status 0) |
+//! | `PATCH /vm/cpus` `{"hostCpus": "0-3"}` | move the running vCPUs to other host CPUs |
+//! | `PATCH /vm/priority` `{"shares": 2000}` | change the running vCPUs' priority |
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::Error;
+use crate::control::VmControl;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CpusPatch {
+    host_cpus: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PriorityPatch {
+    shares: u32,
+}
+
+/// Largest request body accepted (the API's bodies are a few dozen bytes).
+const MAX_BODY: usize = 64 * 1024;
+
+/// Starts serving the API on `socket` in a thread of its own.
+pub fn serve(socket: &Path, control: Arc<VmControl>) -> Result<(), Error> {
+    let _ = std::fs::remove_file(socket); // a stale socket of a VMM that is gone
+    let listener = UnixListener::bind(socket).map_err(|e| Error::Io(format!("control socket {}: {e}", socket.display())))?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(e) = serve_one(stream, &control) {
+                    tracing::warn!("control API connection: {e}");
+                }
+            }
+        })
+        .map_err(|e| Error::Io(format!("starting the API thread: {e}")))?;
+    Ok(())
+}
+
+/// Reads one request, answers it, closes the connection.
+fn serve_one(stream: UnixStream, control: &VmControl) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+    let mut length = 0usize;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let (code, reply) = if length > MAX_BODY {
+        (413, Some(serde_json::json!({ "error": format!("body larger than {MAX_BODY} bytes") })))
+    } else {
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body)?;
+        route(&method, &path, &String::from_utf8_lossy(&body), control)
+    };
+    let body = reply.map(|v| v.to_string()).unwrap_or_default();
+    let reason = match code {
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        413 => "Payload Too Large",
+        _ => "Internal Server Error",
+    };
+    let mut stream = stream;
+    write!(
+        stream,
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+/// Dispatches one request; returns the status code and the JSON reply, if any.
+fn route(method: &str, path: &str, body: &str, control: &VmControl) -> (u16, Option<serde_json::Value>) {
+    let result: Result<Option<serde_json::Value>, (u16, String)> = match (method, path) {
+        ("GET", "/vm") => serde_json::to_value(control.status()).map(Some).map_err(|e| (500, e.to_string())),
+        ("PUT", "/vm/pause") => control.pause().map(|_| None).map_err(|e| (500, e.to_string())),
+        ("PUT", "/vm/resume") => {
+            control.resume();
+            Ok(None)
+        }
+        ("PUT", "/vm/shutdown") => {
+            control.power_off();
+            Ok(None)
+        }
+        ("PATCH", "/vm/cpus") => serde_json::from_str::<CpusPatch>(body)
+            .map_err(|e| (400, format!("body: {e}")))
+            .and_then(|p| control.set_host_cpus(&p.host_cpus).map_err(|e| (400, e.to_string())))
+            .map(|_| None),
+        ("PATCH", "/vm/priority") => serde_json::from_str::<PriorityPatch>(body)
+            .map_err(|e| (400, format!("body: {e}")))
+            .and_then(|p| control.set_shares(p.shares).map_err(|e| (400, e.to_string())))
+            .map(|_| None),
+        (method, path) => Err((404, format!("no such request: {method} {path}"))),
+    };
+    match result {
+        Ok(Some(json)) => (200, Some(json)),
+        Ok(None) => (204, None),
+        Err((code, message)) => (code, Some(serde_json::json!({ "error": message }))),
+    }
+}
+
+/// A minimal client for the API (tests, the agent, `drover-vmm api`): one request
+/// per connection; returns the status code and the body.
+pub fn request(socket: &Path, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String), Error> {
+    let io = |e: std::io::Error| Error::Io(format!("control socket {}: {e}", socket.display()));
+    let mut stream = UnixStream::connect(socket).map_err(io)?;
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).map_err(io)?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(io)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::Io(format!("control socket {}: malformed response {head:?}", socket.display())))?;
+    Ok((status, body.to_string()))
+}

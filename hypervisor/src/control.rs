@@ -1,0 +1,303 @@
+//! The running VM as the control API sees it: its vCPU threads, pausing and
+//! resuming them, their host CPUs and priority (both changeable while it runs).
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use drover_topology::{CpuSet, HostTopology};
+use serde::Serialize;
+use vmm_sys_util::signal::Killable;
+
+use crate::config::VmConfig;
+use crate::devices::VmExit;
+use crate::priority::Priority;
+use crate::{Error, affinity};
+
+/// The signal that kicks a vCPU thread out of KVM_RUN (its handler does nothing;
+/// the interrupted ioctl returns EINTR).
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the kick handler (once per process, before vCPU threads start).
+pub fn install_kick_handler() -> Result<(), Error> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| Error::Io(format!("installing the vCPU kick signal handler: {e}")))
+}
+
+/// Shared by the vCPU threads, the API thread and the main thread.
+pub struct VmControl {
+    config: VmConfig,
+    started: Instant,
+    first_output: std::sync::OnceLock<Instant>,
+    /// Host thread id of each vCPU (0 until its thread starts).
+    tids: Mutex<Vec<i32>>,
+    /// vCPU threads, for kicking them out of KVM_RUN.
+    handles: Mutex<Vec<JoinHandle<()>>>,
+    paused: AtomicBool,
+    parked: Mutex<u32>,
+    parked_changed: Condvar,
+    resumed: Condvar,
+    placement: Mutex<Vec<CpuSet>>,
+    cpus_changed_at: Mutex<Option<SystemTime>>,
+    numa_nodes: CpuSet,
+    shares: AtomicU32,
+    priority: Priority,
+    priority_changed_at: Mutex<Option<SystemTime>>,
+    events: Sender<VmExit>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // State stays consistent across a panicking holder: every update is one assignment.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl VmControl {
+    pub fn new(
+        config: VmConfig,
+        started: Instant,
+        placement: Vec<CpuSet>,
+        numa_nodes: CpuSet,
+        priority: Priority,
+        events: Sender<VmExit>,
+    ) -> Self {
+        let vcpus = config.vcpus as usize;
+        let shares = config.shares;
+        Self {
+            config,
+            started,
+            first_output: std::sync::OnceLock::new(),
+            tids: Mutex::new(vec![0; vcpus]),
+            handles: Mutex::new(Vec::with_capacity(vcpus)),
+            paused: AtomicBool::new(false),
+            parked: Mutex::new(0),
+            parked_changed: Condvar::new(),
+            resumed: Condvar::new(),
+            placement: Mutex::new(placement),
+            cpus_changed_at: Mutex::new(None),
+            numa_nodes,
+            shares: AtomicU32::new(shares),
+            priority,
+            priority_changed_at: Mutex::new(None),
+            events,
+        }
+    }
+
+    /// The host CPUs planned for vCPU `index`.
+    pub fn planned_cpus(&self, index: u32) -> Option<CpuSet> {
+        lock(&self.placement).get(index as usize).cloned()
+    }
+
+    /// Called by each vCPU thread as it starts: pins it and applies its priority.
+    pub fn vcpu_started(&self, index: u32) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        if let Some(cpus) = self.planned_cpus(index) {
+            if let Err(e) = affinity::pin_thread(tid, &cpus) {
+                tracing::warn!("vCPU {index}: {e}");
+            }
+        }
+        if let Err(e) = self.priority.add_thread(tid, self.shares.load(Ordering::Relaxed)) {
+            tracing::warn!("vCPU {index}: {e}");
+        }
+        if let Some(slot) = lock(&self.tids).get_mut(index as usize) {
+            *slot = tid;
+        }
+    }
+
+    /// Records a vCPU thread (for kicking it).
+    pub fn register(&self, handle: JoinHandle<()>) {
+        lock(&self.handles).push(handle);
+    }
+
+    /// Called by the serial device on the guest's first byte of output.
+    pub fn note_output(&self) {
+        let _ = self.first_output.set(Instant::now());
+    }
+
+    /// Called by a vCPU thread before each KVM_RUN: parks it while the VM is paused.
+    pub fn pause_point(&self) {
+        if !self.paused.load(Ordering::Acquire) {
+            return;
+        }
+        let mut parked = lock(&self.parked);
+        *parked += 1;
+        self.parked_changed.notify_all();
+        while self.paused.load(Ordering::Acquire) {
+            parked = self.resumed.wait(parked).unwrap_or_else(|p| p.into_inner());
+        }
+        *parked -= 1;
+    }
+
+    /// Stops every vCPU (they park outside KVM_RUN) and returns once all have.
+    pub fn pause(&self) -> Result<(), Error> {
+        self.paused.store(true, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut parked = lock(&self.parked);
+        while *parked < self.config.vcpus {
+            if Instant::now() > deadline {
+                return Err(Error::Io(format!("only {} of {} vCPUs paused within 5 s", *parked, self.config.vcpus)));
+            }
+            drop(parked);
+            // A kick can land just before a thread enters KVM_RUN and be lost; kick
+            // again until every thread has parked.
+            self.kick_all();
+            parked = lock(&self.parked);
+            parked = self.parked_changed.wait_timeout(parked, Duration::from_millis(2)).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+        Ok(())
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        let _parked = lock(&self.parked);
+        self.paused.store(false, Ordering::Release);
+        self.resumed.notify_all();
+    }
+
+    fn kick_all(&self) {
+        for handle in lock(&self.handles).iter() {
+            let _ = handle.kill(kick_signal());
+        }
+    }
+
+    /// Powers the VM off (the control API's shutdown).
+    pub fn power_off(&self) {
+        let _ = self.events.send(VmExit::PoweredOff);
+    }
+
+    fn tids(&self) -> Vec<i32> {
+        lock(&self.tids).iter().copied().filter(|t| *t != 0).collect()
+    }
+
+    /// Moves the running vCPUs to `host_cpus` (Dedicated: one CPU each, re-chosen).
+    pub fn set_host_cpus(&self, host_cpus: &str) -> Result<(), Error> {
+        let mut config = self.config.clone();
+        config.cpus.host_cpus = Some(host_cpus.to_string());
+        config.validate()?;
+        let plan = affinity::plan(&config)?;
+        for (tid, cpus) in lock(&self.tids).iter().zip(&plan) {
+            if *tid != 0 {
+                affinity::pin_thread(*tid, cpus)?;
+            }
+        }
+        *lock(&self.placement) = plan;
+        *lock(&self.cpus_changed_at) = Some(SystemTime::now());
+        tracing::info!(host_cpus, "vCPUs moved");
+        Ok(())
+    }
+
+    /// Sets the VM's CPU shares while it runs.
+    pub fn set_shares(&self, shares: u32) -> Result<(), Error> {
+        if !(1..=10_000).contains(&shares) {
+            return Err(Error::Config(format!("shares: {shares} is out of range 1-10000")));
+        }
+        self.priority.set_shares(shares, &self.tids())?;
+        self.shares.store(shares, Ordering::Relaxed);
+        *lock(&self.priority_changed_at) = Some(SystemTime::now());
+        tracing::info!(shares, "vCPU priority changed");
+        Ok(())
+    }
+
+    /// Applies the configured shares once every vCPU thread exists.
+    pub fn apply_initial_shares(&self) -> Result<(), Error> {
+        self.priority.set_shares(self.shares.load(Ordering::Relaxed), &self.tids())
+    }
+
+    /// Cleans up what outlives the process (the VM's cgroup).
+    pub fn cleanup(&self) {
+        self.priority.remove();
+    }
+
+    /// A snapshot for the control API.
+    pub fn status(&self) -> VmStatus {
+        let topo = HostTopology::read(std::path::Path::new(affinity::SYSFS_ROOT)).ok();
+        let vcpus = lock(&self.tids)
+            .iter()
+            .enumerate()
+            .map(|(index, &tid)| {
+                let (last_cpu, cpu_time_ms) = thread_stat(tid).unwrap_or((None, 0));
+                VcpuStatus {
+                    index: index as u32,
+                    tid,
+                    host_cpus: affinity::thread_affinity(tid).map(|s| s.to_string()).unwrap_or_default(),
+                    last_host_cpu: last_cpu,
+                    numa_node: last_cpu.and_then(|c| topo.as_ref()?.cpu(c).map(|c| c.node)),
+                    cpu_time_ms,
+                }
+            })
+            .collect();
+        let millis = |t: Option<SystemTime>| t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
+        VmStatus {
+            name: self.config.name.clone(),
+            state: if self.paused.load(Ordering::Acquire) { "paused" } else { "running" },
+            memory_mib: self.config.memory_mib,
+            numa_policy: format!("{:?}", self.config.numa.policy),
+            numa_nodes: self.numa_nodes.to_string(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            boot_time_ms: self.first_output.get().map(|t| t.duration_since(self.started).as_millis() as u64),
+            shares: self.shares.load(Ordering::Relaxed),
+            priority_mechanism: self.priority.describe(),
+            cpus_changed_at_ms: millis(*lock(&self.cpus_changed_at)),
+            priority_changed_at_ms: millis(*lock(&self.priority_changed_at)),
+            vcpus,
+        }
+    }
+}
+
+/// `(last host CPU, user + system CPU time in ms)` of a thread, from /proc.
+fn thread_stat(tid: i32) -> Option<(Option<u32>, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    // Fields after the parenthesised command name; it may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // In `rest`, field 3 of stat is index 0: utime is stat field 14, stime 15, processor 39.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some((fields.get(36).and_then(|c| c.parse().ok()), ticks * 1000 / hz))
+}
+
+/// What `GET /vm` returns.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStatus {
+    pub name: String,
+    pub state: &'static str,
+    pub memory_mib: u64,
+    /// NUMA policy of guest memory, and the host nodes it is bound to.
+    pub numa_policy: String,
+    pub numa_nodes: String,
+    pub uptime_ms: u64,
+    /// From VMM start to the guest's first serial output.
+    pub boot_time_ms: Option<u64>,
+    pub shares: u32,
+    pub priority_mechanism: String,
+    /// When the host CPUs last changed (Unix ms), if they did.
+    pub cpus_changed_at_ms: Option<u64>,
+    /// When the priority last changed (Unix ms), if it did.
+    pub priority_changed_at_ms: Option<u64>,
+    pub vcpus: Vec<VcpuStatus>,
+}
+
+/// One vCPU in `GET /vm`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VcpuStatus {
+    pub index: u32,
+    /// Host thread id.
+    pub tid: i32,
+    /// Host CPUs the thread may run on.
+    pub host_cpus: String,
+    /// Host CPU it ran on last.
+    pub last_host_cpu: Option<u32>,
+    /// NUMA node of that CPU.
+    pub numa_node: Option<u32>,
+    /// CPU time used, in ms.
+    pub cpu_time_ms: u64,
+}
