@@ -10,6 +10,8 @@
  *   reset          CPU 0 asks the i8042 controller for a CPU reset.
  *   fault          CPU 0 executes hlt in ring 3 (#GP), which ends the VM through
  *                  the exception handler.
+ *   pio            CPU 0 writes drover.pio (default 100000) times to port 0x80,
+ *                  between two lines, so a benchmark can time port-I/O exits.
  * Exit port values: 0 success, 1..0x7f workload failure, 0x80 + vector exception. */
 #include "guest.h"
 
@@ -183,6 +185,14 @@ void user_main(u32 cpu, struct hvm_start_info *info) {
     if (mode_is(info, "fault")) {
         if (cpu == 0) __asm__ volatile("hlt");
         halt_this_cpu();
+    }
+    if (mode_is(info, "pio")) {
+        if (cpu != 0) halt_this_cpu();
+        u64 n = param_u64(info, "drover.pio=", 100000);
+        puts_("drover-guest: pio start\n");
+        for (u64 i = 0; i < n; i++) outb(0x80, (u8)i);
+        puts_("drover-guest: pio end\n");
+        guest_exit(0);
     }
     if (!mode_is(info, "sum")) {
         if (cpu == 0) {

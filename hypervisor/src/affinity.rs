@@ -11,12 +11,18 @@ pub const SYSFS_ROOT: &str = "/sys";
 /// Host CPUs per vCPU: one CPU each for Dedicated placement, the whole allowed set
 /// for Shared. `hostCpus` must name online CPUs this process may use.
 pub fn plan(config: &VmConfig) -> Result<Vec<CpuSet>, Error> {
-    let topo = HostTopology::read(std::path::Path::new(SYSFS_ROOT)).map_err(|e| Error::Io(format!("host topology: {e}")))?;
-    plan_on(config, &topo, &current_affinity()?)
+    // Only Dedicated placement needs the topology; reading sysfs costs start-up time.
+    let topo = if config.cpus.dedicated { Some(host_topology()?) } else { None };
+    plan_on(config, topo.as_ref(), &current_affinity()?)
+}
+
+/// The host topology, read from sysfs.
+pub fn host_topology() -> Result<HostTopology, Error> {
+    HostTopology::read(std::path::Path::new(SYSFS_ROOT)).map_err(|e| Error::Io(format!("host topology: {e}")))
 }
 
 /// `plan` for a given host topology and process affinity (testable on fixtures).
-pub fn plan_on(config: &VmConfig, topo: &HostTopology, usable: &CpuSet) -> Result<Vec<CpuSet>, Error> {
+pub fn plan_on(config: &VmConfig, topo: Option<&HostTopology>, usable: &CpuSet) -> Result<Vec<CpuSet>, Error> {
     let allowed = match &config.cpus.host_cpus {
         Some(list) => {
             let wanted = CpuSet::parse(list).map_err(|e| Error::Config(format!("cpus.hostCpus: {e}")))?;
@@ -30,7 +36,7 @@ pub fn plan_on(config: &VmConfig, topo: &HostTopology, usable: &CpuSet) -> Resul
         }
         None => usable.clone(),
     };
-    if config.cpus.dedicated {
+    if let (true, Some(topo)) = (config.cpus.dedicated, topo) {
         let chosen = drover_topology::choose_dedicated(topo, &allowed, config.vcpus, config.cpus.allow_siblings)
             .map_err(|e| Error::Config(format!("cpus: {e}")))?;
         Ok(chosen.into_iter().map(|c| [c].into_iter().collect()).collect())
@@ -99,7 +105,7 @@ mod tests {
     #[test]
     fn dedicated_gets_one_cpu_per_vcpu_without_siblings() {
         let topo = fixture("ded");
-        let plan = plan_on(&config(4, CpuPlacement { dedicated: true, ..Default::default() }), &topo, &topo.online()).unwrap();
+        let plan = plan_on(&config(4, CpuPlacement { dedicated: true, ..Default::default() }), Some(&topo), &topo.online()).unwrap();
         assert_eq!(plan.iter().map(|s| s.to_string()).collect::<Vec<_>>(), vec!["0", "1", "2", "3"]);
     }
 
@@ -107,7 +113,7 @@ mod tests {
     fn shared_gets_the_whole_set() {
         let topo = fixture("shared");
         let placement = CpuPlacement { host_cpus: Some("4-7".into()), ..Default::default() };
-        let plan = plan_on(&config(2, placement), &topo, &topo.online()).unwrap();
+        let plan = plan_on(&config(2, placement), Some(&topo), &topo.online()).unwrap();
         assert_eq!(plan, vec![CpuSet::parse("4-7").unwrap(); 2]);
     }
 
@@ -115,7 +121,7 @@ mod tests {
     fn absent_cpus_are_refused_by_name() {
         let topo = fixture("absent");
         let placement = CpuPlacement { host_cpus: Some("14-17".into()), ..Default::default() };
-        let err = plan_on(&config(2, placement), &topo, &topo.online()).unwrap_err().to_string();
+        let err = plan_on(&config(2, placement), Some(&topo), &topo.online()).unwrap_err().to_string();
         assert!(err.contains("cpus.hostCpus: CPU 16-17 is not available"), "{err}");
     }
 

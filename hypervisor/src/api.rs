@@ -1,9 +1,9 @@
 //! The control API: HTTP/1.1 with JSON bodies on a Unix socket, as Firecracker and
 //! cloud-hypervisor serve theirs. One request per connection, served in order by one
 //! thread: the API is for an agent and an operator, a few requests a second at most,
-//! so the server is the small loop below rather than a general HTTP stack (an early
-//! version on tiny_http dropped a connection now and then when a request arrived
-//! while the VMM was starting).
+//! so the server is the small loop below rather than a general HTTP stack. Its one
+//! subtle point: a power-off is carried out only after its reply is written, since
+//! the process ends right after.
 //!
 //! | request | does |
 //! | --- | --- |
@@ -96,7 +96,14 @@ fn serve_one(stream: UnixStream, control: &VmControl) -> std::io::Result<()> {
         "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
-    stream.flush()
+    stream.flush()?;
+    // The process ends soon after a power-off: answer first, or the caller would
+    // see its connection close with no reply.
+    if (method.as_str(), path.as_str()) == ("PUT", "/vm/shutdown") {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        control.power_off();
+    }
+    Ok(())
 }
 
 /// Dispatches one request; returns the status code and the JSON reply, if any.
@@ -108,10 +115,8 @@ fn route(method: &str, path: &str, body: &str, control: &VmControl) -> (u16, Opt
             control.resume();
             Ok(None)
         }
-        ("PUT", "/vm/shutdown") => {
-            control.power_off();
-            Ok(None)
-        }
+        // Powering off happens after the reply is written (see serve_one).
+        ("PUT", "/vm/shutdown") => Ok(None),
         ("PATCH", "/vm/cpus") => serde_json::from_str::<CpusPatch>(body)
             .map_err(|e| (400, format!("body: {e}")))
             .and_then(|p| control.set_host_cpus(&p.host_cpus).map_err(|e| (400, e.to_string())))

@@ -7,7 +7,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use drover_topology::{CpuSet, HostTopology};
+use drover_topology::CpuSet;
 use serde::Serialize;
 use vmm_sys_util::signal::Killable;
 
@@ -47,7 +47,9 @@ pub struct VmControl {
     cpus_changed_at: Mutex<Option<SystemTime>>,
     numa_nodes: CpuSet,
     shares: AtomicU32,
-    priority: Priority,
+    /// Made when first needed: moving a thread into a cgroup waits for an RCU grace
+    /// period (~25 ms here), which must not delay the guest's start.
+    priority: Mutex<Option<Priority>>,
     priority_changed_at: Mutex<Option<SystemTime>>,
     events: Sender<VmExit>,
 }
@@ -63,7 +65,6 @@ impl VmControl {
         started: Instant,
         placement: Vec<CpuSet>,
         numa_nodes: CpuSet,
-        priority: Priority,
         events: Sender<VmExit>,
     ) -> Self {
         let vcpus = config.vcpus as usize;
@@ -82,7 +83,7 @@ impl VmControl {
             cpus_changed_at: Mutex::new(None),
             numa_nodes,
             shares: AtomicU32::new(shares),
-            priority,
+            priority: Mutex::new(None),
             priority_changed_at: Mutex::new(None),
             events,
         }
@@ -93,7 +94,7 @@ impl VmControl {
         lock(&self.placement).get(index as usize).cloned()
     }
 
-    /// Called by each vCPU thread as it starts: pins it and applies its priority.
+    /// Called by each vCPU thread as it starts: pins it (fast: one syscall).
     pub fn vcpu_started(&self, index: u32) {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
@@ -101,9 +102,6 @@ impl VmControl {
             if let Err(e) = affinity::pin_thread(tid, &cpus) {
                 tracing::warn!("vCPU {index}: {e}");
             }
-        }
-        if let Err(e) = self.priority.add_thread(tid, self.shares.load(Ordering::Relaxed)) {
-            tracing::warn!("vCPU {index}: {e}");
         }
         if let Some(slot) = lock(&self.tids).get_mut(index as usize) {
             *slot = tid;
@@ -197,26 +195,60 @@ impl VmControl {
         if !(1..=10_000).contains(&shares) {
             return Err(Error::Config(format!("shares: {shares} is out of range 1-10000")));
         }
-        self.priority.set_shares(shares, &self.tids())?;
+        self.apply_shares(shares)?;
         self.shares.store(shares, Ordering::Relaxed);
         *lock(&self.priority_changed_at) = Some(SystemTime::now());
         tracing::info!(shares, "vCPU priority changed");
         Ok(())
     }
 
-    /// Applies the configured shares once every vCPU thread exists.
-    pub fn apply_initial_shares(&self) -> Result<(), Error> {
-        self.priority.set_shares(self.shares.load(Ordering::Relaxed), &self.tids())
+    /// Puts every vCPU thread under `shares`, making the VM's group on first use.
+    fn apply_shares(&self, shares: u32) -> Result<(), Error> {
+        let tids = self.tids();
+        let mut priority = lock(&self.priority);
+        let priority = match &mut *priority {
+            Some(p) => p,
+            none => {
+                let p = Priority::create(&self.config.name);
+                for tid in &tids {
+                    p.add_thread(*tid, shares)?;
+                }
+                none.insert(p)
+            }
+        };
+        priority.set_shares(shares, &tids)
+    }
+
+    /// Applies the configured priority once every vCPU thread has started, off the
+    /// guest's start-up path. Normal priority (1000 shares) needs nothing.
+    pub fn apply_priority_in_background(self: std::sync::Arc<Self>) {
+        let shares = self.shares.load(Ordering::Relaxed);
+        if shares == 1000 {
+            return;
+        }
+        let spawned = std::thread::Builder::new().name("priority".into()).spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.tids().len() < self.config.vcpus as usize && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if let Err(e) = self.apply_shares(shares) {
+                tracing::warn!("vCPU priority: {e}");
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("vCPU priority: cannot start a thread: {e}");
+        }
     }
 
     /// Cleans up what outlives the process (the VM's cgroup).
     pub fn cleanup(&self) {
-        self.priority.remove();
+        // Dropping the priority removes the group (see `Priority`'s Drop).
+        drop(lock(&self.priority).take());
     }
 
     /// A snapshot for the control API.
     pub fn status(&self) -> VmStatus {
-        let topo = HostTopology::read(std::path::Path::new(affinity::SYSFS_ROOT)).ok();
+        let topo = affinity::host_topology().ok();
         let vcpus = lock(&self.tids)
             .iter()
             .enumerate()
@@ -242,7 +274,7 @@ impl VmControl {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             boot_time_ms: self.first_output.get().map(|t| t.duration_since(self.started).as_millis() as u64),
             shares: self.shares.load(Ordering::Relaxed),
-            priority_mechanism: self.priority.describe(),
+            priority_mechanism: lock(&self.priority).as_ref().map(Priority::describe).unwrap_or_else(|| "none (Normal priority)".into()),
             cpus_changed_at_ms: millis(*lock(&self.cpus_changed_at)),
             priority_changed_at_ms: millis(*lock(&self.priority_changed_at)),
             vcpus,

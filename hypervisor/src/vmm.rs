@@ -12,7 +12,6 @@ use crate::config::{SerialOutput, VmConfig};
 use crate::devices::{PioBus, VmExit, serial};
 use crate::vstate::{vcpu::Vcpu, vm::Vm};
 use crate::control::{self, VmControl};
-use crate::priority::Priority;
 use crate::{Error, affinity, api, boot, memory};
 
 /// Runs the VM described by `config` until it stops; returns why it stopped.
@@ -31,8 +30,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     let vm = Vm::new(config.vcpus, mem_bytes)?;
     let numa_nodes = numa_nodes(config, &placement)?;
     memory::bind(&vm.memory, config.numa.policy, &numa_nodes)?;
-    let control = Arc::new(VmControl::new(config.clone(), started, placement, numa_nodes, Priority::create(&config.name), events_tx.clone()));
-    control.apply_initial_shares()?;
+    let control = Arc::new(VmControl::new(config.clone(), started, placement, numa_nodes, events_tx.clone()));
     let ram = layout::ram_regions(mem_bytes);
     let entry = boot::load(config, &vm.memory, &apic_ids, &ram)?;
 
@@ -67,6 +65,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
         let handle = vcpu.spawn().map_err(|e| Error::Io(format!("starting a vCPU thread: {e}")))?;
         control.register(handle);
     }
+    control.clone().apply_priority_in_background();
     if let Some(socket) = &config.api_socket {
         api::serve(socket, control.clone())?;
     }
@@ -84,11 +83,13 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
 /// The NUMA nodes guest memory is bound to: the configured ones, else those of the
 /// host CPUs the vCPUs run on.
 fn numa_nodes(config: &VmConfig, placement: &[drover_topology::CpuSet]) -> Result<drover_topology::CpuSet, Error> {
+    if config.numa.policy == crate::config::NumaPolicy::None {
+        return Ok(drover_topology::CpuSet::default());
+    }
     if !config.numa.nodes.is_empty() {
         return Ok(config.numa.nodes.iter().copied().collect());
     }
-    let topo = drover_topology::HostTopology::read(std::path::Path::new(affinity::SYSFS_ROOT))
-        .map_err(|e| Error::Io(format!("host topology: {e}")))?;
+    let topo = affinity::host_topology()?;
     let cpus: drover_topology::CpuSet = placement.iter().flat_map(|s| s.iter()).collect();
     Ok(drover_topology::numa_nodes_for(&topo, &cpus).into_iter().collect())
 }

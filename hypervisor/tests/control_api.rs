@@ -154,7 +154,15 @@ fn dedicated_vcpus_get_a_cpu_each() {
 #[test]
 fn priority_changes_while_the_guest_runs() {
     let vm = Vm::start("priority", &["--vcpus", "2", "--shares", "2000"]);
-    let s = vm.status();
+    // The priority is applied off the start-up path, within moments of the start.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let s = loop {
+        let s = vm.status();
+        if !s["priorityMechanism"].as_str().unwrap().starts_with("none") || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert_eq!(s["shares"], 2000);
     let mechanism = s["priorityMechanism"].as_str().unwrap().to_string();
     let check = |shares: u32| {
@@ -169,7 +177,7 @@ fn priority_changes_while_the_guest_runs() {
             let value = std::fs::read_to_string(Path::new(dir).join("cpu.weight")).unwrap();
             assert_eq!(value.trim(), (shares / 10).to_string());
         } else {
-            assert_eq!(mechanism, "thread nice values");
+            assert_eq!(mechanism, "thread nice values", "priority never applied");
             for tid in vm.tids() {
                 let stat = std::fs::read_to_string(format!("/proc/{}/task/{tid}/stat", vm.child.id())).unwrap();
                 let nice: i32 = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().nth(16).unwrap().parse().unwrap();
