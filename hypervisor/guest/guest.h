@@ -26,6 +26,8 @@
  * `int n` nor `syscall` from ring 3 reaches ring 0 under PVM (the first raises #UD,
  * the second stays at CPL 3), but exceptions are delivered through the IDT. */
 #define HALT_REQUEST 0x68616c74 /* "halt" */
+/* The same way, ring 3 asks for a triple fault (to test the VMM's fault handling). */
+#define TRIPLE_FAULT_REQUEST 0x74726970 /* "trip" */
 
 #ifndef __ASSEMBLER__
 typedef unsigned char u8;

@@ -10,6 +10,7 @@
  *   reset          CPU 0 asks the i8042 controller for a CPU reset.
  *   fault          CPU 0 executes hlt in ring 3 (#GP), which ends the VM through
  *                  the exception handler.
+ *   triple-fault   CPU 0 has ring 0 raise an exception with no IDT.
  *   pio            CPU 0 writes drover.pio (default 100000) times to port 0x80,
  *                  between two lines, so a benchmark can time port-I/O exits.
  * Exit port values: 0 success, 1..0x7f workload failure, 0x80 + vector exception. */
@@ -180,6 +181,10 @@ void user_main(u32 cpu, struct hvm_start_info *info) {
     }
     if (mode_is(info, "reset")) {
         if (cpu == 0) outb(I8042_CMD, 0xfe);
+        halt_this_cpu();
+    }
+    if (mode_is(info, "triple-fault")) {
+        if (cpu == 0) __asm__ volatile("ud2" ::"a"((u64)TRIPLE_FAULT_REQUEST) : "memory");
         halt_this_cpu();
     }
     if (mode_is(info, "fault")) {

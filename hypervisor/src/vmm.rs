@@ -28,11 +28,45 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
 
     let mem_bytes = config.memory_mib << 20;
     let vm = Vm::new(config.vcpus, mem_bytes)?;
+    tracing::debug!(us = started.elapsed().as_micros() as u64, "KVM VM created");
     let numa_nodes = numa_nodes(config, &placement)?;
     memory::bind(&vm.memory, config.numa.policy, &numa_nodes)?;
     let control = Arc::new(VmControl::new(config.clone(), started, placement, numa_nodes, events_tx.clone()));
-    let ram = layout::ram_regions(mem_bytes);
-    let entry = boot::load(config, &vm.memory, &apic_ids, &ram)?;
+
+    let vcpus = prepare(config, &vm, &control, &events_tx, &apic_ids)?;
+    tracing::debug!(us = started.elapsed().as_micros() as u64, "guest loaded, vCPUs created");
+    control::install_kick_handler()?;
+    for vcpu in vcpus {
+        let handle = vcpu.spawn().map_err(|e| Error::Io(format!("starting a vCPU thread: {e}")))?;
+        control.register(handle);
+    }
+    control.clone().apply_priority_in_background();
+    if let Some(socket) = &config.api_socket {
+        api::serve(socket, control.clone())?;
+    }
+    tracing::info!(name = %config.name, vcpus = config.vcpus, memory_mib = config.memory_mib, setup_us = started.elapsed().as_micros() as u64, "VM started");
+
+    // The first outcome a vCPU, a device or the API reports ends the VM.
+    let exit = events.recv().unwrap_or_else(|_| VmExit::VmmError("every vCPU thread ended without an outcome".into()));
+    control.cleanup();
+    if let Some(socket) = &config.api_socket {
+        let _ = std::fs::remove_file(socket);
+    }
+    Ok(exit)
+}
+
+/// Loads the guest, sets up devices, creates the vCPUs with their CPUID and boot
+/// registers.
+fn prepare(
+    config: &VmConfig,
+    vm: &Vm,
+    control: &Arc<VmControl>,
+    events_tx: &mpsc::Sender<VmExit>,
+    apic_ids: &[u32],
+) -> Result<Vec<Vcpu>, Error> {
+    let topology = config.topology();
+    let ram = layout::ram_regions(config.memory_mib << 20);
+    let entry = boot::load(config, &vm.memory, apic_ids, &ram)?;
 
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(format!("eventfd: {e}")))?;
     vm.fd
@@ -60,24 +94,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
         vcpus.push(Vcpu { index, fd, bus: bus.clone(), events: events_tx.clone(), control: control.clone() });
     }
 
-    control::install_kick_handler()?;
-    for vcpu in vcpus {
-        let handle = vcpu.spawn().map_err(|e| Error::Io(format!("starting a vCPU thread: {e}")))?;
-        control.register(handle);
-    }
-    control.clone().apply_priority_in_background();
-    if let Some(socket) = &config.api_socket {
-        api::serve(socket, control.clone())?;
-    }
-    tracing::info!(name = %config.name, vcpus = config.vcpus, memory_mib = config.memory_mib, setup_us = started.elapsed().as_micros() as u64, "VM started");
-
-    // The first outcome a vCPU, a device or the API reports ends the VM.
-    let exit = events.recv().unwrap_or_else(|_| VmExit::VmmError("every vCPU thread ended without an outcome".into()));
-    control.cleanup();
-    if let Some(socket) = &config.api_socket {
-        let _ = std::fs::remove_file(socket);
-    }
-    Ok(exit)
+    Ok(vcpus)
 }
 
 /// The NUMA nodes guest memory is bound to: the configured ones, else those of the
