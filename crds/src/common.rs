@@ -93,6 +93,11 @@ impl Conditions {
     }
 }
 
+/// For `skip_serializing_if` on status conditions.
+pub(crate) fn is_empty_conditions(c: &Conditions) -> bool {
+    c.0.is_empty()
+}
+
 /// The `generation` a controller saw, for `status.observedGeneration`.
 pub fn generation_of<K: Resource>(obj: &K) -> Option<i64> {
     obj.meta().generation
@@ -132,9 +137,4 @@ mod tests {
         assert_eq!(conditions.get("Ready").unwrap().last_transition_time, t("2026-01-03T00:00:00Z"));
         assert_eq!(conditions.0.len(), 1);
     }
-}
-
-/// For `skip_serializing_if` on status conditions.
-pub(crate) fn is_empty_conditions(c: &Conditions) -> bool {
-    c.0.is_empty()
 }

@@ -6,6 +6,9 @@
 //! rule a user can break is checked by the API server (OpenAPI and CEL in the
 //! schema), so `kubectl apply` refuses a bad spec with a message naming the field.
 
+// kube's derive macros repeat `#[serde(...)]` attributes on the generated types.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod common;
 pub mod drs_rule;
 pub mod generate;

@@ -1,6 +1,8 @@
 //! The CRDs install on a real kube-apiserver, the examples apply, and the API reads
 //! well from kubectl (short names, category, printer columns, explain).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
 use drover_crds::{VirtualMachine, VirtualMachineStatus};
 use drover_e2e::control_plane;
 use kube::api::{Api, Patch, PatchParams, PostParams};

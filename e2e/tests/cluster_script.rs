@@ -1,6 +1,8 @@
 //! `e2e/cluster` itself: it starts a working control plane from the cached binaries
 //! in seconds, and `down` leaves nothing running.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
 use std::process::Command;
 use std::time::Instant;
 

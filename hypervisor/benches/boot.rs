@@ -9,8 +9,11 @@
 //! - VMM memory overhead: peak RSS minus the guest memory the guest touched;
 //! - port-I/O exit round trip from guest ring 3, against a bare KVM_RUN loop that
 //!   runs the same guest code with no device dispatch at all.
+//!
 //! QEMU is Debian's qemu-system-x86 (installed by e2e/install-prereqs); without it
 //! the benchmark fails and says so.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -37,7 +40,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Spawns `cmd`, timing the first byte of stdout and the exit; peak RSS from wait4.
+/// Spawns `cmd`, timing the first byte of stdout and the exit; peak RSS from wait4
+/// (which reaps the child, in place of `Child::wait`).
+#[allow(clippy::zombie_processes)]
 fn time_boot(mut cmd: Command) -> Run {
     let start = Instant::now();
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn VMM");
@@ -153,8 +158,9 @@ fn bare_kvm_pio_cost(guest: &Path) -> f64 {
     cpuid::configure(&mut cpuid, 0, config.topology());
     vcpu.set_cpuid2(&cpuid).expect("set cpuid");
     let sregs = vcpu.get_sregs().expect("sregs");
+    let drover_hypervisor::boot::BootEntry::Pvh { entry, start_info } = entry else { panic!("the test guest boots through PVH") };
     vcpu.set_sregs(&regs::pvh_sregs(sregs)).expect("set sregs");
-    vcpu.set_regs(&regs::pvh_regs(entry.entry, entry.start_info)).expect("set regs");
+    vcpu.set_regs(&regs::pvh_regs(entry, start_info)).expect("set regs");
     let mut line = Vec::new();
     let mut start = None;
     loop {

@@ -98,10 +98,10 @@ impl VmControl {
     pub fn vcpu_started(&self, index: u32) {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
-        if let Some(cpus) = self.planned_cpus(index) {
-            if let Err(e) = affinity::pin_thread(tid, &cpus) {
-                tracing::warn!("vCPU {index}: {e}");
-            }
+        if let Some(cpus) = self.planned_cpus(index)
+            && let Err(e) = affinity::pin_thread(tid, &cpus)
+        {
+            tracing::warn!("vCPU {index}: {e}");
         }
         if let Some(slot) = lock(&self.tids).get_mut(index as usize) {
             *slot = tid;

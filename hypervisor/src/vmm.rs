@@ -12,6 +12,7 @@ use crate::config::{SerialOutput, VmConfig};
 use crate::devices::{PioBus, VmExit, serial};
 use crate::vstate::{vcpu::Vcpu, vm::Vm};
 use crate::control::{self, VmControl};
+use crate::boot::BootEntry;
 use crate::{Error, affinity, api, boot, memory};
 
 /// Runs the VM described by `config` until it stops; returns why it stopped.
@@ -85,16 +86,37 @@ fn prepare(
         cpuid::configure(&mut cpuid, index, topology);
         fd.set_cpuid2(&cpuid).map_err(|source| Error::Kvm { what: "KVM_SET_CPUID2", source })?;
         fd.set_fpu(&regs::reset_fpu()).map_err(|source| Error::Kvm { what: "KVM_SET_FPU", source })?;
+        set_lint(&fd)?;
         if index == 0 {
             let sregs = fd.get_sregs().map_err(|source| Error::Kvm { what: "KVM_GET_SREGS", source })?;
-            fd.set_sregs(&regs::pvh_sregs(sregs)).map_err(|source| Error::Kvm { what: "KVM_SET_SREGS", source })?;
-            fd.set_regs(&regs::pvh_regs(entry.entry, entry.start_info))
-                .map_err(|source| Error::Kvm { what: "KVM_SET_REGS", source })?;
+            let (sregs, regs) = match entry {
+                BootEntry::Pvh { entry, start_info } => (regs::pvh_sregs(sregs), regs::pvh_regs(entry, start_info)),
+                BootEntry::Linux { entry } => (regs::linux_sregs(sregs), regs::linux_regs(entry)),
+            };
+            fd.set_sregs(&sregs).map_err(|source| Error::Kvm { what: "KVM_SET_SREGS", source })?;
+            fd.set_regs(&regs).map_err(|source| Error::Kvm { what: "KVM_SET_REGS", source })?;
         }
         vcpus.push(Vcpu { index, fd, bus: bus.clone(), events: events_tx.clone(), control: control.clone() });
     }
 
     Ok(vcpus)
+}
+
+/// Local APIC LINT0 as ExtINT (the 8259 PIC's output) and LINT1 as NMI, as a PC
+/// firmware leaves them and as the MP table says.
+fn set_lint(vcpu: &kvm_ioctls::VcpuFd) -> Result<(), Error> {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const MODE_EXTINT: u32 = 0x7 << 8;
+    const MODE_NMI: u32 = 0x4 << 8;
+    let mut lapic = vcpu.get_lapic().map_err(|source| Error::Kvm { what: "KVM_GET_LAPIC", source })?;
+    for (reg, mode) in [(APIC_LVT0, MODE_EXTINT), (APIC_LVT1, MODE_NMI)] {
+        let value = (u32::from_le_bytes([0, 1, 2, 3].map(|i| lapic.regs[reg + i] as u8)) & !0x700) | mode;
+        for (i, b) in value.to_le_bytes().iter().enumerate() {
+            lapic.regs[reg + i] = *b as std::ffi::c_char;
+        }
+    }
+    vcpu.set_lapic(&lapic).map_err(|source| Error::Kvm { what: "KVM_SET_LAPIC", source })
 }
 
 /// The NUMA nodes guest memory is bound to: the configured ones, else those of the

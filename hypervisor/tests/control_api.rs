@@ -1,6 +1,8 @@
 //! The control API on a running VM: status, pause/resume, and changes of host CPUs
 //! and priority that apply to the running vCPU threads while the guest keeps running.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -126,7 +128,7 @@ fn host_cpus_change_while_the_guest_runs() {
     }
     let s = vm.status();
     assert!(s["cpusChangedAtMs"].as_u64().is_some());
-    assert!(s["vcpus"].as_array().unwrap().iter().all(|v| v["hostCpus"] == last.to_string()), "{s}");
+    assert!(s["vcpus"].as_array().unwrap().iter().all(|v| v["hostCpus"] == *last.to_string()), "{s}");
     // The guest keeps running on its new CPUs.
     let ticks = vm.ticks();
     vm.wait_for_ticks(ticks + 2);

@@ -1,5 +1,7 @@
 //! Errors a user can act on: one clear log line, exit status 1, no panic.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
 mod common;
 
 use std::process::Command;
@@ -24,7 +26,7 @@ fn file_that_is_not_a_kernel() {
     let path = std::env::temp_dir().join(format!("drover-not-a-kernel-{}", std::process::id()));
     std::fs::write(&path, b"#!/bin/sh\necho hello\n").unwrap();
     let out = run_vmm(&["--vcpus", "1", "--memory-mib", "64", "--kernel", path.to_str().unwrap()]);
-    assert_refused(&out, "not a bootable kernel image");
+    assert_refused(&out, "neither an ELF image nor a bzImage");
 }
 
 #[test]

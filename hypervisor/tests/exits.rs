@@ -1,5 +1,7 @@
 //! How a VM ends: each way has its own exit status and a log line that says why.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
 mod common;
 
 use common::*;

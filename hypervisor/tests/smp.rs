@@ -2,6 +2,8 @@
 //! LAPIC), every vCPU reports in, and a workload shared across them gives the same
 //! result as one computed here. Runs on this host's KVM (PVM included).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
 mod common;
 
 use common::*;

@@ -5,5 +5,7 @@
 pub mod acpi;
 pub mod cpuid;
 pub mod layout;
+pub mod linux;
+pub mod mptable;
 pub mod pvh;
 pub mod regs;
