@@ -22,13 +22,14 @@ pub fn runs() -> usize {
     std::env::var("DROVER_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10)
 }
 
+/// One boot: from process start to the guest's first output and to the process's end.
 pub struct Run {
-    pub
-    first_output: Duration,
+    pub first_output: Duration,
     pub exit: Duration,
-    peak_rss_kib: u64,
+    pub peak_rss_kib: u64,
 }
 
+/// The median of `v`.
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
