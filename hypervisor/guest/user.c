@@ -11,6 +11,13 @@
  *   fault          CPU 0 executes hlt in ring 3 (#GP), which ends the VM through
  *                  the exception handler.
  *   triple-fault   CPU 0 has ring 0 raise an exception with no IDT.
+ *   digest         drover.rounds (default 100) rounds over a buffer of drover.mem MiB
+ *                  (default 64) at 32 MiB: in each round every CPU rewrites its share
+ *                  of the buffer from the round number and the previous contents,
+ *                  then all wait for each other. CPU 0 prints each round, then a
+ *                  digest of the buffer that depends on every byte of every round,
+ *                  and the largest TSC gap between two rounds (a clock that jumped
+ *                  shows here). Migrating the VM mid-run must not change the digest.
  *   pio            CPU 0 writes drover.pio (default 100000) times to port 0x80,
  *                  between two lines, so a benchmark can time port-I/O exits.
  * Exit port values: 0 success, 1..0x7f workload failure, 0x80 + vector exception. */
@@ -20,6 +27,18 @@ volatile u32 print_lock;
 static volatile u32 arrived;
 static volatile u32 finished;
 static volatile u64 total;
+static volatile u32 barrier_count, barrier_generation;
+
+/* All ncpus CPUs wait here until every one has arrived. */
+static void barrier(u32 ncpus) {
+    u32 gen = __atomic_load_n(&barrier_generation, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&barrier_count, 1, __ATOMIC_ACQ_REL) == ncpus) {
+        __atomic_store_n(&barrier_count, 0, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&barrier_generation, 1, __ATOMIC_RELEASE);
+    } else {
+        while (__atomic_load_n(&barrier_generation, __ATOMIC_ACQUIRE) == gen) cpu_relax();
+    }
+}
 
 static void lock(void) { print_lock_take(); }
 static void unlock(void) { print_lock_release(); }
@@ -190,6 +209,39 @@ void user_main(u32 cpu, struct hvm_start_info *info) {
     if (mode_is(info, "fault")) {
         if (cpu == 0) __asm__ volatile("hlt");
         halt_this_cpu();
+    }
+    if (mode_is(info, "digest")) {
+        u64 *buf = (u64 *)(32ULL << 20);
+        u64 words = param_u64(info, "drover.mem=", 64) << 17; /* MiB -> 8-byte words */
+        u64 rounds = param_u64(info, "drover.rounds=", 100);
+        u64 per_cpu = (words + ncpus - 1) / ncpus, first = cpu * per_cpu;
+        u64 last = first + per_cpu > words ? words : first + per_cpu;
+        u64 max_gap = 0, prev = rdtsc();
+        for (u64 r = 0; r < rounds; r++) {
+            for (u64 i = first; i < last; i++) buf[i] = splitmix64(buf[i] ^ (r * 0x100000001b3ULL + i));
+            barrier(ncpus);
+            if (cpu == 0) {
+                u64 now = rdtsc();
+                if (now - prev > max_gap) max_gap = now - prev;
+                prev = now;
+                lock();
+                puts_("drover-guest: round ");
+                put_dec(r + 1);
+                puts_("\n");
+                unlock();
+            }
+        }
+        if (cpu != 0) halt_this_cpu();
+        u64 digest = 0;
+        for (u64 i = 0; i < words; i++) digest = splitmix64(digest ^ buf[i]);
+        lock();
+        puts_("drover-guest: digest ");
+        put_hex(digest);
+        puts_(" max-round-gap-cycles ");
+        put_dec(max_gap);
+        puts_("\ndrover-guest: done\n");
+        unlock();
+        guest_exit(0);
     }
     if (mode_is(info, "pio")) {
         if (cpu != 0) halt_this_cpu();
