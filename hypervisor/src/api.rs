@@ -10,6 +10,7 @@
 //! | `GET /vm` | status: state, vCPUs (thread, host CPUs, last CPU, CPU time), memory, uptime, boot time, shares |
 //! | `PUT /vm/pause`, `PUT /vm/resume` | stop / restart every vCPU (the migration hooks) |
 //! | `PUT /vm/shutdown` | power the VM off (exit status 0) |
+//! | `PUT /vm/snapshot` `{"path": "/dir"}` | write state and memory to a directory (the VM pauses meanwhile) |
 //! | `PATCH /vm/cpus` `{"hostCpus": "0-3"}` | move the running vCPUs to other host CPUs |
 //! | `PATCH /vm/priority` `{"shares": 2000}` | change the running vCPUs' priority |
 
@@ -27,6 +28,12 @@ use crate::control::VmControl;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct CpusPatch {
     host_cpus: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SnapshotRequest {
+    path: std::path::PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -115,6 +122,10 @@ fn route(method: &str, path: &str, body: &str, control: &VmControl) -> (u16, Opt
             control.resume();
             Ok(None)
         }
+        ("PUT", "/vm/snapshot") => serde_json::from_str::<SnapshotRequest>(body)
+            .map_err(|e| (400, format!("body: {e}")))
+            .and_then(|r| crate::snapshot::save(control, &r.path).map_err(|e| (500, e.to_string())))
+            .and_then(|info| serde_json::to_value(info).map(Some).map_err(|e| (500, e.to_string()))),
         // Powering off happens after the reply is written (see serve_one).
         ("PUT", "/vm/shutdown") => Ok(None),
         ("PATCH", "/vm/cpus") => serde_json::from_str::<CpusPatch>(body)

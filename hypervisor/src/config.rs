@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
-/// Everything `drover-vmm` needs to run one VM.
+/// Everything `drover-vmm` needs to run one VM. (No `skip_serializing_if` here: the
+/// config also travels inside snapshots and migration streams in postcard, a
+/// positional format that needs every field.)
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VmConfig {
@@ -17,14 +19,14 @@ pub struct VmConfig {
     /// Number of vCPUs.
     pub vcpus: u32,
     /// Topology the guest sees; default: one socket, one core per vCPU.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub topology: Option<Topology>,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
     /// Kernel image: an ELF with a PVH note (Drover's test guest), an ELF vmlinux or a bzImage.
     pub kernel: PathBuf,
     /// Initial ramdisk.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
     #[serde(default)]
@@ -42,7 +44,7 @@ pub struct VmConfig {
     #[serde(default = "default_shares")]
     pub shares: u32,
     /// Path of the control API's Unix socket.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub api_socket: Option<PathBuf>,
 }
 
@@ -80,7 +82,7 @@ pub enum SerialOutput {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CpuPlacement {
     /// Host CPUs the vCPUs may use (Linux CPU list); default: every CPU the process may use.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub host_cpus: Option<String>,
     /// Pin each vCPU to a host CPU of its own (1:1).
     #[serde(default)]
@@ -97,7 +99,7 @@ pub struct NumaConfig {
     #[serde(default)]
     pub policy: NumaPolicy,
     /// Host NUMA nodes; empty: the nodes of the vCPUs' host CPUs.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub nodes: Vec<u32>,
 }
 

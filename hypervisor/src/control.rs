@@ -14,6 +14,10 @@ use vmm_sys_util::signal::Killable;
 use crate::config::VmConfig;
 use crate::devices::VmExit;
 use crate::priority::Priority;
+use crate::devices::PioBus;
+use crate::state::VcpuState;
+use crate::vstate::vm::Vm;
+use std::sync::Arc;
 use crate::{Error, affinity};
 
 /// The signal that kicks a vCPU thread out of KVM_RUN (its handler does nothing;
@@ -40,6 +44,9 @@ pub struct VmControl {
     /// vCPU threads, for kicking them out of KVM_RUN.
     handles: Mutex<Vec<JoinHandle<()>>>,
     paused: AtomicBool,
+    /// Raised to ask parked vCPU threads for their state; answers land in `saved`.
+    save_generation: std::sync::atomic::AtomicU64,
+    saved: Mutex<Vec<Option<Result<VcpuState, String>>>>,
     parked: Mutex<u32>,
     parked_changed: Condvar,
     resumed: Condvar,
@@ -52,6 +59,8 @@ pub struct VmControl {
     priority: Mutex<Option<Priority>>,
     priority_changed_at: Mutex<Option<SystemTime>>,
     events: Sender<VmExit>,
+    vm: Arc<Vm>,
+    bus: std::sync::OnceLock<Arc<PioBus>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -66,6 +75,7 @@ impl VmControl {
         placement: Vec<CpuSet>,
         numa_nodes: CpuSet,
         events: Sender<VmExit>,
+        vm: Arc<Vm>,
     ) -> Self {
         let vcpus = config.vcpus as usize;
         let shares = config.shares;
@@ -76,6 +86,8 @@ impl VmControl {
             tids: Mutex::new(vec![0; vcpus]),
             handles: Mutex::new(Vec::with_capacity(vcpus)),
             paused: AtomicBool::new(false),
+            save_generation: std::sync::atomic::AtomicU64::new(0),
+            saved: Mutex::new((0..vcpus).map(|_| None).collect()),
             parked: Mutex::new(0),
             parked_changed: Condvar::new(),
             resumed: Condvar::new(),
@@ -86,7 +98,24 @@ impl VmControl {
             priority: Mutex::new(None),
             priority_changed_at: Mutex::new(None),
             events,
+            vm,
+            bus: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records the device bus (made after the control, which it reports to).
+    pub fn set_bus(&self, bus: Arc<PioBus>) {
+        let _ = self.bus.set(bus);
+    }
+
+    /// The KVM VM and its memory.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// The state of the devices the VMM emulates.
+    pub fn serial_state(&self) -> crate::state::SerialState {
+        self.bus.get().map(|b| b.serial_state()).unwrap_or_default()
     }
 
     /// The host CPUs planned for vCPU `index`.
@@ -119,17 +148,68 @@ impl VmControl {
     }
 
     /// Called by a vCPU thread before each KVM_RUN: parks it while the VM is paused.
-    pub fn pause_point(&self) {
+    /// While parked, a vCPU thread answers requests to save its state (`save_vcpus`):
+    /// only the thread that runs a vCPU may touch its fd.
+    pub fn pause_point(&self, index: u32, save: &dyn Fn() -> Result<VcpuState, Error>) {
         if !self.paused.load(Ordering::Acquire) {
             return;
         }
         let mut parked = lock(&self.parked);
         *parked += 1;
         self.parked_changed.notify_all();
+        let mut answered = 0u64;
         while self.paused.load(Ordering::Acquire) {
+            let wanted = self.save_generation.load(Ordering::Acquire);
+            if wanted > answered {
+                answered = wanted;
+                let state = save().map_err(|e| e.to_string());
+                if let Some(slot) = lock(&self.saved).get_mut(index as usize) {
+                    *slot = Some(state);
+                }
+                self.parked_changed.notify_all();
+                continue;
+            }
             parked = self.resumed.wait(parked).unwrap_or_else(|p| p.into_inner());
         }
         *parked -= 1;
+    }
+
+    /// The state of every vCPU; the VM must be paused.
+    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, Error> {
+        if !self.paused.load(Ordering::Acquire) {
+            return Err(Error::State("the VM must be paused to save vCPU state".into()));
+        }
+        lock(&self.saved).iter_mut().for_each(|s| *s = None);
+        let mut parked = lock(&self.parked);
+        self.save_generation.fetch_add(1, Ordering::AcqRel);
+        self.resumed.notify_all();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&self.saved).iter().any(Option::is_none) {
+            if Instant::now() > deadline {
+                return Err(Error::State("vCPUs did not save their state within 10 s".into()));
+            }
+            parked = self.parked_changed.wait_timeout(parked, Duration::from_millis(5)).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+        drop(parked);
+        lock(&self.saved)
+            .iter_mut()
+            .enumerate()
+            .map(|(i, s)| match s.take() {
+                Some(Ok(state)) => Ok(state),
+                Some(Err(e)) => Err(Error::State(format!("vCPU {i}: {e}"))),
+                None => Err(Error::State(format!("vCPU {i}: no state"))),
+            })
+            .collect()
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// The configuration the VM runs with.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
     }
 
     /// Stops every vCPU (they park outside KVM_RUN) and returns once all have.

@@ -8,6 +8,7 @@
 //! - `affinity`: host CPUs of the vCPU threads; `priority`: their CPU shares
 //! - `control`: the running VM (pause, resume, live CPU and priority changes);
 //!   `api`: the control API on a Unix socket
+//! - `state`: VM state outside memory; `snapshot`: state + memory to files and back
 //! - `vmm`: puts it together and runs the VM
 //! - `kvm_probe`: what the host's KVM offers
 
@@ -21,6 +22,8 @@ pub mod devices;
 pub mod kvm_probe;
 pub mod memory;
 pub mod priority;
+pub mod snapshot;
+pub mod state;
 pub mod vmm;
 pub mod vstate;
 
@@ -45,6 +48,9 @@ pub enum Error {
     /// Guest memory cannot be set up.
     #[error("guest memory: {0}")]
     Memory(String),
+    /// Saving or restoring VM state failed.
+    #[error("VM state: {0}")]
+    State(String),
     /// Another I/O failure.
     #[error("{0}")]
     Io(String),

@@ -21,6 +21,21 @@ struct Cli {
 enum Command {
     /// Run a VM until the guest ends it.
     Run(RunArgs),
+    /// Start a VM again from a snapshot written by `PUT /vm/snapshot`.
+    Restore {
+        /// The snapshot directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// Serial output: `stdout`, `null`, or a file path (default: stdout).
+        #[arg(long)]
+        serial: Option<String>,
+        /// Control API socket path.
+        #[arg(long)]
+        api_socket: Option<PathBuf>,
+        /// Host CPUs for the vCPUs, if not the saved ones.
+        #[arg(long)]
+        host_cpus: Option<String>,
+    },
     /// Report what /dev/kvm offers (API version, vCPU limits, needed capabilities) as
     /// JSON; exit status 1 when it cannot run Drover VMs.
     KvmCheck,
@@ -128,11 +143,7 @@ impl RunArgs {
         if let Some(v) = self.cmdline { c.cmdline = v }
         if let Some(v) = self.name { c.name = v }
         if let Some(v) = self.serial {
-            c.serial = match v.as_str() {
-                "stdout" => SerialOutput::Stdout,
-                "null" => SerialOutput::Null,
-                path => SerialOutput::File(path.into()),
-            };
+            c.serial = serial_output(&v);
         }
         if let Some(v) = self.host_cpus { c.cpus.host_cpus = Some(v) }
         if self.dedicated { c.cpus.dedicated = true }
@@ -151,6 +162,33 @@ impl RunArgs {
     }
 }
 
+/// Ends the process with the VM's exit status (or 1 and the error).
+fn finish(result: Result<drover_hypervisor::devices::VmExit, drover_hypervisor::Error>) -> ExitCode {
+    match result {
+        Ok(exit) => {
+            if exit.exit_code() == 0 {
+                tracing::info!("{exit}");
+            } else {
+                tracing::error!("{exit}");
+            }
+            // vCPU threads may be blocked in KVM_RUN; the process exit ends them.
+            std::process::exit(i32::from(exit.exit_code()));
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn serial_output(v: &str) -> SerialOutput {
+    match v {
+        "stdout" => SerialOutput::Stdout,
+        "null" => SerialOutput::Null,
+        path => SerialOutput::File(path.into()),
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
@@ -158,23 +196,19 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => {
-            let result = args.into_config().and_then(|config| drover_hypervisor::vmm::run(&config));
-            match result {
-                Ok(exit) => {
-                    if exit.exit_code() == 0 {
-                        tracing::info!("{exit}");
-                    } else {
-                        tracing::error!("{exit}");
-                    }
-                    // vCPU threads may be blocked in KVM_RUN; the process exit ends them.
-                    std::process::exit(i32::from(exit.exit_code()));
+        Command::Run(args) => finish(args.into_config().and_then(|config| drover_hypervisor::vmm::run(&config))),
+        Command::Restore { from, serial, api_socket, host_cpus } => {
+            let result = drover_hypervisor::snapshot::load(&from).and_then(|(state, fill_memory)| {
+                let mut config = state.config.clone();
+                config.serial = serial.as_deref().map(serial_output).unwrap_or(SerialOutput::Stdout);
+                config.api_socket = api_socket;
+                if host_cpus.is_some() {
+                    config.cpus.host_cpus = host_cpus;
                 }
-                Err(e) => {
-                    tracing::error!("{e}");
-                    ExitCode::from(1)
-                }
-            }
+                let origin = drover_hypervisor::vmm::Origin::Restore { state: Box::new(state), fill_memory };
+                drover_hypervisor::vmm::launch(&config, origin)
+            });
+            finish(result)
         }
         Command::KvmCheck => match drover_hypervisor::kvm_probe::probe() {
             Ok(facts) => {

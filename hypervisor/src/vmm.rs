@@ -5,18 +5,34 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{cpuid, layout, regs};
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::{PioBus, VmExit, serial};
+use crate::state::VmState;
 use crate::vstate::{vcpu::Vcpu, vm::Vm};
 use crate::control::{self, VmControl};
 use crate::boot::BootEntry;
 use crate::{Error, affinity, api, boot, memory};
 
-/// Runs the VM described by `config` until it stops; returns why it stopped.
+/// Where a VM's first state comes from.
+pub enum Origin {
+    /// Boot the kernel of the configuration.
+    Boot,
+    /// Continue a saved VM: its state, and a function that fills guest memory.
+    Restore { state: Box<VmState>, fill_memory: Box<dyn FnOnce(&GuestMemoryMmap) -> Result<(), Error>> },
+}
+
+/// Boots the VM described by `config` and runs it until it stops; returns why.
 pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
+    launch(config, Origin::Boot)
+}
+
+/// Builds the VM, starts its vCPUs, serves its API, and waits for the first
+/// outcome a vCPU, a device or the API reports.
+pub fn launch(config: &VmConfig, origin: Origin) -> Result<VmExit, Error> {
     let started = Instant::now();
     config.validate()?;
     let topology = config.topology();
@@ -28,13 +44,13 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     let (events_tx, events) = mpsc::channel();
 
     let mem_bytes = config.memory_mib << 20;
-    let vm = Vm::new(config.vcpus, mem_bytes)?;
+    let vm = Arc::new(Vm::new(config.vcpus, mem_bytes)?);
     tracing::debug!(us = started.elapsed().as_micros() as u64, "KVM VM created");
     let numa_nodes = numa_nodes(config, &placement)?;
     memory::bind(&vm.memory, config.numa.policy, &numa_nodes)?;
-    let control = Arc::new(VmControl::new(config.clone(), started, placement, numa_nodes, events_tx.clone()));
+    let control = Arc::new(VmControl::new(config.clone(), started, placement, numa_nodes, events_tx.clone(), vm.clone()));
 
-    let vcpus = prepare(config, &vm, &control, &events_tx, &apic_ids)?;
+    let vcpus = prepare(config, &vm, &control, &events_tx, &apic_ids, origin)?;
     tracing::debug!(us = started.elapsed().as_micros() as u64, "guest loaded, vCPUs created");
     control::install_kick_handler()?;
     for vcpu in vcpus {
@@ -47,7 +63,6 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     }
     tracing::info!(name = %config.name, vcpus = config.vcpus, memory_mib = config.memory_mib, setup_us = started.elapsed().as_micros() as u64, "VM started");
 
-    // The first outcome a vCPU, a device or the API reports ends the VM.
     let exit = events.recv().unwrap_or_else(|_| VmExit::VmmError("every vCPU thread ended without an outcome".into()));
     control.cleanup();
     if let Some(socket) = &config.api_socket {
@@ -56,49 +71,77 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     Ok(exit)
 }
 
-/// Loads the guest, sets up devices, creates the vCPUs with their CPUID and boot
-/// registers.
+/// Loads the guest (or restores it), sets up devices, creates the vCPUs.
 fn prepare(
     config: &VmConfig,
     vm: &Vm,
     control: &Arc<VmControl>,
     events_tx: &mpsc::Sender<VmExit>,
     apic_ids: &[u32],
+    origin: Origin,
 ) -> Result<Vec<Vcpu>, Error> {
     let topology = config.topology();
     let ram = layout::ram_regions(config.memory_mib << 20);
-    let entry = boot::load(config, &vm.memory, apic_ids, &ram)?;
+    let (entry, restore) = match origin {
+        Origin::Boot => (Some(boot::load(config, &vm.memory, apic_ids, &ram)?), None),
+        Origin::Restore { state, fill_memory } => {
+            fill_memory(&vm.memory)?;
+            crate::state::restore_vm(&vm.fd, &state.kvm)?;
+            (None, Some(state))
+        }
+    };
 
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(format!("eventfd: {e}")))?;
     vm.fd
         .register_irqfd(&irq, serial::COM1_GSI)
         .map_err(|source| Error::Kvm { what: "KVM_IRQFD", source })?;
-    let bus = Arc::new(PioBus::new(vm_superio::Serial::new(serial::IrqTrigger(irq), serial_output(&config.serial)?), events_tx.clone(), control.clone()));
+    let trigger = serial::IrqTrigger(irq);
+    let out = serial_output(&config.serial)?;
+    let serial = match &restore {
+        None => vm_superio::Serial::new(trigger, out),
+        Some(state) => vm_superio::Serial::from_state(&(&state.serial).into(), trigger, vm_superio::serial::NoEvents, out)
+            .map_err(|e| Error::State(format!("serial port: {e:?}")))?,
+    };
+    let bus = Arc::new(PioBus::new(serial, events_tx.clone(), control.clone()));
+    control.set_bus(bus.clone());
 
     let supported = vm
         .kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|source| Error::Kvm { what: "KVM_GET_SUPPORTED_CPUID", source })?;
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    let mut msrs = None;
     for index in 0..config.vcpus {
         let fd = vm.fd.create_vcpu(u64::from(index)).map_err(|source| Error::Kvm { what: "KVM_CREATE_VCPU", source })?;
-        let mut cpuid = supported.clone();
-        cpuid::configure(&mut cpuid, index, topology);
-        fd.set_cpuid2(&cpuid).map_err(|source| Error::Kvm { what: "KVM_SET_CPUID2", source })?;
-        fd.set_fpu(&regs::reset_fpu()).map_err(|source| Error::Kvm { what: "KVM_SET_FPU", source })?;
-        set_lint(&fd)?;
-        if index == 0 {
-            let sregs = fd.get_sregs().map_err(|source| Error::Kvm { what: "KVM_GET_SREGS", source })?;
-            let (sregs, regs) = match entry {
-                BootEntry::Pvh { entry, start_info } => (regs::pvh_sregs(sregs), regs::pvh_regs(entry, start_info)),
-                BootEntry::Linux { entry } => (regs::linux_sregs(sregs), regs::linux_regs(entry)),
-            };
-            fd.set_sregs(&sregs).map_err(|source| Error::Kvm { what: "KVM_SET_SREGS", source })?;
-            fd.set_regs(&regs).map_err(|source| Error::Kvm { what: "KVM_SET_REGS", source })?;
+        match (&restore, entry) {
+            (Some(state), _) => {
+                let saved = state.vcpus.get(index as usize).ok_or_else(|| Error::State(format!("no state for vCPU {index}")))?;
+                crate::state::restore_vcpu(&fd, saved)?;
+            }
+            (None, entry) => {
+                let mut cpuid = supported.clone();
+                cpuid::configure(&mut cpuid, index, topology);
+                fd.set_cpuid2(&cpuid).map_err(|source| Error::Kvm { what: "KVM_SET_CPUID2", source })?;
+                fd.set_fpu(&regs::reset_fpu()).map_err(|source| Error::Kvm { what: "KVM_SET_FPU", source })?;
+                set_lint(&fd)?;
+                if let (0, Some(entry)) = (index, entry) {
+                    let sregs = fd.get_sregs().map_err(|source| Error::Kvm { what: "KVM_GET_SREGS", source })?;
+                    let (sregs, regs) = match entry {
+                        BootEntry::Pvh { entry, start_info } => (regs::pvh_sregs(sregs), regs::pvh_regs(entry, start_info)),
+                        BootEntry::Linux { entry } => (regs::linux_sregs(sregs), regs::linux_regs(entry)),
+                    };
+                    fd.set_sregs(&sregs).map_err(|source| Error::Kvm { what: "KVM_SET_SREGS", source })?;
+                    fd.set_regs(&regs).map_err(|source| Error::Kvm { what: "KVM_SET_REGS", source })?;
+                }
+            }
         }
-        vcpus.push(Vcpu { index, fd, bus: bus.clone(), events: events_tx.clone(), control: control.clone() });
+        // The MSRs this host can save, probed on the first vCPU once it is set up.
+        let msrs = match &msrs {
+            Some(m) => Arc::clone(m),
+            None => msrs.insert(Arc::new(crate::state::saveable_msrs(&vm.kvm, &fd)?)).clone(),
+        };
+        vcpus.push(Vcpu { index, fd, bus: bus.clone(), events: events_tx.clone(), control: control.clone(), msrs });
     }
-
     Ok(vcpus)
 }
 

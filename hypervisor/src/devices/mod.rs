@@ -62,6 +62,11 @@ impl PioBus {
         data.fill(value);
     }
 
+    /// The serial port's state, for snapshots and migration.
+    pub fn serial_state(&self) -> crate::state::SerialState {
+        self.with_serial(|s| (&s.state()).into())
+    }
+
     fn with_serial<T>(&self, f: impl FnOnce(&mut serial::SerialPort) -> T) -> T {
         // A vCPU that panicked while holding the lock leaves the serial state usable.
         let mut serial = self.serial.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -20,6 +20,8 @@ pub struct Vcpu {
     pub bus: Arc<PioBus>,
     pub events: Sender<VmExit>,
     pub control: Arc<VmControl>,
+    /// MSRs to save with this vCPU's state (probed once per VM).
+    pub msrs: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
@@ -34,7 +36,7 @@ impl Vcpu {
     /// Runs until the VM ends; the outcome goes to `events`.
     fn run(mut self) {
         loop {
-            self.control.pause_point();
+            self.control.pause_point(self.index, &|| crate::state::save_vcpu(&self.fd, &self.msrs));
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => self.bus.write(port, data),
                 Ok(VcpuExit::IoIn(port, data)) => self.bus.read(port, data),

@@ -1,0 +1,95 @@
+//! Snapshots: a paused VM's state and memory written to a directory
+//! (`state.bin`, `memory.bin`), and a VM started again from them.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::Error;
+use crate::control::VmControl;
+use crate::state::{STATE_VERSION, VmState};
+
+const STATE_FILE: &str = "state.bin";
+const MEMORY_FILE: &str = "memory.bin";
+
+/// What a snapshot wrote.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotInfo {
+    pub state_bytes: u64,
+    pub memory_bytes: u64,
+    /// How long the guest was paused for it, in ms.
+    pub paused_ms: u64,
+}
+
+/// Pauses the VM (if it runs), writes its snapshot to `dir`, resumes it if it ran.
+pub fn save(control: &VmControl, dir: &Path) -> Result<SnapshotInfo, Error> {
+    let was_running = !control.is_paused();
+    let paused_at = Instant::now();
+    if was_running {
+        control.pause()?;
+    }
+    let result = write(control, dir);
+    if was_running {
+        control.resume();
+    }
+    result.map(|(state_bytes, memory_bytes)| SnapshotInfo { state_bytes, memory_bytes, paused_ms: paused_at.elapsed().as_millis() as u64 })
+}
+
+/// The whole state of the paused VM (everything but memory).
+pub fn capture(control: &VmControl) -> Result<VmState, Error> {
+    Ok(VmState {
+        version: STATE_VERSION,
+        config: control.config().clone(),
+        vcpus: control.save_vcpus()?,
+        kvm: crate::state::save_vm(&control.vm().fd)?,
+        serial: control.serial_state(),
+    })
+}
+
+fn write(control: &VmControl, dir: &Path) -> Result<(u64, u64), Error> {
+    let io = |what: &str, e: std::io::Error| Error::Io(format!("snapshot {}: {what}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(|e| io("creating the directory", e))?;
+    let state = capture(control)?.encode()?;
+    std::fs::write(dir.join(STATE_FILE), &state).map_err(|e| io(STATE_FILE, e))?;
+    let memory = &control.vm().memory;
+    // Large volatile copies straight into the file: no user-space buffer needed.
+    let mut out = File::create(dir.join(MEMORY_FILE)).map_err(|e| io(MEMORY_FILE, e))?;
+    let mut total = 0;
+    for region in memory.iter() {
+        memory
+            .write_all_volatile_to(region.start_addr(), &mut out, region.len() as usize)
+            .map_err(|e| Error::Memory(format!("writing guest memory to the snapshot: {e}")))?;
+        total += region.len();
+    }
+    out.flush().map_err(|e| io(MEMORY_FILE, e))?;
+    Ok((state.len() as u64, total))
+}
+
+/// Reads a snapshot: its state, and a function that fills a new VM's memory from it.
+#[allow(clippy::type_complexity)]
+pub fn load(dir: &Path) -> Result<(VmState, Box<dyn FnOnce(&GuestMemoryMmap) -> Result<(), Error>>), Error> {
+    let bytes = std::fs::read(dir.join(STATE_FILE)).map_err(|e| Error::Io(format!("snapshot {}: {STATE_FILE}: {e}", dir.display())))?;
+    let state = VmState::decode(&bytes)?;
+    let path = dir.join(MEMORY_FILE);
+    let expected = state.config.memory_mib << 20;
+    let file = File::open(&path).map_err(|e| Error::Io(format!("snapshot {}: {e}", path.display())))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if size != expected {
+        return Err(Error::State(format!("{} holds {size} bytes, the VM has {expected} bytes of memory", path.display())));
+    }
+    let fill = move |memory: &GuestMemoryMmap| -> Result<(), Error> {
+        let mut input = file;
+        for region in memory.iter() {
+            memory
+                .read_exact_volatile_from(region.start_addr(), &mut input, region.len() as usize)
+                .map_err(|e| Error::Memory(format!("reading guest memory from {}: {e}", path.display())))?;
+        }
+        Ok(())
+    };
+    Ok((state, Box::new(fill)))
+}
