@@ -11,6 +11,9 @@
 //! | `PUT /vm/pause`, `PUT /vm/resume` | stop / restart every vCPU (the migration hooks) |
 //! | `PUT /vm/shutdown` | power the VM off (exit status 0) |
 //! | `PUT /vm/snapshot` `{"path": "/dir"}` | write state and memory to a directory (the VM pauses meanwhile) |
+//! | `PUT /vm/migrate` `{"destination": "10.0.0.2:7070", "secretFile": "/run/drover/mig.key", "maxDowntimeMs": 30}` | live-migrate to a `drover-vmm receive` (see `migration::send::MigrateRequest`) |
+//! | `GET /vm/migration` | the migration's phase, pass, bytes, dirty rate, estimated and measured downtime, total time |
+//! | `PUT /vm/migration/cancel` | stop it; the VM keeps running here |
 //! | `PATCH /vm/cpus` `{"hostCpus": "0-3"}` | move the running vCPUs to other host CPUs |
 //! | `PATCH /vm/priority` `{"shares": 2000}` | change the running vCPUs' priority |
 
@@ -63,7 +66,7 @@ pub fn serve(socket: &Path, control: Arc<VmControl>) -> Result<(), Error> {
 }
 
 /// Reads one request, answers it, closes the connection.
-fn serve_one(stream: UnixStream, control: &VmControl) -> std::io::Result<()> {
+fn serve_one(stream: UnixStream, control: &Arc<VmControl>) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
@@ -94,6 +97,7 @@ fn serve_one(stream: UnixStream, control: &VmControl) -> std::io::Result<()> {
         204 => "No Content",
         400 => "Bad Request",
         404 => "Not Found",
+        409 => "Conflict",
         413 => "Payload Too Large",
         _ => "Internal Server Error",
     };
@@ -114,7 +118,7 @@ fn serve_one(stream: UnixStream, control: &VmControl) -> std::io::Result<()> {
 }
 
 /// Dispatches one request; returns the status code and the JSON reply, if any.
-fn route(method: &str, path: &str, body: &str, control: &VmControl) -> (u16, Option<serde_json::Value>) {
+fn route(method: &str, path: &str, body: &str, control: &Arc<VmControl>) -> (u16, Option<serde_json::Value>) {
     let result: Result<Option<serde_json::Value>, (u16, String)> = match (method, path) {
         ("GET", "/vm") => serde_json::to_value(control.status()).map(Some).map_err(|e| (500, e.to_string())),
         ("PUT", "/vm/pause") => control.pause().map(|_| None).map_err(|e| (500, e.to_string())),
@@ -126,6 +130,12 @@ fn route(method: &str, path: &str, body: &str, control: &VmControl) -> (u16, Opt
             .map_err(|e| (400, format!("body: {e}")))
             .and_then(|r| crate::snapshot::save(control, &r.path).map_err(|e| (500, e.to_string())))
             .and_then(|info| serde_json::to_value(info).map(Some).map_err(|e| (500, e.to_string()))),
+        ("PUT", "/vm/migrate") => serde_json::from_str::<crate::migration::send::MigrateRequest>(body)
+            .map_err(|e| (400, format!("body: {e}")))
+            .and_then(|r| crate::migration::send::start(control.clone(), r).map_err(|e| (400, e.to_string())))
+            .map(|_| None),
+        ("GET", "/vm/migration") => serde_json::to_value(control.migration_status()).map(Some).map_err(|e| (500, e.to_string())),
+        ("PUT", "/vm/migration/cancel") => control.cancel_migration().map(|_| None).map_err(|e| (409, e.to_string())),
         // Powering off happens after the reply is written (see serve_one).
         ("PUT", "/vm/shutdown") => Ok(None),
         ("PATCH", "/vm/cpus") => serde_json::from_str::<CpusPatch>(body)

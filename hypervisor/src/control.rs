@@ -15,6 +15,7 @@ use crate::config::VmConfig;
 use crate::devices::VmExit;
 use crate::priority::Priority;
 use crate::devices::PioBus;
+use crate::migration::status::{MigrationStatus, Phase};
 use crate::state::VcpuState;
 use crate::vstate::vm::Vm;
 use std::sync::Arc;
@@ -61,6 +62,13 @@ pub struct VmControl {
     events: Sender<VmExit>,
     vm: Arc<Vm>,
     bus: std::sync::OnceLock<Arc<PioBus>>,
+    migration: Mutex<MigrationStatus>,
+    migrating: AtomicBool,
+    migration_cancel: AtomicBool,
+    migration_socket: Mutex<Option<std::net::TcpStream>>,
+    /// Set once a migration passed its point of no return: this VMM must never run
+    /// the guest again, whatever else happens.
+    handed_over: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -100,7 +108,74 @@ impl VmControl {
             events,
             vm,
             bus: std::sync::OnceLock::new(),
+            migration: Mutex::new(MigrationStatus::default()),
+            migrating: AtomicBool::new(false),
+            migration_cancel: AtomicBool::new(false),
+            migration_socket: Mutex::new(None),
+            handed_over: AtomicBool::new(false),
         }
+    }
+
+    /// Marks a migration as started; false if one already runs.
+    pub fn begin_migration(&self, destination: &str) -> bool {
+        if self.migrating.swap(true, Ordering::AcqRel) || self.handed_over.load(Ordering::Acquire) {
+            return false;
+        }
+        self.migration_cancel.store(false, Ordering::Release);
+        *lock(&self.migration) = MigrationStatus { phase: Phase::Connecting, destination: destination.to_string(), ..Default::default() };
+        true
+    }
+
+    /// Updates the migration's figures.
+    pub fn update_migration(&self, f: impl FnOnce(&mut MigrationStatus)) {
+        f(&mut lock(&self.migration));
+    }
+
+    /// The current (or last) migration's figures.
+    pub fn migration_status(&self) -> MigrationStatus {
+        lock(&self.migration).clone()
+    }
+
+    /// Records the migration's socket, so that a cancel can cut it.
+    pub fn set_migration_socket(&self, socket: Option<std::net::TcpStream>) {
+        *lock(&self.migration_socket) = socket;
+    }
+
+    /// Asks the running migration to stop; the VM keeps running here. Refused past
+    /// the point of no return.
+    pub fn cancel_migration(&self) -> Result<(), Error> {
+        if self.handed_over.load(Ordering::Acquire) {
+            return Err(Error::Migration("too late to cancel: the target has the VM".into()));
+        }
+        if !self.migrating.load(Ordering::Acquire) {
+            return Err(Error::Migration("no migration is running".into()));
+        }
+        self.migration_cancel.store(true, Ordering::Release);
+        if let Some(socket) = lock(&self.migration_socket).as_ref() {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+        Ok(())
+    }
+
+    /// Whether the running migration was cancelled.
+    pub fn migration_cancelled(&self) -> bool {
+        self.migration_cancel.load(Ordering::Acquire)
+    }
+
+    /// The point of no return: from now on `resume` does nothing.
+    pub fn commit_migration(&self) {
+        self.handed_over.store(true, Ordering::Release);
+    }
+
+    /// The migration thread is done (whatever the outcome).
+    pub fn finish_migration(&self) {
+        *lock(&self.migration_socket) = None;
+        self.migrating.store(false, Ordering::Release);
+    }
+
+    /// Ends the VM here with this outcome.
+    pub fn end(&self, exit: VmExit) {
+        let _ = self.events.send(exit);
     }
 
     /// Records the device bus (made after the control, which it reports to).
@@ -231,8 +306,13 @@ impl VmControl {
         Ok(())
     }
 
-    /// Lets paused vCPUs run again.
+    /// Lets paused vCPUs run again, unless the VM was handed over to a migration
+    /// target (then it must never run here again).
     pub fn resume(&self) {
+        if self.handed_over.load(Ordering::Acquire) {
+            tracing::warn!("not resuming: the VM was handed over to the migration target");
+            return;
+        }
         let _parked = lock(&self.parked);
         self.paused.store(false, Ordering::Release);
         self.resumed.notify_all();

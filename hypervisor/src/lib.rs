@@ -21,6 +21,7 @@ pub mod control;
 pub mod devices;
 pub mod kvm_probe;
 pub mod memory;
+pub mod migration;
 pub mod priority;
 pub mod snapshot;
 pub mod state;
@@ -48,6 +49,9 @@ pub enum Error {
     /// Guest memory cannot be set up.
     #[error("guest memory: {0}")]
     Memory(String),
+    /// A live migration failed.
+    #[error("migration: {0}")]
+    Migration(String),
     /// Saving or restoring VM state failed.
     #[error("VM state: {0}")]
     State(String),

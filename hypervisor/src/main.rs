@@ -2,7 +2,8 @@
 //!
 //! Exit status: 0 guest shut down, 1 VMM error (bad configuration, no KVM, kernel
 //! not loadable, ...; one log line says what), 2 bad command line, 3 guest reset,
-//! 4 guest fault (triple fault, emulation failure), 5 guest reported a failure.
+//! 4 guest fault (triple fault, emulation failure), 5 guest reported a failure,
+//! 6 the VM moved to another host (live migration).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +36,28 @@ enum Command {
         /// Host CPUs for the vCPUs, if not the saved ones.
         #[arg(long)]
         host_cpus: Option<String>,
+    },
+    /// Wait for a live migration: accept one source that knows the secret, receive
+    /// its VM, and run it.
+    Receive {
+        /// Address to listen on, e.g. 0.0.0.0:7070.
+        #[arg(long)]
+        listen: String,
+        /// File holding the shared migration secret.
+        #[arg(long)]
+        secret_file: PathBuf,
+        /// Serial output: `stdout`, `null`, or a file path (default: stdout).
+        #[arg(long)]
+        serial: Option<String>,
+        /// Control API socket path.
+        #[arg(long)]
+        api_socket: Option<PathBuf>,
+        /// Host CPUs for the vCPUs here, if not the source's.
+        #[arg(long)]
+        host_cpus: Option<String>,
+        /// The VM this target expects (JSON config): a source sending another shape is refused.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Report what /dev/kvm offers (API version, vCPU limits, needed capabilities) as
     /// JSON; exit status 1 when it cannot run Drover VMs.
@@ -166,7 +189,7 @@ impl RunArgs {
 fn finish(result: Result<drover_hypervisor::devices::VmExit, drover_hypervisor::Error>) -> ExitCode {
     match result {
         Ok(exit) => {
-            if exit.exit_code() == 0 {
+            if matches!(exit.exit_code(), 0 | 6) {
                 tracing::info!("{exit}");
             } else {
                 tracing::error!("{exit}");
@@ -198,16 +221,31 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => finish(args.into_config().and_then(|config| drover_hypervisor::vmm::run(&config))),
         Command::Restore { from, serial, api_socket, host_cpus } => {
-            let result = drover_hypervisor::snapshot::load(&from).and_then(|(state, fill_memory)| {
-                let mut config = state.config.clone();
+            let result = drover_hypervisor::snapshot::load(&from).and_then(|snapshot| {
+                let mut config = snapshot.config().clone();
                 config.serial = serial.as_deref().map(serial_output).unwrap_or(SerialOutput::Stdout);
                 config.api_socket = api_socket;
                 if host_cpus.is_some() {
                     config.cpus.host_cpus = host_cpus;
                 }
-                let origin = drover_hypervisor::vmm::Origin::Restore { state: Box::new(state), fill_memory };
-                drover_hypervisor::vmm::launch(&config, origin)
+                drover_hypervisor::vmm::launch(&config, drover_hypervisor::vmm::Origin::Restore(Box::new(snapshot)))
             });
+            finish(result)
+        }
+        Command::Receive { listen, secret_file, serial, api_socket, host_cpus, config } => {
+            let result = (|| {
+                let secret = std::fs::read(&secret_file)
+                    .map_err(|e| drover_hypervisor::Error::Config(format!("--secret-file {}: {e}", secret_file.display())))?;
+                let expected = config.as_deref().map(VmConfig::from_file).transpose()?;
+                let incoming = drover_hypervisor::migration::receive::accept(&listen, secret.trim_ascii(), expected.as_ref())?;
+                let mut config = incoming.config.clone();
+                config.serial = serial.as_deref().map(serial_output).unwrap_or(SerialOutput::Stdout);
+                config.api_socket = api_socket;
+                if host_cpus.is_some() {
+                    config.cpus.host_cpus = host_cpus;
+                }
+                drover_hypervisor::vmm::launch(&config, drover_hypervisor::vmm::Origin::Restore(Box::new(incoming)))
+            })();
             finish(result)
         }
         Command::KvmCheck => match drover_hypervisor::kvm_probe::probe() {

@@ -70,26 +70,42 @@ fn write(control: &VmControl, dir: &Path) -> Result<(u64, u64), Error> {
     Ok((state.len() as u64, total))
 }
 
-/// Reads a snapshot: its state, and a function that fills a new VM's memory from it.
-#[allow(clippy::type_complexity)]
-pub fn load(dir: &Path) -> Result<(VmState, Box<dyn FnOnce(&GuestMemoryMmap) -> Result<(), Error>>), Error> {
+/// A snapshot on disk, to start a VM from.
+pub struct Snapshot {
+    config: crate::config::VmConfig,
+    state: Option<VmState>,
+    memory: File,
+    path: std::path::PathBuf,
+}
+
+/// Opens a snapshot, checking its state and the size of its memory file.
+pub fn load(dir: &Path) -> Result<Snapshot, Error> {
     let bytes = std::fs::read(dir.join(STATE_FILE)).map_err(|e| Error::Io(format!("snapshot {}: {STATE_FILE}: {e}", dir.display())))?;
     let state = VmState::decode(&bytes)?;
     let path = dir.join(MEMORY_FILE);
     let expected = state.config.memory_mib << 20;
-    let file = File::open(&path).map_err(|e| Error::Io(format!("snapshot {}: {e}", path.display())))?;
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let memory = File::open(&path).map_err(|e| Error::Io(format!("snapshot {}: {e}", path.display())))?;
+    let size = memory.metadata().map(|m| m.len()).unwrap_or(0);
     if size != expected {
         return Err(Error::State(format!("{} holds {size} bytes, the VM has {expected} bytes of memory", path.display())));
     }
-    let fill = move |memory: &GuestMemoryMmap| -> Result<(), Error> {
-        let mut input = file;
+    Ok(Snapshot { config: state.config.clone(), state: Some(state), memory, path })
+}
+
+impl Snapshot {
+    /// The configuration the VM was saved with.
+    pub fn config(&self) -> &crate::config::VmConfig {
+        &self.config
+    }
+}
+
+impl crate::vmm::RestoreSource for Snapshot {
+    fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error> {
         for region in memory.iter() {
             memory
-                .read_exact_volatile_from(region.start_addr(), &mut input, region.len() as usize)
-                .map_err(|e| Error::Memory(format!("reading guest memory from {}: {e}", path.display())))?;
+                .read_exact_volatile_from(region.start_addr(), &mut self.memory, region.len() as usize)
+                .map_err(|e| Error::Memory(format!("reading guest memory from {}: {e}", self.path.display())))?;
         }
-        Ok(())
-    };
-    Ok((state, Box::new(fill)))
+        self.state.take().ok_or_else(|| Error::State("snapshot already used".into()))
+    }
 }

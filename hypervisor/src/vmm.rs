@@ -17,12 +17,24 @@ use crate::control::{self, VmControl};
 use crate::boot::BootEntry;
 use crate::{Error, affinity, api, boot, memory};
 
+/// Where a restored VM comes from: a snapshot, or a migration source.
+pub trait RestoreSource {
+    /// Fills guest memory and returns the rest of the VM's state.
+    fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error>;
+    /// Called when the VM is restored and about to run; an error keeps it from ever running.
+    fn before_run(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    /// Called once the vCPUs run.
+    fn running(&mut self) {}
+}
+
 /// Where a VM's first state comes from.
 pub enum Origin {
     /// Boot the kernel of the configuration.
     Boot,
-    /// Continue a saved VM: its state, and a function that fills guest memory.
-    Restore { state: Box<VmState>, fill_memory: Box<dyn FnOnce(&GuestMemoryMmap) -> Result<(), Error>> },
+    /// Continue a VM saved elsewhere.
+    Restore(Box<dyn RestoreSource>),
 }
 
 /// Boots the VM described by `config` and runs it until it stops; returns why.
@@ -50,12 +62,18 @@ pub fn launch(config: &VmConfig, origin: Origin) -> Result<VmExit, Error> {
     memory::bind(&vm.memory, config.numa.policy, &numa_nodes)?;
     let control = Arc::new(VmControl::new(config.clone(), started, placement, numa_nodes, events_tx.clone(), vm.clone()));
 
-    let vcpus = prepare(config, &vm, &control, &events_tx, &apic_ids, origin)?;
+    let (vcpus, mut source) = prepare(config, &vm, &control, &events_tx, &apic_ids, origin)?;
     tracing::debug!(us = started.elapsed().as_micros() as u64, "guest loaded, vCPUs created");
+    if let Some(source) = source.as_mut() {
+        source.before_run()?;
+    }
     control::install_kick_handler()?;
     for vcpu in vcpus {
         let handle = vcpu.spawn().map_err(|e| Error::Io(format!("starting a vCPU thread: {e}")))?;
         control.register(handle);
+    }
+    if let Some(source) = source.as_mut() {
+        source.running();
     }
     control.clone().apply_priority_in_background();
     if let Some(socket) = &config.api_socket {
@@ -79,15 +97,18 @@ fn prepare(
     events_tx: &mpsc::Sender<VmExit>,
     apic_ids: &[u32],
     origin: Origin,
-) -> Result<Vec<Vcpu>, Error> {
+) -> Result<(Vec<Vcpu>, Option<Box<dyn RestoreSource>>), Error> {
     let topology = config.topology();
     let ram = layout::ram_regions(config.memory_mib << 20);
-    let (entry, restore) = match origin {
-        Origin::Boot => (Some(boot::load(config, &vm.memory, apic_ids, &ram)?), None),
-        Origin::Restore { state, fill_memory } => {
-            fill_memory(&vm.memory)?;
+    let (entry, restore, source) = match origin {
+        Origin::Boot => (Some(boot::load(config, &vm.memory, apic_ids, &ram)?), None, None),
+        Origin::Restore(mut source) => {
+            let state = source.load(&vm.memory)?;
+            if state.vcpus.len() != config.vcpus as usize {
+                return Err(Error::State(format!("state holds {} vCPUs, the VM has {}", state.vcpus.len(), config.vcpus)));
+            }
             crate::state::restore_vm(&vm.fd, &state.kvm)?;
-            (None, Some(state))
+            (None, Some(state), Some(source))
         }
     };
 
@@ -142,7 +163,7 @@ fn prepare(
         };
         vcpus.push(Vcpu { index, fd, bus: bus.clone(), events: events_tx.clone(), control: control.clone(), msrs });
     }
-    Ok(vcpus)
+    Ok((vcpus, source))
 }
 
 /// Local APIC LINT0 as ExtINT (the 8259 PIC's output) and LINT1 as NMI, as a PC

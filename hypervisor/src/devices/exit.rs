@@ -19,6 +19,8 @@ pub enum VmExit {
     /// The guest crashed in a way the CPU or KVM reports (triple fault, emulation
     /// failure, failed VM entry).
     Fault(String),
+    /// The VM moved to another host by live migration (to this address).
+    MigratedOut(String),
     /// The VMM itself failed while running (a KVM ioctl error).
     VmmError(String),
 }
@@ -32,6 +34,7 @@ impl VmExit {
             VmExit::Reset => 3,
             VmExit::Fault(_) => 4,
             VmExit::GuestFailure(_) => 5,
+            VmExit::MigratedOut(_) => 6,
         }
     }
 }
@@ -46,6 +49,7 @@ impl std::fmt::Display for VmExit {
             VmExit::GuestFailure(v) => write!(f, "guest reported failure {v}"),
             VmExit::Fault(why) => write!(f, "guest fault: {why}"),
             VmExit::VmmError(why) => write!(f, "VMM error: {why}"),
+            VmExit::MigratedOut(to) => write!(f, "migrated to {to}; the VM runs there"),
         }
     }
 }

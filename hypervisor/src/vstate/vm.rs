@@ -43,8 +43,33 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Turns KVM's dirty-page logging on or off for every memory slot (live migration).
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), Error> {
+        self.register_slots(if on { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+    }
+
+    /// Pages written since the last call, per slot: `(first guest page number of the
+    /// slot, bitmap with one bit per page)`. Reading clears them.
+    pub fn take_dirty_pages(&self) -> Result<Vec<(u64, Vec<u64>)>, Error> {
+        self.memory
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let bitmap = self
+                    .fd
+                    .get_dirty_log(slot as u32, region.len() as usize)
+                    .map_err(|source| Error::Kvm { what: "KVM_GET_DIRTY_LOG", source })?;
+                Ok((region.start_addr().0 >> 12, bitmap))
+            })
+            .collect()
+    }
+
     /// Makes guest RAM visible to the guest (one KVM memory slot per region).
     fn register_memory(&self) -> Result<(), Error> {
+        self.register_slots(0)
+    }
+
+    fn register_slots(&self, flags: u32) -> Result<(), Error> {
         let memory = &self.memory;
         for (slot, region) in memory.iter().enumerate() {
             let host = memory
@@ -52,7 +77,7 @@ impl Vm {
                 .map_err(|e| Error::Memory(format!("guest memory region at {:#x}: {e}", region.start_addr().0)))?;
             let slot_region = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,

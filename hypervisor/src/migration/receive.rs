@@ -1,0 +1,142 @@
+//! The target side: accept one authenticated source, receive memory and state into
+//! a new VM, and start it only when the source says it never will again (`Go`).
+//! Whatever goes wrong before then, this VM never runs: a partial VM is never resumed.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::channel::SecureStream;
+use super::wire::{self, Frame, PAGE_SIZE, WireError};
+use crate::Error;
+use crate::config::VmConfig;
+use crate::state::VmState;
+use crate::vmm::RestoreSource;
+
+/// A source that has authenticated and said what VM it sends.
+pub struct Incoming {
+    stream: SecureStream,
+    /// The VM's configuration, as the source runs it.
+    pub config: VmConfig,
+    peer: String,
+}
+
+fn wire_err(e: WireError) -> Error {
+    Error::Migration(e.to_string())
+}
+
+/// Listens on `listen` (`host:port`) for one source with the same secret. When
+/// `expected` is given (the agent knows what it asked for), the source's VM must
+/// have its shape.
+pub fn accept(listen: &str, secret: &[u8], expected: Option<&VmConfig>) -> Result<Incoming, Error> {
+    let listener = TcpListener::bind(listen).map_err(|e| Error::Migration(format!("listening on {listen}: {e}")))?;
+    tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "waiting for the migration source");
+    let (tcp, peer) = listener.accept().map_err(|e| Error::Migration(format!("accepting on {listen}: {e}")))?;
+    let peer = peer.to_string();
+    // A source that stalls for this long is gone; the VM here never ran.
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| Error::Io(e.to_string()))?;
+    let mut stream = SecureStream::accept(tcp, secret).map_err(|e| Error::Migration(format!("refused {peer}: {e}")))?;
+    wire::read_preamble(&mut stream).map_err(wire_err)?;
+    let hello = match wire::read_frame(&mut stream).map_err(wire_err)? {
+        Frame::Hello(h) => h,
+        other => return Err(wire_err(WireError::Unexpected { got: other.name(), want: "Hello" })),
+    };
+    if hello.version != wire::VERSION {
+        return Err(wire_err(WireError::WrongVersion(hello.version)));
+    }
+    if let Some(want) = expected {
+        let (a, b) = (&hello.config, want);
+        if a.vcpus != b.vcpus || a.memory_mib != b.memory_mib || a.topology() != b.topology() {
+            let shape = |c: &VmConfig| format!("{} vCPUs ({:?}), {} MiB", c.vcpus, c.topology(), c.memory_mib);
+            let why = format!("the source sends {}, this target expects {}", shape(a), shape(b));
+            let _ = wire::write_frame(&mut stream, &Frame::Abort(why.clone()));
+            let _ = stream.flush();
+            return Err(wire_err(WireError::WrongShape(why)));
+        }
+    }
+    tracing::info!(%peer, vcpus = hello.config.vcpus, memory_mib = hello.config.memory_mib, "migration source authenticated");
+    Ok(Incoming { stream, config: hello.config, peer })
+}
+
+impl Incoming {
+    fn frame(&mut self) -> Result<Frame, Error> {
+        wire::read_frame(&mut self.stream).map_err(|e| Error::Migration(format!("from {}: {e}", self.peer)))
+    }
+
+    fn send(&mut self, frame: Frame) -> Result<(), Error> {
+        wire::write_frame(&mut self.stream, &frame).map_err(wire_err)?;
+        self.stream.flush().map_err(|e| Error::Migration(format!("to {}: {e}", self.peer)))
+    }
+}
+
+/// Checks that `count` pages from `first` lie inside guest memory.
+fn check_pages(memory: &GuestMemoryMmap, first: u64, count: u64) -> Result<(), Error> {
+    let out = |page| wire_err(WireError::PageOutOfRange { page });
+    let last = first.checked_add(count.saturating_sub(1)).ok_or(out(first))?;
+    let start = first.checked_mul(PAGE_SIZE as u64).ok_or(out(first))?;
+    let end = last.checked_mul(PAGE_SIZE as u64).and_then(|a| a.checked_add(PAGE_SIZE as u64 - 1)).ok_or(out(last))?;
+    // Both ends in one region: runs never straddle the MMIO hole.
+    match (memory.find_region(GuestAddress(start)), memory.find_region(GuestAddress(end))) {
+        (Some(a), Some(b)) if std::ptr::eq(a, b) => Ok(()),
+        (None, _) => Err(out(first)),
+        _ => Err(out(last)),
+    }
+}
+
+impl RestoreSource for Incoming {
+    fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error> {
+        let zero = [0u8; PAGE_SIZE];
+        loop {
+            match self.frame()? {
+                Frame::Pages { first, data } => {
+                    check_pages(memory, first, (data.len() / PAGE_SIZE) as u64)?;
+                    memory.write_slice(&data, GuestAddress(first << 12)).map_err(|e| Error::Memory(format!("page {first}: {e}")))?;
+                }
+                Frame::Zero(pages) => {
+                    for page in pages {
+                        check_pages(memory, page, 1)?;
+                        memory.write_slice(&zero, GuestAddress(page << 12)).map_err(|e| Error::Memory(format!("page {page}: {e}")))?;
+                    }
+                }
+                Frame::State(bytes) => {
+                    if std::env::var_os("DROVER_DEBUG_MEMSUM").is_some() {
+                        tracing::info!(sum = %super::send::memsum(memory), "target memory at switch-over");
+                        if let Some(path) = std::env::var_os("DROVER_DEBUG_MEMDUMP_DST") {
+                            if let Ok(mut f) = std::fs::File::create(path) {
+                                for region in memory.iter() {
+                                    let _ = memory.write_all_volatile_to(region.start_addr(), &mut f, region.len() as usize);
+                                }
+                            }
+                        }
+                    }
+                    let state = VmState::decode(&bytes)?;
+                    return match self.frame()? {
+                        Frame::Done => Ok(state),
+                        other => Err(wire_err(WireError::Unexpected { got: other.name(), want: "Done" })),
+                    };
+                }
+                Frame::Abort(why) => return Err(Error::Migration(format!("the source gave up: {why}"))),
+                other => return Err(wire_err(WireError::Unexpected { got: other.name(), want: "Pages, Zero or State" })),
+            }
+        }
+    }
+
+    fn before_run(&mut self) -> Result<(), Error> {
+        self.send(Frame::Ready)?;
+        match self.frame()? {
+            Frame::Go => Ok(()),
+            Frame::Abort(why) => Err(Error::Migration(format!("the source gave up: {why}"))),
+            other => Err(wire_err(WireError::Unexpected { got: other.name(), want: "Go" })),
+        }
+    }
+
+    fn running(&mut self) {
+        if let Err(e) = self.send(Frame::Resumed) {
+            // The VM runs here; the source committed and never resumes. Say so.
+            tracing::warn!("could not confirm to the source that the VM runs: {e}");
+        }
+        tracing::info!(peer = %self.peer, "migration received; the VM runs here");
+    }
+}

@@ -1,0 +1,456 @@
+//! The source side: pre-copy of guest memory while the guest runs, then the
+//! switch-over. The guest stays on the source until the target has the whole VM
+//! and the source has said it will never run it again (`Go`); any failure before
+//! that resumes it here.
+
+use std::io::Write;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::channel::SecureStream;
+use super::status::Phase;
+use super::wire::{self, Frame, Hello, PAGE_SIZE};
+use crate::Error;
+use crate::control::VmControl;
+use crate::devices::VmExit;
+
+/// A migration request (`PUT /vm/migrate`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// `host:port` of the target's `drover-vmm receive`.
+    pub destination: String,
+    /// The shared secret (give this or `secretFile`).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// A file holding the shared secret.
+    #[serde(default)]
+    pub secret_file: Option<std::path::PathBuf>,
+    /// Longest acceptable pause at switch-over, in ms.
+    #[serde(default = "default_downtime")]
+    pub max_downtime_ms: u64,
+    /// Give up (the VM keeps running here) after this many memory passes.
+    #[serde(default = "default_passes")]
+    pub max_passes: u32,
+    /// Give up after this many seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_seconds: u64,
+}
+
+/// Default downtime budget. A pass over the few pages a busy guest dirties while
+/// the last ones travel takes milliseconds here; 30 ms keeps the pause well under
+/// QEMU's 300 ms default while letting most guests converge without throttling.
+pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 30;
+
+fn default_downtime() -> u64 {
+    DEFAULT_MAX_DOWNTIME_MS
+}
+fn default_passes() -> u32 {
+    30
+}
+fn default_timeout() -> u64 {
+    600
+}
+
+impl MigrateRequest {
+    fn secret(&self) -> Result<Vec<u8>, Error> {
+        match (&self.secret, &self.secret_file) {
+            (Some(s), None) if !s.is_empty() => Ok(s.as_bytes().to_vec()),
+            (None, Some(path)) => {
+                let bytes = std::fs::read(path).map_err(|e| Error::Config(format!("secretFile {}: {e}", path.display())))?;
+                let trimmed = bytes.trim_ascii().to_vec();
+                if trimmed.is_empty() { Err(Error::Config(format!("secretFile {} is empty", path.display()))) } else { Ok(trimmed) }
+            }
+            _ => Err(Error::Config("give exactly one of secret and secretFile".into())),
+        }
+    }
+}
+
+/// Largest run of pages in one Pages frame (1 MiB).
+const RUN: usize = 256;
+
+/// Starts the migration in a thread of its own; progress goes to the control's
+/// migration status. Refused if one is under way.
+pub fn start(control: Arc<VmControl>, request: MigrateRequest) -> Result<(), Error> {
+    let secret = request.secret()?;
+    if !control.begin_migration(&request.destination) {
+        return Err(Error::Config("a migration is already under way".into()));
+    }
+    std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(move || {
+            let started = Instant::now();
+            let result = migrate(&control, &request, &secret, started);
+            control.update_migration(|s| s.total_ms = started.elapsed().as_millis() as u64);
+            match result {
+                Ok(()) => {
+                    tracing::info!(destination = %request.destination, "migration completed; the VM runs on the target");
+                    control.end(VmExit::MigratedOut(request.destination.clone()));
+                }
+                Err(Outcome::Failed(e)) => {
+                    let cancelled = control.migration_cancelled();
+                    tracing::warn!("migration to {} {}: {e}; the VM keeps running here", request.destination, if cancelled { "cancelled" } else { "failed" });
+                    control.update_migration(|s| {
+                        s.phase = if cancelled { Phase::Cancelled } else { Phase::Failed };
+                        s.error = Some(e.to_string());
+                    });
+                }
+                Err(Outcome::Unknown(e)) => {
+                    tracing::error!("migration to {}: {e}; the VM stays paused here until someone checks the target", request.destination);
+                    control.update_migration(|s| {
+                        s.phase = Phase::Unknown;
+                        s.error = Some(e.to_string());
+                    });
+                }
+            }
+            control.finish_migration();
+        })
+        .map_err(|e| Error::Io(format!("starting the migration thread: {e}")))?;
+    Ok(())
+}
+
+enum Outcome {
+    /// The VM runs here again (or never stopped).
+    Failed(Error),
+    /// Past the point of no return: the VM is paused here.
+    Unknown(Error),
+}
+
+impl From<Error> for Outcome {
+    fn from(e: Error) -> Self {
+        Outcome::Failed(e)
+    }
+}
+
+fn wire_err(e: wire::WireError) -> Error {
+    Error::Migration(e.to_string())
+}
+
+fn migrate(control: &Arc<VmControl>, req: &MigrateRequest, secret: &[u8], started: Instant) -> Result<(), Outcome> {
+    let deadline = started + Duration::from_secs(req.timeout_seconds);
+    let addr = req
+        .destination
+        .to_socket_addrs()
+        .map_err(|e| Error::Config(format!("destination {}: {e}", req.destination)))?
+        .next()
+        .ok_or_else(|| Error::Config(format!("destination {} resolves to nothing", req.destination)))?;
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| Error::Migration(format!("connecting to {}: {e}", req.destination)))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| Error::Io(e.to_string()))?;
+    control.set_migration_socket(tcp.try_clone().ok());
+    let mut out = SecureStream::initiate(tcp, secret).map_err(|e| Error::Migration(e.to_string()))?;
+    wire::write_preamble(&mut out).map_err(wire_err)?;
+    wire::write_frame(&mut out, &Frame::Hello(Hello { version: wire::VERSION, config: control.config().clone() })).map_err(wire_err)?;
+
+    let vm = control.vm();
+    vm.set_dirty_logging(true)?;
+    let result = precopy_and_switch(control, req, &mut out, deadline);
+    if !matches!(result, Ok(()) | Err(Outcome::Unknown(_))) {
+        if let Err(e) = vm.set_dirty_logging(false) {
+            tracing::warn!("turning dirty logging off: {e}");
+        }
+        let _ = wire::write_frame(&mut out, &Frame::Abort("the source gave up".into()));
+        let _ = out.flush();
+    }
+    result
+}
+
+fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut SecureStream, deadline: Instant) -> Result<(), Outcome> {
+    let vm = control.vm();
+    control.update_migration(|s| s.phase = Phase::PreCopy);
+    // Pass 1: every page that is not zero (the target starts with zeroed memory).
+    let pass_start = Instant::now();
+    let mut sent = Sender::default();
+    for region in vm.memory.iter() {
+        let first = region.start_addr().0 >> 12;
+        sent.send_range(control, out, first, region.len() / PAGE_SIZE as u64, true)?;
+    }
+    let mut bandwidth = rate(sent.bytes, pass_start.elapsed());
+    control.update_migration(|s| {
+        s.pass = 1;
+        s.bandwidth_bps = bandwidth;
+    });
+
+    let throttle = Throttle::new(control.clone());
+    let mut pass = 1;
+    let mut last_dirty = u64::MAX;
+    let mut stalled = 0;
+    // Pages dirtied since the last pass, taken from KVM but not sent yet: they go
+    // with the last ones at switch-over.
+    let pending = loop {
+        check(control, deadline)?;
+        let pass_start = Instant::now();
+        let dirty = vm.take_dirty_pages()?;
+        let count: u64 = dirty.iter().map(|(_, b)| b.iter().map(|w| u64::from(w.count_ones())).sum::<u64>()).sum();
+        let estimate_ms = (count * PAGE_SIZE as u64 * 1000).checked_div(bandwidth.max(1)).unwrap_or(u64::MAX);
+        control.update_migration(|s| {
+            s.dirty_pages = count;
+            s.estimated_downtime_ms = estimate_ms;
+        });
+        if estimate_ms <= req.max_downtime_ms {
+            break dirty;
+        }
+        pass += 1;
+        if pass > req.max_passes {
+            throttle.stop();
+            return Err(Error::Migration(format!(
+                "did not converge in {} passes: the guest still dirties {} MiB per pass (estimated pause {estimate_ms} ms, budget {} ms)",
+                req.max_passes,
+                count * PAGE_SIZE as u64 >> 20,
+                req.max_downtime_ms
+            ))
+            .into());
+        }
+        // Auto-converge: when a pass no longer halves what is left, slow the vCPUs.
+        if count * 2 > last_dirty {
+            stalled += 1;
+            if stalled >= 2 {
+                throttle.raise();
+                stalled = 0;
+            }
+        }
+        last_dirty = count;
+        let before = sent.bytes;
+        sent.send_bitmaps(control, out, &dirty)?;
+        let elapsed = pass_start.elapsed();
+        bandwidth = bandwidth.max(rate(sent.bytes - before, elapsed));
+        control.update_migration(|s| {
+            s.pass = pass;
+            s.bandwidth_bps = bandwidth;
+            s.dirty_rate_bps = rate(count * PAGE_SIZE as u64, elapsed);
+            s.throttle_percent = throttle.percent();
+        });
+    };
+    throttle.stop();
+
+    // Switch-over: pause, last pages, state; then the handshake that hands the VM over.
+    control.update_migration(|s| s.phase = Phase::Switchover);
+    let paused_at = Instant::now();
+    control.pause()?;
+    let handover = (|| -> Result<(), Error> {
+        let mut dirty = vm.take_dirty_pages()?;
+        for ((_, last), (_, earlier)) in dirty.iter_mut().zip(&pending) {
+            last.iter_mut().zip(earlier).for_each(|(a, b)| *a |= *b);
+        }
+        sent.send_bitmaps(control, out, &dirty)?;
+        let state = crate::snapshot::capture(control)?.encode()?;
+        wire::write_frame(out, &Frame::State(state)).map_err(wire_err)?;
+        wire::write_frame(out, &Frame::Done).map_err(wire_err)?;
+        out.flush().map_err(|e| Error::Migration(format!("sending: {e}")))?;
+        expect(out, "Ready")
+    })();
+    if let Err(e) = handover {
+        control.resume();
+        return Err(e.into());
+    }
+    if std::env::var_os("DROVER_DEBUG_MEMSUM").is_some() {
+        tracing::info!(sum = %memsum(&vm.memory), "source memory at switch-over");
+        if let Some(path) = std::env::var_os("DROVER_DEBUG_MEMDUMP_SRC") {
+            if let Ok(mut f) = std::fs::File::create(path) {
+                for region in vm.memory.iter() {
+                    let _ = vm.memory.write_all_volatile_to(region.start_addr(), &mut f, region.len() as usize);
+                }
+            }
+        }
+    }
+    // The point of no return: from here on this VMM never runs the guest again.
+    control.commit_migration();
+    let confirmed = (|| -> Result<(), Error> {
+        wire::write_frame(out, &Frame::Go).map_err(wire_err)?;
+        out.flush().map_err(|e| Error::Migration(format!("sending Go: {e}")))?;
+        expect(out, "Resumed")
+    })();
+    let downtime = paused_at.elapsed().as_millis() as u64;
+    control.update_migration(|s| {
+        s.downtime_ms = Some(downtime);
+        s.bytes_sent = sent.bytes;
+        s.pages_sent = sent.pages;
+    });
+    confirmed.map_err(Outcome::Unknown)?;
+    control.update_migration(|s| s.phase = Phase::Completed);
+    Ok(())
+}
+
+fn expect(out: &mut SecureStream, want: &'static str) -> Result<(), Error> {
+    match wire::read_frame(out) {
+        Ok(f) if f.name() == want => Ok(()),
+        Ok(Frame::Abort(why)) => Err(Error::Migration(format!("the target gave up: {why}"))),
+        Ok(f) => Err(wire_err(wire::WireError::Unexpected { got: f.name(), want })),
+        Err(e) => Err(Error::Migration(format!("waiting for {want} from the target: {e}"))),
+    }
+}
+
+fn check(control: &VmControl, deadline: Instant) -> Result<(), Error> {
+    if control.migration_cancelled() {
+        return Err(Error::Migration("cancelled".into()));
+    }
+    if Instant::now() > deadline {
+        return Err(Error::Migration("timed out".into()));
+    }
+    Ok(())
+}
+
+fn rate(bytes: u64, elapsed: Duration) -> u64 {
+    (bytes as f64 / elapsed.as_secs_f64().max(1e-6)) as u64
+}
+
+/// Sends pages, batching runs of non-zero pages into Pages frames and zero pages
+/// into Zero frames (or skipping them on the first pass).
+#[derive(Default)]
+struct Sender {
+    bytes: u64,
+    pages: u64,
+    zero: Vec<u64>,
+    run: Vec<u8>,
+    run_first: u64,
+}
+
+impl Sender {
+    fn send_bitmaps(&mut self, control: &VmControl, out: &mut SecureStream, dirty: &[(u64, Vec<u64>)]) -> Result<(), Error> {
+        for (first_page, bitmap) in dirty {
+            for (word_index, word) in bitmap.iter().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let bit = bits.trailing_zeros() as u64;
+                    bits &= bits - 1;
+                    self.page(control, out, first_page + word_index as u64 * 64 + bit, false)?;
+                }
+            }
+        }
+        self.flush(out)
+    }
+
+    fn send_range(&mut self, control: &VmControl, out: &mut SecureStream, first: u64, count: u64, skip_zero: bool) -> Result<(), Error> {
+        for page in first..first + count {
+            self.page(control, out, page, skip_zero)?;
+        }
+        self.flush(out)
+    }
+
+    fn page(&mut self, control: &VmControl, out: &mut SecureStream, page: u64, skip_zero: bool) -> Result<(), Error> {
+        let memory = &control.vm().memory;
+        let mut buf = [0u8; PAGE_SIZE];
+        memory
+            .read_slice(&mut buf, GuestAddress(page << 12))
+            .map_err(|e| Error::Memory(format!("reading page {page}: {e}")))?;
+        let zero = buf.chunks_exact(8).all(|w| w == [0; 8]);
+        if zero {
+            self.end_run(out)?;
+            if !skip_zero {
+                self.zero.push(page);
+                if self.zero.len() == 4096 {
+                    self.flush_zero(out)?;
+                }
+            }
+            return Ok(());
+        }
+        if self.run.is_empty() || self.run_first + (self.run.len() / PAGE_SIZE) as u64 != page || self.run.len() == RUN * PAGE_SIZE {
+            self.end_run(out)?;
+            self.run_first = page;
+        }
+        self.run.extend_from_slice(&buf);
+        Ok(())
+    }
+
+    fn end_run(&mut self, out: &mut SecureStream) -> Result<(), Error> {
+        if !self.run.is_empty() {
+            wire::write_pages(out, self.run_first, &self.run).map_err(wire_err)?;
+            self.pages += (self.run.len() / PAGE_SIZE) as u64;
+            self.bytes += self.run.len() as u64 + 21;
+            self.run.clear();
+        }
+        Ok(())
+    }
+
+    fn flush_zero(&mut self, out: &mut SecureStream) -> Result<(), Error> {
+        if !self.zero.is_empty() {
+            self.bytes += self.zero.len() as u64 * 8 + 13;
+            wire::write_frame(out, &Frame::Zero(std::mem::take(&mut self.zero))).map_err(wire_err)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, out: &mut SecureStream) -> Result<(), Error> {
+        self.end_run(out)?;
+        self.flush_zero(out)?;
+        out.flush().map_err(|e| Error::Migration(format!("sending to the target: {e}")))
+    }
+}
+
+/// Auto-converge: pauses the vCPUs for a growing share of every 20 ms.
+struct Throttle {
+    percent: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    control: Arc<VmControl>,
+}
+
+const THROTTLE_STEPS: [u32; 6] = [20, 40, 60, 80, 90, 99];
+
+impl Throttle {
+    fn new(control: Arc<VmControl>) -> Self {
+        Self { percent: Arc::new(AtomicU32::new(0)), stop: Arc::new(AtomicBool::new(false)), thread: std::sync::Mutex::new(None), control }
+    }
+
+    fn percent(&self) -> u32 {
+        self.percent.load(Ordering::Relaxed)
+    }
+
+    fn raise(&self) {
+        let now = self.percent();
+        let next = THROTTLE_STEPS.iter().copied().find(|p| *p > now).unwrap_or(99);
+        self.percent.store(next, Ordering::Relaxed);
+        tracing::info!(percent = next, "migration: throttling vCPUs to converge");
+        let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if thread.is_none() {
+            let (percent, stop, control) = (self.percent.clone(), self.stop.clone(), self.control.clone());
+            *thread = std::thread::Builder::new()
+                .name("throttle".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let p = u64::from(percent.load(Ordering::Relaxed));
+                        std::thread::sleep(Duration::from_micros(200 * (100 - p)));
+                        if control.pause().is_ok() {
+                            std::thread::sleep(Duration::from_micros(200 * p));
+                            control.resume();
+                        }
+                    }
+                })
+                .ok();
+        }
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A checksum of all guest memory (debugging aid: DROVER_DEBUG_MEMSUM=1 on both sides).
+pub fn memsum(memory: &vm_memory::GuestMemoryMmap) -> String {
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for region in memory.iter() {
+        let mut at = 0;
+        while at < region.len() {
+            let n = buf.len().min((region.len() - at) as usize);
+            let _ = memory.read_slice(&mut buf[..n], GuestAddress(region.start_addr().0 + at));
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+    }
+    format!("{:08x}", h.finalize())
+}

@@ -1,0 +1,320 @@
+//! The migration wire format: a preamble, then frames. Each frame is
+//! `kind: u8 | length: u32 LE | payload | crc32(kind, length, payload): u32 LE`.
+//! Every way a stream can be wrong has its own error, and a decoder never trusts a
+//! length before checking it against the limit.
+//!
+//! ```text
+//! preamble  "DROVERMG" | version: u16 LE
+//! Hello     postcard(Hello): protocol version, the VM's configuration
+//! Pages     first page number: u64 | count: u32 | count × 4096 bytes
+//! Zero      count: u32 | count × page number: u64   (pages now all zero)
+//! State     postcard(VmState)
+//! Done      (source) everything is sent, the source is paused
+//! Ready     (target) the VM is built and restored, waiting for Go
+//! Go        (source) the source will not run the VM again: start it
+//! Resumed   (target) the VM runs on the target
+//! Abort     UTF-8 reason
+//! ```
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+
+/// The preamble's magic.
+pub const MAGIC: &[u8; 8] = b"DROVERMG";
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// Guest page size.
+pub const PAGE_SIZE: usize = 4096;
+/// The largest frame payload accepted (a Pages frame of 1024 pages, or a VmState).
+pub const MAX_PAYLOAD: u32 = 16 << 20;
+
+/// What the source says first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u16,
+    pub config: VmConfig,
+}
+
+/// One frame.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Frame {
+    Hello(Hello),
+    Pages { first: u64, data: Vec<u8> },
+    Zero(Vec<u64>),
+    State(Vec<u8>),
+    Done,
+    Ready,
+    Go,
+    Resumed,
+    Abort(String),
+}
+
+/// Everything that can be wrong with a stream.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("stream ended in the middle of {0}")]
+    Truncated(&'static str),
+    #[error("not a Drover migration stream (bad magic)")]
+    BadMagic,
+    #[error("peer speaks migration protocol version {0}, this drover-vmm speaks version {VERSION}")]
+    WrongVersion(u16),
+    #[error("frame of kind {kind} fails its checksum (corrupt stream)")]
+    BadChecksum { kind: u8 },
+    #[error("frame of {0} bytes is larger than the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(u32),
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("malformed {kind} frame: {why}")]
+    Malformed { kind: &'static str, why: String },
+    #[error("page {page} is outside guest memory")]
+    PageOutOfRange { page: u64 },
+    #[error("wrong VM shape: {0}")]
+    WrongShape(String),
+    #[error("unexpected {got} frame while waiting for {want}")]
+    Unexpected { got: &'static str, want: &'static str },
+    #[error("I/O: {0}")]
+    Io(String),
+}
+
+impl Frame {
+    fn kind(&self) -> u8 {
+        match self {
+            Frame::Hello(_) => 1,
+            Frame::Pages { .. } => 2,
+            Frame::Zero(_) => 3,
+            Frame::State(_) => 4,
+            Frame::Done => 5,
+            Frame::Ready => 6,
+            Frame::Go => 7,
+            Frame::Resumed => 8,
+            Frame::Abort(_) => 9,
+        }
+    }
+
+    /// The frame's name, for messages.
+    pub fn name(&self) -> &'static str {
+        kind_name(self.kind())
+    }
+}
+
+fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        1 => "Hello",
+        2 => "Pages",
+        3 => "Zero",
+        4 => "State",
+        5 => "Done",
+        6 => "Ready",
+        7 => "Go",
+        8 => "Resumed",
+        9 => "Abort",
+        _ => "unknown",
+    }
+}
+
+fn io(e: std::io::Error, what: &'static str) -> WireError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof { WireError::Truncated(what) } else { WireError::Io(e.to_string()) }
+}
+
+/// Writes the preamble.
+pub fn write_preamble(w: &mut impl Write) -> Result<(), WireError> {
+    w.write_all(MAGIC).and_then(|_| w.write_all(&VERSION.to_le_bytes())).map_err(|e| io(e, "the preamble"))
+}
+
+/// Reads and checks the preamble.
+pub fn read_preamble(r: &mut impl Read) -> Result<(), WireError> {
+    let mut buf = [0u8; 10];
+    r.read_exact(&mut buf).map_err(|e| io(e, "the preamble"))?;
+    if &buf[..8] != MAGIC {
+        return Err(WireError::BadMagic);
+    }
+    let version = u16::from_le_bytes([buf[8], buf[9]]);
+    if version != VERSION {
+        return Err(WireError::WrongVersion(version));
+    }
+    Ok(())
+}
+
+/// Writes one Pages frame without copying the page data into a frame first.
+pub fn write_pages(w: &mut impl Write, first: u64, data: &[u8]) -> Result<(), WireError> {
+    let count = (data.len() / PAGE_SIZE) as u32;
+    let mut head = [0u8; 12];
+    head[..8].copy_from_slice(&first.to_le_bytes());
+    head[8..].copy_from_slice(&count.to_le_bytes());
+    write_parts(w, 2, &[&head, data])
+}
+
+/// Writes a frame.
+pub fn write_frame(w: &mut impl Write, frame: &Frame) -> Result<(), WireError> {
+    match frame {
+        Frame::Pages { first, data } => write_pages(w, *first, data),
+        Frame::Hello(h) => {
+            let bytes = postcard::to_allocvec(h).map_err(|e| WireError::Malformed { kind: "Hello", why: e.to_string() })?;
+            write_parts(w, 1, &[&bytes])
+        }
+        Frame::Zero(pages) => {
+            let mut p = Vec::with_capacity(4 + pages.len() * 8);
+            p.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+            pages.iter().for_each(|n| p.extend_from_slice(&n.to_le_bytes()));
+            write_parts(w, 3, &[&p])
+        }
+        Frame::State(bytes) => write_parts(w, 4, &[bytes]),
+        Frame::Abort(why) => write_parts(w, 9, &[why.as_bytes()]),
+        Frame::Done | Frame::Ready | Frame::Go | Frame::Resumed => write_parts(w, frame.kind(), &[]),
+    }
+}
+
+fn write_parts(w: &mut impl Write, kind: u8, parts: &[&[u8]]) -> Result<(), WireError> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len > MAX_PAYLOAD as usize {
+        return Err(WireError::TooLarge(len as u32));
+    }
+    let mut head = [0u8; 5];
+    head[0] = kind;
+    head[1..].copy_from_slice(&(len as u32).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head);
+    let result = (|| {
+        w.write_all(&head)?;
+        for p in parts {
+            crc.update(p);
+            w.write_all(p)?;
+        }
+        w.write_all(&crc.clone().finalize().to_le_bytes())
+    })();
+    result.map_err(|e| io(e, "a frame"))
+}
+
+/// Reads one frame, checking length, checksum and contents.
+pub fn read_frame(r: &mut impl Read) -> Result<Frame, WireError> {
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head).map_err(|e| io(e, "a frame header"))?;
+    let kind = head[0];
+    let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]);
+    if len > MAX_PAYLOAD {
+        return Err(WireError::TooLarge(len));
+    }
+    if !(1..=9).contains(&kind) {
+        return Err(WireError::UnknownKind(kind));
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload).map_err(|e| io(e, "a frame payload"))?;
+    let mut crc_bytes = [0u8; 4];
+    r.read_exact(&mut crc_bytes).map_err(|e| io(e, "a frame checksum"))?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head);
+    crc.update(&payload);
+    if crc.finalize() != u32::from_le_bytes(crc_bytes) {
+        return Err(WireError::BadChecksum { kind });
+    }
+    decode(kind, payload)
+}
+
+fn decode(kind: u8, payload: Vec<u8>) -> Result<Frame, WireError> {
+    let name = kind_name(kind);
+    let bad = |why: String| WireError::Malformed { kind: name, why };
+    let empty = |f: Frame| if payload.is_empty() { Ok(f) } else { Err(bad(format!("{} unexpected bytes", payload.len()))) };
+    match kind {
+        1 => postcard::from_bytes::<Hello>(&payload).map(Frame::Hello).map_err(|e| bad(e.to_string())),
+        2 => {
+            if payload.len() < 12 {
+                return Err(bad("shorter than its header".into()));
+            }
+            let first = u64::from_le_bytes(payload[..8].try_into().map_err(|_| bad("header".into()))?);
+            let count = u32::from_le_bytes(payload[8..12].try_into().map_err(|_| bad("header".into()))?) as usize;
+            if payload.len() - 12 != count * PAGE_SIZE {
+                return Err(bad(format!("{count} pages announced, {} bytes of data", payload.len() - 12)));
+            }
+            Ok(Frame::Pages { first, data: payload[12..].to_vec() })
+        }
+        3 => {
+            if payload.len() < 4 {
+                return Err(bad("shorter than its header".into()));
+            }
+            let count = u32::from_le_bytes(payload[..4].try_into().map_err(|_| bad("header".into()))?) as usize;
+            if payload.len() - 4 != count * 8 {
+                return Err(bad(format!("{count} pages announced, {} bytes of page numbers", payload.len() - 4)));
+            }
+            Ok(Frame::Zero(payload[4..].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect()))
+        }
+        4 => Ok(Frame::State(payload)),
+        5 => empty(Frame::Done),
+        6 => empty(Frame::Ready),
+        7 => empty(Frame::Go),
+        8 => empty(Frame::Resumed),
+        9 => String::from_utf8(payload).map(Frame::Abort).map_err(|_| bad("reason is not UTF-8".into())),
+        other => Err(WireError::UnknownKind(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        serde_json::from_value(serde_json::json!({"vcpus": 2, "memoryMib": 64, "kernel": "/k"})).unwrap()
+    }
+
+    fn roundtrip(frame: Frame) {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &frame).unwrap();
+        assert_eq!(read_frame(&mut buf.as_slice()).unwrap(), frame);
+    }
+
+    #[test]
+    fn every_frame_roundtrips() {
+        roundtrip(Frame::Hello(Hello { version: VERSION, config: config() }));
+        roundtrip(Frame::Pages { first: 7, data: vec![0xab; 2 * PAGE_SIZE] });
+        roundtrip(Frame::Zero(vec![1, 5, 1 << 40]));
+        roundtrip(Frame::State(vec![1, 2, 3]));
+        for f in [Frame::Done, Frame::Ready, Frame::Go, Frame::Resumed] {
+            roundtrip(f);
+        }
+        roundtrip(Frame::Abort("target out of memory".into()));
+    }
+
+    #[test]
+    fn preamble_checks_magic_and_version() {
+        let mut buf = Vec::new();
+        write_preamble(&mut buf).unwrap();
+        read_preamble(&mut buf.as_slice()).unwrap();
+        let mut wrong = buf.clone();
+        wrong[8] = 9;
+        assert_eq!(read_preamble(&mut wrong.as_slice()), Err(WireError::WrongVersion(9)));
+        assert_eq!(read_preamble(&mut &b"HTTP/1.1 200"[..]), Err(WireError::BadMagic));
+        assert_eq!(read_preamble(&mut &buf[..5]), Err(WireError::Truncated("the preamble")));
+    }
+
+    #[test]
+    fn corruption_is_caught_by_the_checksum() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &Frame::Pages { first: 1, data: vec![1; PAGE_SIZE] }).unwrap();
+        buf[100] ^= 1;
+        assert_eq!(read_frame(&mut buf.as_slice()), Err(WireError::BadChecksum { kind: 2 }));
+    }
+
+    #[test]
+    fn truncation_length_and_kind_are_refused() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &Frame::State(vec![0; 100])).unwrap();
+        assert_eq!(read_frame(&mut &buf[..50]), Err(WireError::Truncated("a frame payload")));
+        assert_eq!(read_frame(&mut &[2u8, 0xff, 0xff, 0xff, 0xff][..]), Err(WireError::TooLarge(u32::MAX)));
+        assert_eq!(read_frame(&mut &[42u8, 0, 0, 0, 0][..]), Err(WireError::UnknownKind(42)));
+    }
+
+    #[test]
+    fn inconsistent_payloads_are_malformed() {
+        // A Pages frame announcing 2 pages with data for 1, with a valid checksum.
+        let mut head = [0u8; 12];
+        head[8..].copy_from_slice(&2u32.to_le_bytes());
+        let mut buf = Vec::new();
+        write_parts(&mut buf, 2, &[&head, &[0; PAGE_SIZE]]).unwrap();
+        assert!(matches!(read_frame(&mut buf.as_slice()), Err(WireError::Malformed { kind: "Pages", .. })));
+        let mut buf = Vec::new();
+        write_parts(&mut buf, 5, &[b"x"]).unwrap();
+        assert!(matches!(read_frame(&mut buf.as_slice()), Err(WireError::Malformed { kind: "Done", .. })));
+    }
+}
