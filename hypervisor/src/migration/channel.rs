@@ -45,7 +45,7 @@ fn send_message(stream: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
     stream.write_all(&framed)
 }
 
-fn recv_message(stream: &mut TcpStream, buf: &mut [u8; MAX_MESSAGE]) -> std::io::Result<usize> {
+fn recv_message(stream: &mut impl Read, buf: &mut [u8; MAX_MESSAGE]) -> std::io::Result<usize> {
     let mut len = [0u8; 2];
     stream.read_exact(&mut len)?;
     let len = u16::from_be_bytes(len) as usize;
@@ -57,6 +57,8 @@ fn recv_message(stream: &mut TcpStream, buf: &mut [u8; MAX_MESSAGE]) -> std::io:
 /// encrypts (call `flush` to send what is buffered).
 pub struct SecureStream {
     stream: TcpStream,
+    /// Buffered reads: two small reads per message otherwise (length, then body).
+    reader: std::io::BufReader<TcpStream>,
     noise: snow::TransportState,
     out: Vec<u8>,
     sealed: Vec<u8>,
@@ -99,7 +101,8 @@ impl SecureStream {
 
     fn established(stream: TcpStream, noise: snow::TransportState, raw: Box<[u8; MAX_MESSAGE]>) -> Result<Self, ChannelError> {
         stream.set_nodelay(true)?;
-        Ok(Self { stream, noise, out: Vec::with_capacity(CHUNK), sealed: vec![0; 2 + MAX_MESSAGE], inbox: Vec::new(), inbox_pos: 0, raw })
+        let reader = std::io::BufReader::with_capacity(1 << 20, stream.try_clone()?);
+        Ok(Self { stream, reader, noise, out: Vec::with_capacity(CHUNK), sealed: vec![0; 2 + MAX_MESSAGE], inbox: Vec::new(), inbox_pos: 0, raw })
     }
 
     /// The underlying socket (for timeouts and shutdown).
@@ -140,7 +143,7 @@ impl Write for SecureStream {
 impl Read for SecureStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.inbox_pos == self.inbox.len() {
-            let n = recv_message(&mut self.stream, &mut self.raw)?;
+            let n = recv_message(&mut self.reader, &mut self.raw)?;
             self.inbox.resize(MAX_MESSAGE, 0);
             let plain = self
                 .noise
@@ -195,5 +198,66 @@ mod tests {
         let (_, target) = pair(b"right", b"wrong");
         let err = target.err().expect("target must refuse");
         assert!(matches!(err, ChannelError::Authentication(_)), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod throughput {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// `cargo test --release -p drover-hypervisor channel_throughput -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn channel_throughput() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let total = 1usize << 30;
+        let target = std::thread::spawn(move || {
+            let mut s = SecureStream::accept(listener.accept().unwrap().0, b"k").unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut got = 0;
+            while got < total {
+                got += s.read(&mut buf).unwrap();
+            }
+        });
+        let mut s = SecureStream::initiate(TcpStream::connect(addr).unwrap(), b"k").unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        let t = std::time::Instant::now();
+        for _ in 0..total >> 20 {
+            s.write_all(&chunk).unwrap();
+        }
+        s.flush().unwrap();
+        target.join().unwrap();
+        eprintln!("{:.2} GiB/s", total as f64 / t.elapsed().as_secs_f64() / (1u64 << 30) as f64);
+    }
+}
+
+#[cfg(test)]
+mod cipher_speed {
+    /// `cargo test --release -p drover-hypervisor cipher_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn cipher_speed() {
+        for pattern in ["Noise_NNpsk0_25519_AESGCM_SHA256", "Noise_NNpsk0_25519_ChaChaPoly_SHA256"] {
+            let key = [1u8; 32];
+            let mut i = snow::Builder::new(pattern.parse().unwrap()).psk(0, &key).unwrap().build_initiator().unwrap();
+            let mut r = snow::Builder::new(pattern.parse().unwrap()).psk(0, &key).unwrap().build_responder().unwrap();
+            let (mut a, mut b) = ([0u8; 1024], [0u8; 1024]);
+            let n = i.write_message(&[], &mut a).unwrap();
+            r.read_message(&a[..n], &mut b).unwrap();
+            let n = r.write_message(&[], &mut a).unwrap();
+            i.read_message(&a[..n], &mut b).unwrap();
+            let mut t = i.into_transport_mode().unwrap();
+            let plain = vec![3u8; super::CHUNK];
+            let mut out = vec![0u8; 65535];
+            let start = std::time::Instant::now();
+            let rounds = 16384;
+            for _ in 0..rounds {
+                t.write_message(&plain, &mut out).unwrap();
+            }
+            let gib = (rounds * super::CHUNK) as f64 / (1u64 << 30) as f64;
+            eprintln!("{pattern}: {:.2} GiB/s", gib / start.elapsed().as_secs_f64());
+        }
     }
 }

@@ -89,7 +89,16 @@ pub fn start(control: Arc<VmControl>, request: MigrateRequest) -> Result<(), Err
             control.update_migration(|s| s.total_ms = started.elapsed().as_millis() as u64);
             match result {
                 Ok(()) => {
-                    tracing::info!(destination = %request.destination, "migration completed; the VM runs on the target");
+                    let s = control.migration_status();
+                    tracing::info!(
+                        destination = %request.destination,
+                        downtime_ms = s.downtime_ms.unwrap_or(0),
+                        total_ms = s.total_ms,
+                        bytes_sent = s.bytes_sent,
+                        passes = s.pass,
+                        throttle_percent = s.throttle_percent,
+                        "migration completed; the VM runs on the target"
+                    );
                     control.end(VmExit::MigratedOut(request.destination.clone()));
                 }
                 Err(Outcome::Failed(e)) => {

@@ -1,0 +1,328 @@
+//! Live migration between two drover-vmm processes: the test guest's digest workload
+//! must end with exactly the result of a run that never moved, the guest's clock
+//! must not jump by more than the downtime, and every failure leaves the VM running
+//! where it was (or, for a target, never running a partial VM).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use drover_hypervisor::api::request;
+
+const VMM: &str = env!("CARGO_BIN_EXE_drover-vmm");
+
+/// Migrations are CPU-heavy (two VMs and the transfer on a 2-CPU machine): one at a
+/// time, so that a workload sized to outlast a migration does.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serialize() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A figure from the source's "migration completed" log line.
+fn figure(log: &str, name: &str) -> u64 {
+    let clean: String = log.replace("\u{1b}[3m", "").replace("\u{1b}[0m", "").replace("\u{1b}[2m", "");
+    let line = clean.lines().find(|l| l.contains("migration completed")).unwrap_or_else(|| panic!("no completion line:\n{log}"));
+    let at = line.find(&format!("{name}=")).unwrap_or_else(|| panic!("no {name} in {line}")) + name.len() + 1;
+    line[at..].chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().unwrap()
+}
+
+fn digest_cmdline(rounds: u32, mem_mib: u32) -> String {
+    format!("drover.mode=digest drover.rounds={rounds} drover.mem={mem_mib}")
+}
+
+/// `(digest, max gap between rounds in TSC cycles)` from the guest's output.
+fn result(serial: &str) -> (String, u64) {
+    let line = serial.lines().find(|l| l.starts_with("drover-guest: digest")).unwrap_or_else(|| panic!("no digest in:\n{serial}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    (words[2].to_string(), words[4].parse().unwrap())
+}
+
+fn port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    30000 + (std::process::id() % 2000) as u16 * 10 + NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+fn tmp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("drover-mig-{name}-{}", std::process::id()))
+}
+
+fn secret_file(name: &str, secret: &str) -> PathBuf {
+    let path = tmp(&format!("{name}.key"));
+    std::fs::write(&path, secret).unwrap();
+    path
+}
+
+struct Vmm {
+    child: Child,
+    serial: PathBuf,
+    log: PathBuf,
+    socket: PathBuf,
+}
+
+impl Vmm {
+    fn spawn(mut cmd: Command, name: &str) -> Vmm {
+        let (serial, log, socket) = (tmp(&format!("{name}.serial")), tmp(&format!("{name}.log")), tmp(&format!("{name}.sock")));
+        let _ = std::fs::remove_file(&serial);
+        cmd.args(["--serial", serial.to_str().unwrap(), "--api-socket", socket.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        Vmm { child: cmd.spawn().unwrap(), serial, log, socket }
+    }
+
+    fn run(name: &str, vcpus: u32, cmdline: &str) -> Vmm {
+        let mut cmd = Command::new(VMM);
+        cmd.args(["run", "--vcpus", &vcpus.to_string(), "--memory-mib", "96", "--kernel", GUEST, "--cmdline", cmdline]);
+        Vmm::spawn(cmd, name)
+    }
+
+    fn receive(name: &str, listen: &str, key: &PathBuf) -> Vmm {
+        let mut cmd = Command::new(VMM);
+        cmd.args(["receive", "--listen", listen, "--secret-file", key.to_str().unwrap()]);
+        let vmm = Vmm::spawn(cmd, name);
+        wait_until(|| std::fs::read_to_string(&vmm.log).unwrap_or_default().contains("waiting for the migration source"), "target listening");
+        vmm
+    }
+
+    fn serial(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_for_round(&self, round: u32) {
+        wait_until(|| self.serial().contains(&format!("round {round}\n")), &format!("round {round}"));
+    }
+
+    fn migrate(&self, destination: &str, key: &PathBuf) -> (u16, String) {
+        self.migrate_within(destination, key, 30)
+    }
+
+    fn migrate_within(&self, destination: &str, key: &PathBuf, max_downtime_ms: u64) -> (u16, String) {
+        let body = format!(r#"{{"destination": "{destination}", "secretFile": "{}", "maxDowntimeMs": {max_downtime_ms}}}"#, key.display());
+        request(&self.socket, "PUT", "/vm/migrate", Some(&body)).unwrap()
+    }
+
+    fn migration(&self) -> serde_json::Value {
+        serde_json::from_str(&request(&self.socket, "GET", "/vm/migration", None).unwrap().1).unwrap()
+    }
+
+    fn wait(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "VMM did not end:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn reference(vcpus: u32, cmdline: &str) -> (String, u64) {
+    let out = run_vmm(&["--vcpus", &vcpus.to_string(), "--memory-mib", "96", "--kernel", GUEST, "--cmdline", cmdline]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    result(&stdout(&out))
+}
+
+/// Migrates a running digest workload `hops` times between fresh VMMs.
+fn migrate_hops(vcpus: u32, hops: usize) {
+    let _one = serialize();
+    // 8 MiB rewritten per round: with a 250 ms budget the migration converges
+    // without throttling, so the clock check below means something.
+    let cmdline = digest_cmdline(1500, 8);
+    let (want, normal_gap) = reference(vcpus, &cmdline);
+    let key = secret_file(&format!("hops{vcpus}"), "correct horse battery staple");
+    let mut current = Vmm::run(&format!("hops{vcpus}-0"), vcpus, &cmdline);
+    current.wait_for_round(3);
+    let mut max_downtime_ms = 0;
+    for hop in 1..=hops {
+        let listen = format!("127.0.0.1:{}", port());
+        let mut target = Vmm::receive(&format!("hops{vcpus}-{hop}"), &listen, &key);
+        let (code, body) = current.migrate_within(&listen, &key, 250);
+        assert_eq!(code, 204, "{body}");
+        assert_eq!(current.wait(), Some(6), "source exit status (6 = migrated away):\n{}", current.log());
+        let log = current.log();
+        assert_eq!(figure(&log, "throttle_percent"), 0, "the guest was throttled: {log}");
+        max_downtime_ms = max_downtime_ms.max(figure(&log, "downtime_ms"));
+        // The target continues the same guest: it does not boot again.
+        wait_until(|| !target.serial().is_empty() || target.child.try_wait().unwrap().is_some(), "target output");
+        assert!(!target.serial().contains("cpu 0 up"), "the target booted the guest again");
+        if hop < hops {
+            // Let the guest run a while on this host before moving it on.
+            wait_until(|| target.serial().matches("drover-guest: round").count() >= 20, "rounds on the target");
+        }
+        std::mem::swap(&mut current, &mut target);
+    }
+    assert_eq!(current.wait(), Some(0), "{}", current.log());
+    let (got, gap) = result(&current.serial());
+    assert_eq!(got, want, "the migrated guest computed something else");
+    // The guest's TSC continues across the move: no round is longer than a normal
+    // one plus the pause (counted at 4 GHz, faster than any TSC here).
+    let bound = normal_gap * 3 + max_downtime_ms * 4_000_000;
+    assert!(gap <= bound, "largest round gap {gap} cycles, {normal_gap} without migration, downtime {max_downtime_ms} ms");
+}
+
+#[test]
+fn migrate_once_one_vcpu() {
+    migrate_hops(1, 1);
+}
+
+#[test]
+fn migrate_once_four_vcpus() {
+    migrate_hops(4, 1);
+}
+
+#[test]
+fn migrate_back_and_forth() {
+    migrate_hops(2, 3);
+}
+
+#[test]
+fn wrong_secret_is_refused_and_the_source_keeps_running() {
+    let _one = serialize();
+    let cmdline = digest_cmdline(150, 16);
+    let (want, _) = reference(1, &cmdline);
+    let listen = format!("127.0.0.1:{}", port());
+    let mut target = Vmm::receive("badkey-target", &listen, &secret_file("right", "the right secret"));
+    let mut source = Vmm::run("badkey-source", 1, &cmdline);
+    source.wait_for_round(2);
+    let (code, body) = source.migrate(&listen, &secret_file("wrong", "a wrong secret"));
+    assert_eq!(code, 204, "{body}");
+    wait_until(|| source.migration()["phase"] == "Failed", "the migration to fail");
+    assert!(source.migration()["error"].as_str().unwrap().contains("authentication"), "{}", source.migration());
+    assert_eq!(target.wait(), Some(1), "target must refuse");
+    assert!(target.log().contains("refused"), "{}", target.log());
+    assert!(target.serial().is_empty(), "the target ran something");
+    assert_eq!(source.wait(), Some(0), "{}", source.log());
+    assert_eq!(result(&source.serial()).0, want);
+}
+
+#[test]
+fn target_killed_mid_transfer_leaves_the_vm_running_on_the_source() {
+    let _one = serialize();
+    let cmdline = digest_cmdline(400, 64);
+    let (want, _) = reference(2, &cmdline);
+    let key = secret_file("killtarget", "k");
+    let listen = format!("127.0.0.1:{}", port());
+    let mut target = Vmm::receive("killtarget-target", &listen, &key);
+    let mut source = Vmm::run("killtarget-source", 2, &cmdline);
+    source.wait_for_round(2);
+    assert_eq!(source.migrate(&listen, &key).0, 204);
+    wait_until(|| source.migration()["phase"] == "PreCopy", "pre-copy");
+    target.child.kill().unwrap();
+    target.child.wait().unwrap();
+    wait_until(|| source.migration()["phase"] == "Failed", "the migration to fail");
+    assert_eq!(source.wait(), Some(0), "{}", source.log());
+    assert_eq!(result(&source.serial()).0, want, "the source lost work");
+}
+
+#[test]
+fn source_killed_mid_transfer_never_starts_a_partial_vm() {
+    let _one = serialize();
+    let cmdline = digest_cmdline(400, 64);
+    let key = secret_file("killsource", "k");
+    let listen = format!("127.0.0.1:{}", port());
+    let mut target = Vmm::receive("killsource-target", &listen, &key);
+    let mut source = Vmm::run("killsource-source", 2, &cmdline);
+    source.wait_for_round(2);
+    assert_eq!(source.migrate(&listen, &key).0, 204);
+    wait_until(|| source.migration()["phase"] == "PreCopy", "pre-copy");
+    source.child.kill().unwrap();
+    assert_eq!(target.wait(), Some(1), "the target must give up:\n{}", target.log());
+    assert!(target.serial().is_empty(), "the target ran a partial VM:\n{}", target.serial());
+}
+
+#[test]
+fn corrupt_stream_is_refused_and_the_source_keeps_running() {
+    let _one = serialize();
+    // A relay between source and target that flips one bit after 1 MiB.
+    let cmdline = digest_cmdline(300, 32);
+    let (want, _) = reference(1, &cmdline);
+    let key = secret_file("corrupt", "k");
+    let target_addr = format!("127.0.0.1:{}", port());
+    let mut target = Vmm::receive("corrupt-target", &target_addr, &key);
+    let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_addr = relay.local_addr().unwrap().to_string();
+    let forward = target_addr.clone();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut from, _) = relay.accept().unwrap();
+        let mut to = std::net::TcpStream::connect(forward).unwrap();
+        let mut back = to.try_clone().unwrap();
+        let mut from_back = from.try_clone().unwrap();
+        std::thread::spawn(move || std::io::copy(&mut back, &mut from_back));
+        let mut buf = vec![0u8; 65536];
+        let mut total = 0usize;
+        let mut flipped = false;
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if !flipped && total + n > 1 << 20 {
+                buf[(1 << 20) - total.min(1 << 20)] ^= 0x40;
+                flipped = true;
+            }
+            total += n;
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let mut source = Vmm::run("corrupt-source", 1, &cmdline);
+    source.wait_for_round(2);
+    assert_eq!(source.migrate(&relay_addr, &key).0, 204);
+    assert_eq!(target.wait(), Some(1), "the target must refuse a corrupt stream");
+    assert!(target.log().contains("damaged") || target.log().contains("checksum"), "{}", target.log());
+    assert!(target.serial().is_empty(), "the target ran something");
+    wait_until(|| source.migration()["phase"] == "Failed", "the migration to fail");
+    assert_eq!(source.wait(), Some(0), "{}", source.log());
+    assert_eq!(result(&source.serial()).0, want);
+}
+
+#[test]
+fn cancel_keeps_the_vm_running_here() {
+    let _one = serialize();
+    let cmdline = digest_cmdline(400, 64);
+    let (want, _) = reference(2, &cmdline);
+    let key = secret_file("cancel", "k");
+    let listen = format!("127.0.0.1:{}", port());
+    let mut target = Vmm::receive("cancel-target", &listen, &key);
+    let mut source = Vmm::run("cancel-source", 2, &cmdline);
+    source.wait_for_round(2);
+    assert_eq!(source.migrate(&listen, &key).0, 204);
+    wait_until(|| source.migration()["phase"] == "PreCopy", "pre-copy");
+    let (code, body) = request(&source.socket, "PUT", "/vm/migration/cancel", None).unwrap();
+    assert!(code == 204 || source.migration()["phase"] == "Completed", "cancel: {code} {body}");
+    if source.migration()["phase"] == "Completed" {
+        return; // the migration won the race; nothing to check
+    }
+    wait_until(|| source.migration()["phase"] == "Cancelled", "the migration to stop");
+    assert_eq!(target.wait(), Some(1), "{}", target.log());
+    assert_eq!(source.wait(), Some(0), "{}", source.log());
+    assert_eq!(result(&source.serial()).0, want);
+}
