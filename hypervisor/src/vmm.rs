@@ -89,6 +89,9 @@ pub fn launch(config: &VmConfig, origin: Origin) -> Result<VmExit, Error> {
     Ok(exit)
 }
 
+/// The vCPUs ready to run, and the restore source to tell when they do.
+type Prepared = (Vec<Vcpu>, Option<Box<dyn RestoreSource>>);
+
 /// Loads the guest (or restores it), sets up devices, creates the vCPUs.
 fn prepare(
     config: &VmConfig,
@@ -97,7 +100,7 @@ fn prepare(
     events_tx: &mpsc::Sender<VmExit>,
     apic_ids: &[u32],
     origin: Origin,
-) -> Result<(Vec<Vcpu>, Option<Box<dyn RestoreSource>>), Error> {
+) -> Result<Prepared, Error> {
     let topology = config.topology();
     let ram = layout::ram_regions(config.memory_mib << 20);
     let (entry, restore, source) = match origin {

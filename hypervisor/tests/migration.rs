@@ -83,7 +83,7 @@ impl Vmm {
         Vmm::spawn(cmd, name)
     }
 
-    fn receive(name: &str, listen: &str, key: &PathBuf) -> Vmm {
+    fn receive(name: &str, listen: &str, key: &std::path::Path) -> Vmm {
         let mut cmd = Command::new(VMM);
         cmd.args(["receive", "--listen", listen, "--secret-file", key.to_str().unwrap()]);
         let vmm = Vmm::spawn(cmd, name);
@@ -103,11 +103,11 @@ impl Vmm {
         wait_until(|| self.serial().contains(&format!("round {round}\n")), &format!("round {round}"));
     }
 
-    fn migrate(&self, destination: &str, key: &PathBuf) -> (u16, String) {
+    fn migrate(&self, destination: &str, key: &std::path::Path) -> (u16, String) {
         self.migrate_within(destination, key, 30)
     }
 
-    fn migrate_within(&self, destination: &str, key: &PathBuf, max_downtime_ms: u64) -> (u16, String) {
+    fn migrate_within(&self, destination: &str, key: &std::path::Path, max_downtime_ms: u64) -> (u16, String) {
         let body = format!(r#"{{"destination": "{destination}", "secretFile": "{}", "maxDowntimeMs": {max_downtime_ms}}}"#, key.display());
         request(&self.socket, "PUT", "/vm/migrate", Some(&body)).unwrap()
     }

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::channel::SecureStream;
 use super::wire::{self, Frame, PAGE_SIZE, WireError};
@@ -101,16 +101,6 @@ impl RestoreSource for Incoming {
                     }
                 }
                 Frame::State(bytes) => {
-                    if std::env::var_os("DROVER_DEBUG_MEMSUM").is_some() {
-                        tracing::info!(sum = %super::send::memsum(memory), "target memory at switch-over");
-                        if let Some(path) = std::env::var_os("DROVER_DEBUG_MEMDUMP_DST") {
-                            if let Ok(mut f) = std::fs::File::create(path) {
-                                for region in memory.iter() {
-                                    let _ = memory.write_all_volatile_to(region.start_addr(), &mut f, region.len() as usize);
-                                }
-                            }
-                        }
-                    }
                     let state = VmState::decode(&bytes)?;
                     return match self.frame()? {
                         Frame::Done => Ok(state),

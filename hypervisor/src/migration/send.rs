@@ -154,7 +154,7 @@ fn migrate(control: &Arc<VmControl>, req: &MigrateRequest, secret: &[u8], starte
     control.set_migration_socket(tcp.try_clone().ok());
     let mut out = SecureStream::initiate(tcp, secret).map_err(|e| Error::Migration(e.to_string()))?;
     wire::write_preamble(&mut out).map_err(wire_err)?;
-    wire::write_frame(&mut out, &Frame::Hello(Hello { version: wire::VERSION, config: control.config().clone() })).map_err(wire_err)?;
+    wire::write_frame(&mut out, &Frame::Hello(Box::new(Hello { version: wire::VERSION, config: control.config().clone() }))).map_err(wire_err)?;
 
     let vm = control.vm();
     vm.set_dirty_logging(true)?;
@@ -210,7 +210,7 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut 
             return Err(Error::Migration(format!(
                 "did not converge in {} passes: the guest still dirties {} MiB per pass (estimated pause {estimate_ms} ms, budget {} ms)",
                 req.max_passes,
-                count * PAGE_SIZE as u64 >> 20,
+                (count * PAGE_SIZE as u64) >> 20,
                 req.max_downtime_ms
             ))
             .into());
@@ -256,16 +256,6 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut 
     if let Err(e) = handover {
         control.resume();
         return Err(e.into());
-    }
-    if std::env::var_os("DROVER_DEBUG_MEMSUM").is_some() {
-        tracing::info!(sum = %memsum(&vm.memory), "source memory at switch-over");
-        if let Some(path) = std::env::var_os("DROVER_DEBUG_MEMDUMP_SRC") {
-            if let Ok(mut f) = std::fs::File::create(path) {
-                for region in vm.memory.iter() {
-                    let _ = vm.memory.write_all_volatile_to(region.start_addr(), &mut f, region.len() as usize);
-                }
-            }
-        }
     }
     // The point of no return: from here on this VMM never runs the guest again.
     control.commit_migration();
@@ -448,18 +438,3 @@ impl Drop for Throttle {
     }
 }
 
-/// A checksum of all guest memory (debugging aid: DROVER_DEBUG_MEMSUM=1 on both sides).
-pub fn memsum(memory: &vm_memory::GuestMemoryMmap) -> String {
-    let mut h = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    for region in memory.iter() {
-        let mut at = 0;
-        while at < region.len() {
-            let n = buf.len().min((region.len() - at) as usize);
-            let _ = memory.read_slice(&mut buf[..n], GuestAddress(region.start_addr().0 + at));
-            h.update(&buf[..n]);
-            at += n as u64;
-        }
-    }
-    format!("{:08x}", h.finalize())
-}

@@ -41,7 +41,7 @@ pub struct Hello {
 /// One frame.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Frame {
-    Hello(Hello),
+    Hello(Box<Hello>),
     Pages { first: u64, data: Vec<u8> },
     Zero(Vec<u64>),
     State(Vec<u8>),
@@ -218,7 +218,7 @@ fn decode(kind: u8, payload: Vec<u8>) -> Result<Frame, WireError> {
     let bad = |why: String| WireError::Malformed { kind: name, why };
     let empty = |f: Frame| if payload.is_empty() { Ok(f) } else { Err(bad(format!("{} unexpected bytes", payload.len()))) };
     match kind {
-        1 => postcard::from_bytes::<Hello>(&payload).map(Frame::Hello).map_err(|e| bad(e.to_string())),
+        1 => postcard::from_bytes::<Hello>(&payload).map(|h| Frame::Hello(Box::new(h))).map_err(|e| bad(e.to_string())),
         2 => {
             if payload.len() < 12 {
                 return Err(bad("shorter than its header".into()));
@@ -266,7 +266,7 @@ mod tests {
 
     #[test]
     fn every_frame_roundtrips() {
-        roundtrip(Frame::Hello(Hello { version: VERSION, config: config() }));
+        roundtrip(Frame::Hello(Box::new(Hello { version: VERSION, config: config() })));
         roundtrip(Frame::Pages { first: 7, data: vec![0xab; 2 * PAGE_SIZE] });
         roundtrip(Frame::Zero(vec![1, 5, 1 << 40]));
         roundtrip(Frame::State(vec![1, 2, 3]));
