@@ -18,6 +18,11 @@
  *                  digest of the buffer that depends on every byte of every round,
  *                  and the largest TSC gap between two rounds (a clock that jumped
  *                  shows here). Migrating the VM mid-run must not change the digest.
+ *   dirty          every CPU rewrites its share of drover.mem MiB at 32 MiB over and
+ *                  over, at about drover.rate MiB/s in all (0: as fast as it can),
+ *                  printing nothing; for migration benchmarks. With drover.once=1
+ *                  it writes the buffer once, says "filled", and every CPU halts
+ *                  (drover.mem=0 drover.once=1: an idle guest).
  *   pio            CPU 0 writes drover.pio (default 100000) times to port 0x80,
  *                  between two lines, so a benchmark can time port-I/O exits.
  * Exit port values: 0 success, 1..0x7f workload failure, 0x80 + vector exception. */
@@ -243,6 +248,44 @@ void user_main(u32 cpu, struct hvm_start_info *info) {
         puts_("\ndrover-guest: done\n");
         unlock();
         guest_exit(0);
+    }
+    if (mode_is(info, "dirty")) {
+        u64 *buf = (u64 *)(32ULL << 20);
+        u64 pages = param_u64(info, "drover.mem=", 64) << 8;
+        u64 rate = param_u64(info, "drover.rate=", 0); /* MiB/s for the whole VM */
+        u64 once = param_u64(info, "drover.once=", 0);
+        u64 per_cpu = (pages + ncpus - 1) / ncpus, first = cpu * per_cpu;
+        u64 last = first + per_cpu > pages ? pages : first + per_cpu;
+        /* Pace with the TSC: calibrate cycles per ms against the PIT is not
+         * available in ring 3; drover.tsc_khz (default 2500000) says the rate. */
+        u64 khz = param_u64(info, "drover.tsc_khz=", 2500000);
+        u64 cycles_per_page = rate ? khz * 1000 / (rate * 256 / ncpus) : 0;
+        u64 next = rdtsc(), round = 0;
+        if (cpu == 0) {
+            lock();
+            puts_("drover-guest: dirtying\n");
+            unlock();
+        }
+        for (;;) {
+            for (u64 p = first; p < last; p++) {
+                buf[p * 512] = splitmix64(p ^ round);
+                buf[p * 512 + 511] = round;
+                if (cycles_per_page) {
+                    next += cycles_per_page;
+                    while (rdtsc() < next) cpu_relax();
+                }
+            }
+            round++;
+            if (once) {
+                barrier(ncpus);
+                if (cpu == 0) {
+                    lock();
+                    puts_("drover-guest: filled\n");
+                    unlock();
+                }
+                halt_this_cpu();
+            }
+        }
     }
     if (mode_is(info, "pio")) {
         if (cpu != 0) halt_this_cpu();
