@@ -111,9 +111,16 @@ impl SecureStream {
     }
 
     fn seal_and_send(&mut self, len: usize) -> std::io::Result<()> {
+        let plain = std::mem::take(&mut self.out);
+        let result = self.seal_and_send_from(&plain[..len]);
+        self.out = plain;
+        result
+    }
+
+    fn seal_and_send_from(&mut self, plain: &[u8]) -> std::io::Result<()> {
         let n = self
             .noise
-            .write_message(&self.out[..len], &mut self.sealed[2..])
+            .write_message(plain, &mut self.sealed[2..])
             .map_err(|e| std::io::Error::other(format!("encrypting: {e}")))?;
         self.sealed[..2].copy_from_slice(&(n as u16).to_be_bytes());
         self.stream.write_all(&self.sealed[..2 + n])
@@ -122,6 +129,11 @@ impl SecureStream {
 
 impl Write for SecureStream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.is_empty() && buf.len() >= CHUNK {
+            // A whole message's worth: seal it straight from the caller's buffer.
+            self.seal_and_send_from(&buf[..CHUNK])?;
+            return Ok(CHUNK);
+        }
         let take = buf.len().min(CHUNK - self.out.len());
         self.out.extend_from_slice(&buf[..take]);
         if self.out.len() == CHUNK {

@@ -158,6 +158,8 @@ fn migrate(control: &Arc<VmControl>, req: &MigrateRequest, secret: &[u8], starte
 
     let vm = control.vm();
     vm.set_dirty_logging(true)?;
+    // Start from an empty log: what the guest writes from now on shows in the next pass.
+    vm.take_dirty_pages()?;
     let result = precopy_and_switch(control, req, &mut out, deadline);
     if !matches!(result, Ok(()) | Err(Outcome::Unknown(_))) {
         if let Err(e) = vm.set_dirty_logging(false) {
@@ -197,6 +199,7 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut 
         let dirty = vm.take_dirty_pages()?;
         let count: u64 = dirty.iter().map(|(_, b)| b.iter().map(|w| u64::from(w.count_ones())).sum::<u64>()).sum();
         let estimate_ms = (count * PAGE_SIZE as u64 * 1000).checked_div(bandwidth.max(1)).unwrap_or(u64::MAX);
+        tracing::debug!(pass, dirty_pages = count, estimate_ms, bandwidth, "migration pass");
         control.update_migration(|s| {
             s.dirty_pages = count;
             s.estimated_downtime_ms = estimate_ms;
@@ -298,71 +301,97 @@ fn rate(bytes: u64, elapsed: Duration) -> u64 {
     (bytes as f64 / elapsed.as_secs_f64().max(1e-6)) as u64
 }
 
-/// Sends pages, batching runs of non-zero pages into Pages frames and zero pages
-/// into Zero frames (or skipping them on the first pass).
-#[derive(Default)]
+/// Sends pages: copies runs of up to RUN contiguous pages out of guest memory at
+/// once, skips (first pass) or names (later passes) the zero ones, and sends the
+/// rest as Pages frames straight from the copy.
 struct Sender {
     bytes: u64,
     pages: u64,
     zero: Vec<u64>,
-    run: Vec<u8>,
-    run_first: u64,
+    buf: Vec<u8>,
 }
+
+impl Default for Sender {
+    fn default() -> Self {
+        Self { bytes: 0, pages: 0, zero: Vec::new(), buf: vec![0; RUN * PAGE_SIZE] }
+    }
+}
+
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 impl Sender {
     fn send_bitmaps(&mut self, control: &VmControl, out: &mut SecureStream, dirty: &[(u64, Vec<u64>)]) -> Result<(), Error> {
         for (first_page, bitmap) in dirty {
+            // Walk set bits, folding consecutive pages into runs.
+            let mut run: Option<(u64, u64)> = None;
             for (word_index, word) in bitmap.iter().enumerate() {
                 let mut bits = *word;
                 while bits != 0 {
-                    let bit = bits.trailing_zeros() as u64;
+                    let page = first_page + word_index as u64 * 64 + u64::from(bits.trailing_zeros());
                     bits &= bits - 1;
-                    self.page(control, out, first_page + word_index as u64 * 64 + bit, false)?;
+                    run = match run {
+                        Some((start, n)) if start + n == page && n < RUN as u64 => Some((start, n + 1)),
+                        Some((start, n)) => {
+                            self.send_run(control, out, start, n, false)?;
+                            Some((page, 1))
+                        }
+                        None => Some((page, 1)),
+                    };
                 }
+            }
+            if let Some((start, n)) = run {
+                self.send_run(control, out, start, n, false)?;
             }
         }
         self.flush(out)
     }
 
     fn send_range(&mut self, control: &VmControl, out: &mut SecureStream, first: u64, count: u64, skip_zero: bool) -> Result<(), Error> {
-        for page in first..first + count {
-            self.page(control, out, page, skip_zero)?;
+        let mut page = first;
+        while page < first + count {
+            let n = (first + count - page).min(RUN as u64);
+            self.send_run(control, out, page, n, skip_zero)?;
+            page += n;
         }
         self.flush(out)
     }
 
-    fn page(&mut self, control: &VmControl, out: &mut SecureStream, page: u64, skip_zero: bool) -> Result<(), Error> {
-        let memory = &control.vm().memory;
-        let mut buf = [0u8; PAGE_SIZE];
-        memory
-            .read_slice(&mut buf, GuestAddress(page << 12))
-            .map_err(|e| Error::Memory(format!("reading page {page}: {e}")))?;
-        let zero = buf.chunks_exact(8).all(|w| w == [0; 8]);
-        if zero {
-            self.end_run(out)?;
-            if !skip_zero {
-                self.zero.push(page);
-                if self.zero.len() == 4096 {
-                    self.flush_zero(out)?;
+    /// Sends `count` (at most RUN) contiguous pages from `first`.
+    fn send_run(&mut self, control: &VmControl, out: &mut SecureStream, first: u64, count: u64, skip_zero: bool) -> Result<(), Error> {
+        let len = count as usize * PAGE_SIZE;
+        control
+            .vm()
+            .memory
+            .read_slice(&mut self.buf[..len], GuestAddress(first << 12))
+            .map_err(|e| Error::Memory(format!("reading pages {first}+{count}: {e}")))?;
+        let mut start = None;
+        for i in 0..count as usize {
+            let zero = self.buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE] == ZERO_PAGE;
+            match (zero, start) {
+                (false, None) => start = Some(i),
+                (true, Some(s)) => {
+                    self.write_pages(out, first + s as u64, s, i)?;
+                    start = None;
                 }
+                _ => {}
             }
-            return Ok(());
+            if zero && !skip_zero {
+                self.zero.push(first + i as u64);
+            }
         }
-        if self.run.is_empty() || self.run_first + (self.run.len() / PAGE_SIZE) as u64 != page || self.run.len() == RUN * PAGE_SIZE {
-            self.end_run(out)?;
-            self.run_first = page;
+        if let Some(s) = start {
+            self.write_pages(out, first + s as u64, s, count as usize)?;
         }
-        self.run.extend_from_slice(&buf);
+        if self.zero.len() >= 4096 {
+            self.flush_zero(out)?;
+        }
         Ok(())
     }
 
-    fn end_run(&mut self, out: &mut SecureStream) -> Result<(), Error> {
-        if !self.run.is_empty() {
-            wire::write_pages(out, self.run_first, &self.run).map_err(wire_err)?;
-            self.pages += (self.run.len() / PAGE_SIZE) as u64;
-            self.bytes += self.run.len() as u64 + 21;
-            self.run.clear();
-        }
+    fn write_pages(&mut self, out: &mut SecureStream, page: u64, from: usize, to: usize) -> Result<(), Error> {
+        wire::write_pages(out, page, &self.buf[from * PAGE_SIZE..to * PAGE_SIZE]).map_err(wire_err)?;
+        self.pages += (to - from) as u64;
+        self.bytes += ((to - from) * PAGE_SIZE) as u64 + 21;
         Ok(())
     }
 
@@ -375,7 +404,6 @@ impl Sender {
     }
 
     fn flush(&mut self, out: &mut SecureStream) -> Result<(), Error> {
-        self.end_run(out)?;
         self.flush_zero(out)?;
         out.flush().map_err(|e| Error::Migration(format!("sending to the target: {e}")))
     }
