@@ -78,13 +78,22 @@ impl Vmm {
     }
 
     fn run(name: &str, vcpus: u32, cmdline: &str) -> Vmm {
-        let mut cmd = Command::new(VMM);
+        Vmm::run_in(None, name, vcpus, cmdline)
+    }
+
+    /// `run`, inside network namespace `netns` when given.
+    fn run_in(netns: Option<&str>, name: &str, vcpus: u32, cmdline: &str) -> Vmm {
+        let mut cmd = in_netns(netns);
         cmd.args(["run", "--vcpus", &vcpus.to_string(), "--memory-mib", "96", "--kernel", GUEST, "--cmdline", cmdline]);
         Vmm::spawn(cmd, name)
     }
 
     fn receive(name: &str, listen: &str, key: &std::path::Path) -> Vmm {
-        let mut cmd = Command::new(VMM);
+        Vmm::receive_in(None, name, listen, key)
+    }
+
+    fn receive_in(netns: Option<&str>, name: &str, listen: &str, key: &std::path::Path) -> Vmm {
+        let mut cmd = in_netns(netns);
         cmd.args(["receive", "--listen", listen, "--secret-file", key.to_str().unwrap()]);
         let vmm = Vmm::spawn(cmd, name);
         wait_until(|| std::fs::read_to_string(&vmm.log).unwrap_or_default().contains("waiting for the migration source"), "target listening");
@@ -132,6 +141,56 @@ impl Drop for Vmm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// drover-vmm, run inside a network namespace when one is given.
+fn in_netns(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns, VMM]);
+            cmd
+        }
+        None => Command::new(VMM),
+    }
+}
+
+/// Two network namespaces joined by a veth pair, each with its own address, like
+/// two hosts; removed on drop.
+struct TwoHosts {
+    names: [String; 2],
+    addresses: [String; 2],
+}
+
+impl TwoHosts {
+    fn new() -> TwoHosts {
+        let id = std::process::id() % 10000;
+        let names = [format!("drvm{id}a"), format!("drvm{id}b")];
+        let octet = 10 + (id % 200);
+        let addresses = [format!("10.213.{octet}.1"), format!("10.213.{octet}.2")];
+        let sh = |cmd: String| {
+            let out = Command::new("sh").args(["-c", &cmd]).output().expect("sh");
+            assert!(out.status.success(), "`{cmd}` failed (needs root and iproute2): {}", String::from_utf8_lossy(&out.stderr));
+        };
+        for (name, addr) in names.iter().zip(&addresses) {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+            sh(format!("ip netns add {name} && ip -n {name} link set lo up"));
+            let _ = addr;
+        }
+        let (a, b) = (&names[0], &names[1]);
+        sh(format!("ip link add {a}v type veth peer name {b}v && ip link set {a}v netns {a} && ip link set {b}v netns {b}"));
+        sh(format!("ip -n {a} addr add {}/24 dev {a}v && ip -n {a} link set {a}v up", addresses[0]));
+        sh(format!("ip -n {b} addr add {}/24 dev {b}v && ip -n {b} link set {b}v up", addresses[1]));
+        TwoHosts { names, addresses }
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
     }
 }
 
@@ -325,4 +384,24 @@ fn cancel_keeps_the_vm_running_here() {
     assert_eq!(target.wait(), Some(1), "{}", target.log());
     assert_eq!(source.wait(), Some(0), "{}", source.log());
     assert_eq!(result(&source.serial()).0, want);
+}
+
+#[test]
+fn migrate_between_two_hosts_over_their_own_network() {
+    let _one = serialize();
+    let hosts = TwoHosts::new();
+    let cmdline = digest_cmdline(1500, 8);
+    let (want, _) = reference(2, &cmdline);
+    let key = secret_file("netns", "netns secret");
+    let listen = format!("{}:{}", hosts.addresses[1], port());
+    let mut target = Vmm::receive_in(Some(&hosts.names[1]), "netns-target", &listen, &key);
+    let mut source = Vmm::run_in(Some(&hosts.names[0]), "netns-source", 2, &cmdline);
+    source.wait_for_round(3);
+    let (code, body) = source.migrate_within(&listen, &key, 250);
+    assert_eq!(code, 204, "{body}");
+    assert_eq!(source.wait(), Some(6), "{}", source.log());
+    assert_eq!(target.wait(), Some(0), "{}", target.log());
+    assert_eq!(result(&target.serial()).0, want);
+    // The source reached the target's address through the veth pair, from its own namespace.
+    assert!(target.log().contains(&format!("peer={}", hosts.addresses[0])), "{}", target.log());
 }

@@ -317,4 +317,48 @@ mod tests {
         write_parts(&mut buf, 5, &[b"x"]).unwrap();
         assert!(matches!(read_frame(&mut buf.as_slice()), Err(WireError::Malformed { kind: "Done", .. })));
     }
+
+    /// A short fuzz run in every test run (the cargo-fuzz target in fuzz/ runs the
+    /// same decoder for as long as one likes): random damage to valid streams must
+    /// give errors, never panics or unbounded allocations.
+    #[test]
+    fn decoder_survives_random_damage() {
+        let mut stream = Vec::new();
+        write_preamble(&mut stream).unwrap();
+        for frame in [
+            Frame::Hello(Box::new(Hello { version: VERSION, config: config() })),
+            Frame::Pages { first: 3, data: vec![0x5a; 2 * PAGE_SIZE] },
+            Frame::Zero(vec![9, 10, 11]),
+            Frame::State(vec![7; 300]),
+            Frame::Done,
+            Frame::Abort("bye".into()),
+        ] {
+            write_frame(&mut stream, &frame).unwrap();
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let mut damaged = stream.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % damaged.len() as u64) as usize;
+                match next() % 3 {
+                    0 => damaged[at] ^= 1 << (next() % 8),
+                    1 => damaged.truncate(at),
+                    _ => damaged.insert(at, next() as u8),
+                }
+                if damaged.is_empty() {
+                    break;
+                }
+            }
+            let mut input = damaged.as_slice();
+            if read_preamble(&mut input).is_ok() {
+                while read_frame(&mut input).is_ok() {}
+            }
+        }
+    }
 }
