@@ -88,12 +88,18 @@ fn check_pages(memory: &GuestMemoryMmap, first: u64, count: u64) -> Result<(), E
 impl RestoreSource for Incoming {
     fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error> {
         let zero = [0u8; PAGE_SIZE];
+        let mut scratch = Vec::new();
         loop {
-            match self.frame()? {
-                Frame::Pages { first, data } => {
-                    check_pages(memory, first, (data.len() / PAGE_SIZE) as u64)?;
-                    memory.write_slice(&data, GuestAddress(first << 12)).map_err(|e| Error::Memory(format!("page {first}: {e}")))?;
-                }
+            let (kind, payload) =
+                wire::read_raw(&mut self.stream, &mut scratch).map_err(|e| Error::Migration(format!("from {}: {e}", self.peer)))?;
+            // Pages go straight from the frame buffer into guest memory.
+            if kind == 2 {
+                let (first, data) = wire::pages(payload).map_err(wire_err)?;
+                check_pages(memory, first, (data.len() / PAGE_SIZE) as u64)?;
+                memory.write_slice(data, GuestAddress(first << 12)).map_err(|e| Error::Memory(format!("page {first}: {e}")))?;
+                continue;
+            }
+            match wire::decode(kind, payload.to_vec()).map_err(wire_err)? {
                 Frame::Zero(pages) => {
                     for page in pages {
                         check_pages(memory, page, 1)?;

@@ -190,6 +190,34 @@ fn write_parts(w: &mut impl Write, kind: u8, parts: &[&[u8]]) -> Result<(), Wire
 
 /// Reads one frame, checking length, checksum and contents.
 pub fn read_frame(r: &mut impl Read) -> Result<Frame, WireError> {
+    let mut scratch = Vec::new();
+    match read_raw(r, &mut scratch)? {
+        (2, payload) => {
+            let (first, data) = pages(payload)?;
+            Ok(Frame::Pages { first, data: data.to_vec() })
+        }
+        (kind, payload) => decode(kind, payload.to_vec()),
+    }
+}
+
+/// A Pages frame's first page number and data, without copying.
+pub fn pages(payload: &[u8]) -> Result<(u64, &[u8]), WireError> {
+    let bad = |why: String| WireError::Malformed { kind: "Pages", why };
+    if payload.len() < 12 {
+        return Err(bad("shorter than its header".into()));
+    }
+    let first = u64::from_le_bytes(payload[..8].try_into().map_err(|_| bad("header".into()))?);
+    let count = u32::from_le_bytes(payload[8..12].try_into().map_err(|_| bad("header".into()))?) as usize;
+    if payload.len() - 12 != count * PAGE_SIZE {
+        return Err(bad(format!("{count} pages announced, {} bytes of data", payload.len() - 12)));
+    }
+    Ok((first, &payload[12..]))
+}
+
+/// Reads one frame into `scratch` (reused between frames: a migration reads
+/// thousands of 1 MiB frames) and checks its length and checksum; returns the
+/// kind and the payload. `decode` or `pages` make sense of the payload.
+pub fn read_raw<'a>(r: &mut impl Read, scratch: &'a mut Vec<u8>) -> Result<(u8, &'a [u8]), WireError> {
     let mut head = [0u8; 5];
     r.read_exact(&mut head).map_err(|e| io(e, "a frame header"))?;
     let kind = head[0];
@@ -200,36 +228,27 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, WireError> {
     if !(1..=9).contains(&kind) {
         return Err(WireError::UnknownKind(kind));
     }
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload).map_err(|e| io(e, "a frame payload"))?;
+    scratch.resize(len as usize, 0);
+    r.read_exact(scratch).map_err(|e| io(e, "a frame payload"))?;
     let mut crc_bytes = [0u8; 4];
     r.read_exact(&mut crc_bytes).map_err(|e| io(e, "a frame checksum"))?;
     let mut crc = crc32fast::Hasher::new();
     crc.update(&head);
-    crc.update(&payload);
+    crc.update(scratch);
     if crc.finalize() != u32::from_le_bytes(crc_bytes) {
         return Err(WireError::BadChecksum { kind });
     }
-    decode(kind, payload)
+    Ok((kind, scratch.as_slice()))
 }
 
-fn decode(kind: u8, payload: Vec<u8>) -> Result<Frame, WireError> {
+/// Makes a frame of a checked payload.
+pub fn decode(kind: u8, payload: Vec<u8>) -> Result<Frame, WireError> {
     let name = kind_name(kind);
     let bad = |why: String| WireError::Malformed { kind: name, why };
     let empty = |f: Frame| if payload.is_empty() { Ok(f) } else { Err(bad(format!("{} unexpected bytes", payload.len()))) };
     match kind {
         1 => postcard::from_bytes::<Hello>(&payload).map(|h| Frame::Hello(Box::new(h))).map_err(|e| bad(e.to_string())),
-        2 => {
-            if payload.len() < 12 {
-                return Err(bad("shorter than its header".into()));
-            }
-            let first = u64::from_le_bytes(payload[..8].try_into().map_err(|_| bad("header".into()))?);
-            let count = u32::from_le_bytes(payload[8..12].try_into().map_err(|_| bad("header".into()))?) as usize;
-            if payload.len() - 12 != count * PAGE_SIZE {
-                return Err(bad(format!("{count} pages announced, {} bytes of data", payload.len() - 12)));
-            }
-            Ok(Frame::Pages { first, data: payload[12..].to_vec() })
-        }
+        2 => pages(&payload).map(|(first, data)| Frame::Pages { first, data: data.to_vec() }),
         3 => {
             if payload.len() < 4 {
                 return Err(bad("shorter than its header".into()));
