@@ -27,15 +27,8 @@ enum Command {
         /// The snapshot directory.
         #[arg(long)]
         from: PathBuf,
-        /// Serial output: `stdout`, `null`, or a file path (default: stdout).
-        #[arg(long)]
-        serial: Option<String>,
-        /// Control API socket path.
-        #[arg(long)]
-        api_socket: Option<PathBuf>,
-        /// Host CPUs for the vCPUs, if not the saved ones.
-        #[arg(long)]
-        host_cpus: Option<String>,
+        #[command(flatten)]
+        here: HostSide,
     },
     /// Wait for a live migration: accept one source that knows the secret, receive
     /// its VM, and run it.
@@ -46,15 +39,8 @@ enum Command {
         /// File holding the shared migration secret.
         #[arg(long)]
         secret_file: PathBuf,
-        /// Serial output: `stdout`, `null`, or a file path (default: stdout).
-        #[arg(long)]
-        serial: Option<String>,
-        /// Control API socket path.
-        #[arg(long)]
-        api_socket: Option<PathBuf>,
-        /// Host CPUs for the vCPUs here, if not the source's.
-        #[arg(long)]
-        host_cpus: Option<String>,
+        #[command(flatten)]
+        here: HostSide,
         /// The VM this target expects (JSON config): a source sending another shape is refused.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -80,6 +66,32 @@ enum Command {
         /// Where to write it.
         path: PathBuf,
     },
+}
+
+/// What a VM brought from elsewhere (a snapshot, a migration source) gets from
+/// this host rather than from where it came from.
+#[derive(Args)]
+struct HostSide {
+    /// Serial output: `stdout`, `null`, or a file path (default: stdout).
+    #[arg(long)]
+    serial: Option<String>,
+    /// Control API socket path.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Host CPUs for the vCPUs here, if not the ones it had.
+    #[arg(long)]
+    host_cpus: Option<String>,
+}
+
+impl HostSide {
+    fn apply(self, mut config: VmConfig) -> VmConfig {
+        config.serial = self.serial.as_deref().map(serial_output).unwrap_or(SerialOutput::Stdout);
+        config.api_socket = self.api_socket;
+        if self.host_cpus.is_some() {
+            config.cpus.host_cpus = self.host_cpus;
+        }
+        config
+    }
 }
 
 #[derive(Args)]
@@ -222,30 +234,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => finish(args.into_config().and_then(|config| drover_hypervisor::vmm::run(&config))),
-        Command::Restore { from, serial, api_socket, host_cpus } => {
+        Command::Restore { from, here } => {
             let result = drover_hypervisor::snapshot::load(&from).and_then(|snapshot| {
-                let mut config = snapshot.config().clone();
-                config.serial = serial.as_deref().map(serial_output).unwrap_or(SerialOutput::Stdout);
-                config.api_socket = api_socket;
-                if host_cpus.is_some() {
-                    config.cpus.host_cpus = host_cpus;
-                }
+                let config = here.apply(snapshot.config().clone());
                 drover_hypervisor::vmm::launch(&config, drover_hypervisor::vmm::Origin::Restore(Box::new(snapshot)))
             });
             finish(result)
         }
-        Command::Receive { listen, secret_file, serial, api_socket, host_cpus, config } => {
+        Command::Receive { listen, secret_file, here, config } => {
             let result = (|| {
                 let secret = std::fs::read(&secret_file)
                     .map_err(|e| drover_hypervisor::Error::Config(format!("--secret-file {}: {e}", secret_file.display())))?;
                 let expected = config.as_deref().map(VmConfig::from_file).transpose()?;
                 let incoming = drover_hypervisor::migration::receive::accept(&listen, secret.trim_ascii(), expected.as_ref())?;
-                let mut config = incoming.config.clone();
-                config.serial = serial.as_deref().map(serial_output).unwrap_or(SerialOutput::Stdout);
-                config.api_socket = api_socket;
-                if host_cpus.is_some() {
-                    config.cpus.host_cpus = host_cpus;
-                }
+                let config = here.apply(incoming.config.clone());
                 drover_hypervisor::vmm::launch(&config, drover_hypervisor::vmm::Origin::Restore(Box::new(incoming)))
             })();
             finish(result)

@@ -405,3 +405,29 @@ fn migrate_between_two_hosts_over_their_own_network() {
     // The source reached the target's address through the veth pair, from its own namespace.
     assert!(target.log().contains(&format!("peer={}", hosts.addresses[0])), "{}", target.log());
 }
+
+#[test]
+fn a_target_expecting_another_shape_refuses_the_vm() {
+    let _one = serialize();
+    let cmdline = digest_cmdline(150, 16);
+    let (want, _) = reference(2, &cmdline);
+    let key = secret_file("shape", "k");
+    let expected = tmp("shape-expected.json");
+    std::fs::write(&expected, format!(r#"{{"vcpus": 4, "memoryMib": 96, "kernel": "{GUEST}"}}"#)).unwrap();
+    let listen = format!("127.0.0.1:{}", port());
+    let mut target = {
+        let mut cmd = Command::new(VMM);
+        cmd.args(["receive", "--listen", &listen, "--secret-file", key.to_str().unwrap(), "--config", expected.to_str().unwrap()]);
+        let vmm = Vmm::spawn(cmd, "shape-target");
+        wait_until(|| vmm.log().contains("waiting for the migration source"), "target listening");
+        vmm
+    };
+    let mut source = Vmm::run("shape-source", 2, &cmdline);
+    source.wait_for_round(2);
+    assert_eq!(source.migrate(&listen, &key).0, 204);
+    assert_eq!(target.wait(), Some(1), "{}", target.log());
+    assert!(target.log().contains("wrong VM shape: the source sends 2 vCPUs"), "{}", target.log());
+    wait_until(|| source.migration()["phase"] == "Failed", "the migration to fail");
+    assert_eq!(source.wait(), Some(0), "{}", source.log());
+    assert_eq!(result(&source.serial()).0, want);
+}
