@@ -156,6 +156,13 @@ impl Read for SecureStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.inbox_pos == self.inbox.len() {
             let n = recv_message(&mut self.reader, &mut self.raw)?;
+            if buf.len() + TAG >= n {
+                // Room for the whole message: decrypt straight into the caller's buffer.
+                return self
+                    .noise
+                    .read_message(&self.raw[..n], buf)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, ChannelError::Decrypt(e.to_string())));
+            }
             self.inbox.resize(MAX_MESSAGE, 0);
             let plain = self
                 .noise
