@@ -173,3 +173,23 @@ impl Incoming {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_outside_guest_memory_are_refused() {
+        let regions = crate::arch::x86_64::layout::ram_regions(4 << 30);
+        let ranges: Vec<_> = regions.iter().map(|(a, l)| (GuestAddress(*a), *l as usize)).collect();
+        let memory = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+        let low_end = (3u64 << 30) >> 12; // first page of the MMIO hole
+        assert!(check_pages(&memory, 0, 256).is_ok());
+        assert!(check_pages(&memory, (4u64 << 30) >> 12, 256).is_ok());
+        let err = |first, count| check_pages(&memory, first, count).unwrap_err().to_string();
+        assert!(err(low_end, 1).contains(&format!("page {low_end} is outside guest memory")));
+        assert!(err(low_end - 1, 2).contains(&format!("page {low_end} is outside")), "a run may not straddle the hole");
+        assert!(err(u64::MAX - 1, 4).contains("outside guest memory"), "no overflow");
+        assert!(err((5u64 << 30) >> 12, 1).contains("outside guest memory"), "past the end");
+    }
+}
