@@ -7,8 +7,9 @@ use super::layout::{IOAPIC_ADDR, LAPIC_ADDR};
 const OEM_ID: &[u8; 6] = b"DROVER";
 const OEM_TABLE_ID: &[u8; 8] = b"DROVERVM";
 
-/// Makes the bytes of a table sum to zero by setting the checksum byte at `at`.
-fn fix_checksum(bytes: &mut [u8], at: usize) {
+/// Makes the bytes of a table sum to zero by setting the checksum byte at `at`
+/// (ACPI tables and the MP table use the same 8-bit checksum).
+pub(super) fn fix_checksum(bytes: &mut [u8], at: usize) {
     bytes[at] = 0;
     let sum = bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b));
     bytes[at] = 0u8.wrapping_sub(sum);

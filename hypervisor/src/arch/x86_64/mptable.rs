@@ -3,6 +3,7 @@
 //! area at 0xf0000, one of the places the guest searches for the floating pointer
 //! (the EBDA's single KiB is too small for 254 CPUs).
 
+use super::acpi::fix_checksum;
 use super::layout::{IOAPIC_ADDR, LAPIC_ADDR, MPTABLE_START};
 
 const SPEC_REV: u8 = 4; // MP spec 1.4
@@ -10,12 +11,6 @@ const APIC_VERSION: u8 = 0x14;
 const IOAPIC_ID: u8 = 0xfe; // above every CPU's APIC ID
 const ISA_BUS: u8 = 0;
 const IRQS: u8 = 16;
-
-fn checksum_fix(bytes: &mut [u8], at: usize) {
-    bytes[at] = 0;
-    let sum = bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b));
-    bytes[at] = 0u8.wrapping_sub(sum);
-}
 
 /// The MP floating pointer and configuration table for CPUs with these APIC IDs
 /// (the first is the boot CPU), to be written at `address()`.
@@ -65,7 +60,7 @@ pub fn mptable(apic_ids: &[u32]) -> Vec<u8> {
     table.push(0); // extended table checksum
     table.push(0); // reserved
     table.extend_from_slice(&entries);
-    checksum_fix(&mut table, 7);
+    fix_checksum(&mut table, 7);
 
     let mut floating = Vec::with_capacity(16);
     floating.extend_from_slice(b"_MP_");
@@ -74,7 +69,7 @@ pub fn mptable(apic_ids: &[u32]) -> Vec<u8> {
     floating.push(SPEC_REV);
     floating.push(0); // checksum
     floating.extend_from_slice(&[0; 5]); // features: configuration table present
-    checksum_fix(&mut floating, 10);
+    fix_checksum(&mut floating, 10);
 
     let mut out = floating;
     out.extend_from_slice(&table);
