@@ -79,11 +79,25 @@ fn malformed_config_file() {
 
 #[test]
 fn no_permission_on_dev_kvm() {
-    // As an unprivileged user (nobody), /dev/kvm (mode 0600 or 0660, root-owned) cannot be opened.
-    let vmm = env!("CARGO_BIN_EXE_drover-vmm");
+    // As an unprivileged user (nobody), /dev/kvm (mode 0600 or 0660, root-owned) cannot
+    // be opened. The binary and guest are copied where nobody may read them (the
+    // checkout may live under a directory only root can enter).
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("drover-nobody-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (vmm, guest) = (dir.join("drover-vmm"), dir.join("guest.elf"));
+    std::fs::copy(env!("CARGO_BIN_EXE_drover-vmm"), &vmm).unwrap();
+    std::fs::copy(GUEST, &guest).unwrap();
+    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&guest, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", vmm, "run", "--vcpus", "1", "--memory-mib", "64", "--kernel", GUEST])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&vmm)
+        .args(["run", "--vcpus", "1", "--memory-mib", "64", "--kernel"])
+        .arg(&guest)
         .output()
         .expect("setpriv (util-linux) runs the VMM as nobody");
+    let _ = std::fs::remove_dir_all(&dir);
     assert_refused(&out, "cannot open /dev/kvm: Permission denied");
 }
