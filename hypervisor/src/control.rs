@@ -237,10 +237,13 @@ impl VmControl {
             let wanted = self.save_generation.load(Ordering::Acquire);
             if wanted > answered {
                 answered = wanted;
+                // Save without holding the lock: every vCPU saves at once.
+                drop(parked);
                 let state = save().map_err(|e| e.to_string());
                 if let Some(slot) = lock(&self.saved).get_mut(index as usize) {
                     *slot = Some(state);
                 }
+                parked = lock(&self.parked);
                 self.parked_changed.notify_all();
                 continue;
             }
