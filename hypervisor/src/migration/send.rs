@@ -244,17 +244,23 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut 
     control.update_migration(|s| s.phase = Phase::Switchover);
     let paused_at = Instant::now();
     control.pause()?;
+    let step = |what: &str| tracing::debug!(us = paused_at.elapsed().as_micros() as u64, "switch-over: {what}");
+    step("paused");
     let handover = (|| -> Result<(), Error> {
         let mut dirty = vm.take_dirty_pages()?;
         for ((_, last), (_, earlier)) in dirty.iter_mut().zip(&pending) {
             last.iter_mut().zip(earlier).for_each(|(a, b)| *a |= *b);
         }
         sent.send_bitmaps(control, out, &dirty)?;
+        step("last pages sent");
         let state = crate::snapshot::capture(control)?.encode()?;
+        step("state captured");
         wire::write_frame(out, &Frame::State(state)).map_err(wire_err)?;
         wire::write_frame(out, &Frame::Done).map_err(wire_err)?;
         out.flush().map_err(|e| Error::Migration(format!("sending: {e}")))?;
-        expect(out, "Ready")
+        expect(out, "Ready")?;
+        step("target ready");
+        Ok(())
     })();
     if let Err(e) = handover {
         control.resume();
