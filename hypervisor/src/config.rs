@@ -75,6 +75,9 @@ pub enum SerialOutput {
     File(PathBuf),
     /// Discarded.
     Null,
+    /// Streamed to every client connected to a Unix socket the VMM listens on
+    /// (what a console attaches to); output with no client connected is dropped.
+    Socket(PathBuf),
 }
 
 /// Host CPUs for vCPU threads.

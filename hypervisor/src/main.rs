@@ -114,7 +114,8 @@ struct RunArgs {
     /// Kernel command line.
     #[arg(long)]
     cmdline: Option<String>,
-    /// Serial output: `stdout`, `null`, or a file path.
+    /// Serial output: `stdout`, `null`, `unix:PATH` (a socket consoles connect to),
+    /// or a file path.
     #[arg(long)]
     serial: Option<String>,
     /// Host CPUs for the vCPUs (CPU list, e.g. 0-3).
@@ -220,6 +221,7 @@ fn serial_output(v: &str) -> SerialOutput {
     match v {
         "stdout" => SerialOutput::Stdout,
         "null" => SerialOutput::Null,
+        v if v.starts_with("unix:") => SerialOutput::Socket(v["unix:".len()..].into()),
         path => SerialOutput::File(path.into()),
     }
 }

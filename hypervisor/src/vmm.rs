@@ -204,6 +204,7 @@ fn serial_output(out: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>, E
     Ok(match out {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::Null => Box::new(std::io::sink()),
+        SerialOutput::Socket(path) => Box::new(serial::SocketOutput::listen(path)?),
         SerialOutput::File(path) => Box::new(
             std::fs::OpenOptions::new()
                 .create(true)

@@ -49,3 +49,34 @@ fn serial_output_goes_to_a_file() {
     let log = std::fs::read_to_string(&path).unwrap();
     assert!(log.contains("drover-guest: done"), "{log}");
 }
+
+#[test]
+fn serial_output_streams_to_socket_clients() {
+    use std::io::Read;
+    let socket = std::env::temp_dir().join(format!("drover-serial-{}.sock", std::process::id()));
+    let mut vm = std::process::Command::new(env!("CARGO_BIN_EXE_drover-vmm"))
+        .args(["run", "--vcpus", "1", "--memory-mib", "32", "--kernel", GUEST, "--cmdline", "drover.mode=spin"])
+        .arg("--serial")
+        .arg(format!("unix:{}", socket.display()))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut client = loop {
+        match std::os::unix::net::UnixStream::connect(&socket) {
+            Ok(c) => break c,
+            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(e) => panic!("serial socket: {e}"),
+        }
+    };
+    client.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    while !seen.contains("drover-guest: tick") {
+        let n = client.read(&mut buf).expect("serial output on the socket");
+        assert!(n > 0, "socket closed; got {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let _ = vm.kill();
+    let _ = vm.wait();
+}
