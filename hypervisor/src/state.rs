@@ -124,19 +124,23 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { what, source }
 }
 
-/// The MSRs KVM can save and restore on this host, probed once per VM.
+/// The MSRs KVM can save and restore on this host, probed once per VM. KVM_GET_MSRS
+/// stops at the first MSR it cannot read and says how many it read, so one call per
+/// unreadable MSR finds them all (a restore probes while a migrated guest waits).
 pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, Error> {
     let list = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
-    // Some listed MSRs cannot be read on every host (PVM included); keep those that can.
-    Ok(list
-        .as_slice()
-        .iter()
-        .copied()
-        .filter(|&index| {
-            let Ok(mut msrs) = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }]) else { return false };
-            vcpu.get_msrs(&mut msrs).map(|n| n == 1).unwrap_or(false)
-        })
-        .collect())
+    let mut readable = Vec::with_capacity(list.as_slice().len());
+    let mut rest: &[u32] = list.as_slice();
+    while !rest.is_empty() {
+        let entries: Vec<kvm_msr_entry> = rest.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
+        let read = vcpu.get_msrs(&mut msrs).unwrap_or(0).min(rest.len());
+        readable.extend_from_slice(&rest[..read]);
+        // Skip the one that failed (some listed MSRs are not readable on every host,
+        // PVM included) and go on after it.
+        rest = rest.get(read + 1..).unwrap_or(&[]);
+    }
+    Ok(readable)
 }
 
 /// Saves one (paused) vCPU.
