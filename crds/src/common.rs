@@ -2,7 +2,6 @@
 //! limits the schemas validate against.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::core::{Resource, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -96,19 +95,6 @@ impl Conditions {
 /// For `skip_serializing_if` on status conditions.
 pub(crate) fn is_empty_conditions(c: &Conditions) -> bool {
     c.0.is_empty()
-}
-
-/// The `generation` a controller saw, for `status.observedGeneration`.
-pub fn generation_of<K: Resource>(obj: &K) -> Option<i64> {
-    obj.meta().generation
-}
-
-/// `namespace/name` of an object, for log lines and messages.
-pub fn object_ref<K: Resource>(obj: &K) -> String {
-    match obj.namespace() {
-        Some(ns) => format!("{ns}/{}", obj.name_any()),
-        None => obj.name_any(),
-    }
 }
 
 #[cfg(test)]

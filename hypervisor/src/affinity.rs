@@ -79,11 +79,6 @@ pub fn pin_thread(tid: i32, cpus: &CpuSet) -> Result<(), Error> {
     Ok(())
 }
 
-/// Restricts the calling thread to `cpus`.
-pub fn pin_current_thread(cpus: &CpuSet) -> Result<(), Error> {
-    pin_thread(0, cpus)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,7 +125,7 @@ mod tests {
         let mine = current_affinity().unwrap();
         let first: CpuSet = mine.iter().take(1).collect();
         let handle = std::thread::spawn(move || {
-            pin_current_thread(&first).unwrap();
+            pin_thread(0, &first).unwrap();
             // SAFETY: gettid has no preconditions.
             let tid = unsafe { libc::gettid() };
             let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();

@@ -194,7 +194,7 @@ impl VmControl {
     }
 
     /// The host CPUs planned for vCPU `index`.
-    pub fn planned_cpus(&self, index: u32) -> Option<CpuSet> {
+    fn planned_cpus(&self, index: u32) -> Option<CpuSet> {
         lock(&self.placement).get(index as usize).cloned()
     }
 

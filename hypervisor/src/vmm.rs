@@ -60,9 +60,9 @@ pub fn launch(config: &VmConfig, origin: Origin) -> Result<VmExit, Error> {
     tracing::debug!(us = started.elapsed().as_micros() as u64, "KVM VM created");
     let numa_nodes = numa_nodes(config, &placement)?;
     memory::bind(&vm.memory, config.numa.policy, &numa_nodes)?;
-    let control = Arc::new(VmControl::new(config.clone(), started, placement, numa_nodes, events_tx.clone(), vm.clone()));
+    let control = Arc::new(VmControl::new(config.clone(), started, placement, numa_nodes, events_tx, vm.clone()));
 
-    let (vcpus, mut source) = prepare(config, &vm, &control, &events_tx, &apic_ids, origin)?;
+    let (vcpus, mut source) = prepare(config, &vm, &control, &apic_ids, origin)?;
     tracing::debug!(us = started.elapsed().as_micros() as u64, "guest loaded, vCPUs created");
     if let Some(source) = source.as_mut() {
         source.before_run()?;
@@ -97,7 +97,6 @@ fn prepare(
     config: &VmConfig,
     vm: &Vm,
     control: &Arc<VmControl>,
-    events_tx: &mpsc::Sender<VmExit>,
     apic_ids: &[u32],
     origin: Origin,
 ) -> Result<Prepared, Error> {
@@ -126,7 +125,7 @@ fn prepare(
         Some(state) => vm_superio::Serial::from_state(&(&state.serial).into(), trigger, vm_superio::serial::NoEvents, out)
             .map_err(|e| Error::State(format!("serial port: {e:?}")))?,
     };
-    let bus = Arc::new(PioBus::new(serial, events_tx.clone(), control.clone()));
+    let bus = Arc::new(PioBus::new(serial, control.clone()));
     control.set_bus(bus.clone());
 
     let supported = vm
@@ -164,7 +163,7 @@ fn prepare(
             Some(m) => Arc::clone(m),
             None => msrs.insert(Arc::new(crate::state::saveable_msrs(&vm.kvm, &fd)?)).clone(),
         };
-        vcpus.push(Vcpu { index, fd, bus: bus.clone(), events: events_tx.clone(), control: control.clone(), msrs });
+        vcpus.push(Vcpu { index, fd, bus: bus.clone(), control: control.clone(), msrs });
     }
     Ok((vcpus, source))
 }

@@ -26,10 +26,10 @@ fn serialize() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A figure from the source's "migration completed" log line.
+/// A figure from the source's "migration completed" log line (logs are plain text
+/// when stderr is not a terminal).
 fn figure(log: &str, name: &str) -> u64 {
-    let clean: String = log.replace("\u{1b}[3m", "").replace("\u{1b}[0m", "").replace("\u{1b}[2m", "");
-    let line = clean.lines().find(|l| l.contains("migration completed")).unwrap_or_else(|| panic!("no completion line:\n{log}"));
+    let line = log.lines().find(|l| l.contains("migration completed")).unwrap_or_else(|| panic!("no completion line:\n{log}"));
     let at = line.find(&format!("{name}=")).unwrap_or_else(|| panic!("no {name} in {line}")) + name.len() + 1;
     line[at..].chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().unwrap()
 }
@@ -373,15 +373,15 @@ fn cancel_keeps_the_vm_running_here() {
     let mut target = Vmm::receive("cancel-target", &listen, &key);
     let mut source = Vmm::run("cancel-source", 2, &cmdline);
     source.wait_for_round(2);
-    assert_eq!(source.migrate(&listen, &key).0, 204);
+    // A 1 ms budget the busy guest cannot meet: the migration is still copying
+    // when the cancel arrives, whatever the machine's speed.
+    assert_eq!(source.migrate_within(&listen, &key, 1).0, 204);
     wait_until(|| source.migration()["phase"] == "PreCopy", "pre-copy");
     let (code, body) = request(&source.socket, "PUT", "/vm/migration/cancel", None).unwrap();
-    assert!(code == 204 || source.migration()["phase"] == "Completed", "cancel: {code} {body}");
-    if source.migration()["phase"] == "Completed" {
-        return; // the migration won the race; nothing to check
-    }
+    assert_eq!(code, 204, "cancel: {body}");
     wait_until(|| source.migration()["phase"] == "Cancelled", "the migration to stop");
     assert_eq!(target.wait(), Some(1), "{}", target.log());
+    assert!(target.serial().is_empty(), "the target ran something");
     assert_eq!(source.wait(), Some(0), "{}", source.log());
     assert_eq!(result(&source.serial()).0, want);
 }

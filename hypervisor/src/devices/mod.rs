@@ -6,7 +6,6 @@ pub mod exit;
 pub mod i8042;
 pub mod serial;
 
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 use crate::control::VmControl;
@@ -20,13 +19,12 @@ const EXIT_PORTS: std::ops::RangeInclusive<u16> = exit::EXIT_PORT..=exit::EXIT_P
 /// Every port-I/O device, dispatched by port from the vCPU threads.
 pub struct PioBus {
     serial: Mutex<serial::SerialPort>,
-    events: Sender<VmExit>,
     control: Arc<VmControl>,
 }
 
 impl PioBus {
-    pub fn new(serial: serial::SerialPort, events: Sender<VmExit>, control: Arc<VmControl>) -> Self {
-        Self { serial: Mutex::new(serial), events, control }
+    pub fn new(serial: serial::SerialPort, control: Arc<VmControl>) -> Self {
+        Self { serial: Mutex::new(serial), control }
     }
 
     /// A guest write to `port`.
@@ -42,10 +40,10 @@ impl PioBus {
             }
         } else if I8042.contains(&port) {
             if let Some(exit) = i8042::write(port, value) {
-                let _ = self.events.send(exit);
+                self.control.end(exit);
             }
         } else if EXIT_PORTS.contains(&port) {
-            let _ = self.events.send(exit::from_guest(value));
+            self.control.end(exit::from_guest(value));
         }
         // Other ports (POST code 0x80, probes of absent hardware) are ignored, as on a PC.
     }

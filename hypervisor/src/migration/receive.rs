@@ -69,6 +69,40 @@ impl Incoming {
         wire::write_frame(&mut self.stream, &frame).map_err(wire_err)?;
         self.stream.flush().map_err(|e| Error::Migration(format!("to {}: {e}", self.peer)))
     }
+
+    /// Receives pages until the VM state arrives; returns it.
+    fn receive_memory(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error> {
+        let zero = [0u8; PAGE_SIZE];
+        let mut scratch = Vec::new();
+        loop {
+            let (kind, payload) =
+                wire::read_raw(&mut self.stream, &mut scratch).map_err(|e| Error::Migration(format!("from {}: {e}", self.peer)))?;
+            // Pages go straight from the frame buffer into guest memory.
+            if kind == 2 {
+                let (first, data) = wire::pages(payload).map_err(wire_err)?;
+                check_pages(memory, first, (data.len() / PAGE_SIZE) as u64)?;
+                memory.write_slice(data, GuestAddress(first << 12)).map_err(|e| Error::Memory(format!("page {first}: {e}")))?;
+                continue;
+            }
+            match wire::decode(kind, payload.to_vec()).map_err(wire_err)? {
+                Frame::Zero(pages) => {
+                    for page in pages {
+                        check_pages(memory, page, 1)?;
+                        memory.write_slice(&zero, GuestAddress(page << 12)).map_err(|e| Error::Memory(format!("page {page}: {e}")))?;
+                    }
+                }
+                Frame::State(bytes) => {
+                    let state = VmState::decode(&bytes)?;
+                    return match self.frame()? {
+                        Frame::Done => Ok(state),
+                        other => Err(wire_err(WireError::Unexpected { got: other.name(), want: "Done" })),
+                    };
+                }
+                Frame::Abort(why) => return Err(Error::Migration(format!("the source gave up: {why}"))),
+                other => return Err(wire_err(WireError::Unexpected { got: other.name(), want: "Pages, Zero or State" })),
+            }
+        }
+    }
 }
 
 /// Checks that `count` pages from `first` lie inside guest memory.
@@ -107,42 +141,6 @@ impl RestoreSource for Incoming {
             tracing::warn!("could not confirm to the source that the VM runs: {e}");
         }
         tracing::info!(peer = %self.peer, "migration received; the VM runs here");
-    }
-}
-
-impl Incoming {
-    /// Receives pages until the VM state arrives; returns it.
-    fn receive_memory(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error> {
-        let zero = [0u8; PAGE_SIZE];
-        let mut scratch = Vec::new();
-        loop {
-            let (kind, payload) =
-                wire::read_raw(&mut self.stream, &mut scratch).map_err(|e| Error::Migration(format!("from {}: {e}", self.peer)))?;
-            // Pages go straight from the frame buffer into guest memory.
-            if kind == 2 {
-                let (first, data) = wire::pages(payload).map_err(wire_err)?;
-                check_pages(memory, first, (data.len() / PAGE_SIZE) as u64)?;
-                memory.write_slice(data, GuestAddress(first << 12)).map_err(|e| Error::Memory(format!("page {first}: {e}")))?;
-                continue;
-            }
-            match wire::decode(kind, payload.to_vec()).map_err(wire_err)? {
-                Frame::Zero(pages) => {
-                    for page in pages {
-                        check_pages(memory, page, 1)?;
-                        memory.write_slice(&zero, GuestAddress(page << 12)).map_err(|e| Error::Memory(format!("page {page}: {e}")))?;
-                    }
-                }
-                Frame::State(bytes) => {
-                    let state = VmState::decode(&bytes)?;
-                    return match self.frame()? {
-                        Frame::Done => Ok(state),
-                        other => Err(wire_err(WireError::Unexpected { got: other.name(), want: "Done" })),
-                    };
-                }
-                Frame::Abort(why) => return Err(Error::Migration(format!("the source gave up: {why}"))),
-                other => return Err(wire_err(WireError::Unexpected { got: other.name(), want: "Pages, Zero or State" })),
-            }
-        }
     }
 }
 

@@ -2,7 +2,6 @@
 //! exits that reach user space (port and MMIO I/O, shutdown, errors).
 
 use std::sync::Arc;
-use std::sync::mpsc::Sender;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -18,7 +17,6 @@ pub struct Vcpu {
     pub index: u32,
     pub fd: VcpuFd,
     pub bus: Arc<PioBus>,
-    pub events: Sender<VmExit>,
     pub control: Arc<VmControl>,
     /// MSRs to save with this vCPU's state (probed once per VM).
     pub msrs: Arc<Vec<u32>>,
@@ -33,7 +31,7 @@ impl Vcpu {
         })
     }
 
-    /// Runs until the VM ends; the outcome goes to `events`.
+    /// Runs until the VM ends; the outcome goes to the control.
     fn run(mut self) {
         loop {
             self.control.pause_point(self.index, &|| crate::state::save_vcpu(&self.fd, &self.msrs));
@@ -70,6 +68,6 @@ impl Vcpu {
     }
 
     fn stop(&self, exit: VmExit) {
-        let _ = self.events.send(exit);
+        self.control.end(exit);
     }
 }
