@@ -119,6 +119,16 @@ pub struct VirtualMachineMigrationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_millis: Option<i64>,
 
+    /// Secret (same namespace) whose key `key` holds the migration secret both
+    /// VMMs prove they know; set by the operator when it approves the migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// `address:port` the target's receiving VMM listens on (set by the target agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_address: Option<String>,
+    /// Guest memory dirty rate during the last pass, bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_rate_bytes_per_second: Option<i64>,
     /// Why the migration failed (the VM keeps running on the source).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_message: Option<String>,

@@ -33,7 +33,8 @@ use crate::common::{CEL_CPU_LIST_COUNT, CEL_CPU_LIST_VALID, Conditions, MAX_VCPU
     printcolumn(name = "Host CPUs", type_ = "string", json_path = ".status.hostCpus", priority = "1", description = "Host CPUs the vCPUs run on"),
     printcolumn(name = "Priority", type_ = "string", json_path = ".spec.cpu.priority", priority = "1", description = "vCPU priority"),
     printcolumn(name = "Run Strategy", type_ = "string", json_path = ".spec.runStrategy", priority = "1"),
-    printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restartCount", priority = "1")
+    printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restartCount", priority = "1"),
+    printcolumn(name = "CPU Usage", type_ = "string", json_path = ".status.cpuUsage", priority = "1", description = "Host CPU the VM used lately, in cores")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineSpec {
@@ -358,6 +359,29 @@ pub struct VirtualMachineStatus {
     /// Why the VM last stopped (guest shutdown, guest fault, host failure...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<String>,
+
+    /// CPU shares the vCPU threads have now (from spec.cpu.priority and shares).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares: Option<i32>,
+
+    /// When the host CPUs or the priority now in effect were last applied to the
+    /// running VM (changes apply without a restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_changed_at: Option<Time>,
+
+    /// Time from the agent starting the VMM to the guest's first serial output, in
+    /// milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_millis: Option<i64>,
+
+    /// Host CPU time the VM used over the agent's last sampling interval, in cores
+    /// as a quantity (e.g. `1500m` is one and a half host CPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_usage: Option<String>,
+
+    /// Where the agent serves the VM's serial console log (HTTP GET).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_url: Option<String>,
 }
 
 /// Lifecycle phase of a VirtualMachine.

@@ -7,6 +7,8 @@
  *   sum (default)  each CPU sums splitmix64(i) over its share of i < drover.work
  *                  (default 2^20); CPU 0 prints the total and exits with status 0.
  *   spin           every CPU spins; CPU 0 prints a tick about every 2^29 TSC cycles.
+ *   idle           CPU 0 says "idle" and every CPU halts: a VM that runs and costs
+ *                  the host no CPU (examples, agent tests).
  *   reset          CPU 0 asks the i8042 controller for a CPU reset.
  *   fault          CPU 0 executes hlt in ring 3 (#GP), which ends the VM through
  *                  the exception handler.
@@ -202,6 +204,14 @@ void user_main(u32 cpu, struct hvm_start_info *info) {
             }
             cpu_relax();
         }
+    }
+    if (mode_is(info, "idle")) {
+        if (cpu == 0) {
+            lock();
+            puts_("drover-guest: idle\n");
+            unlock();
+        }
+        halt_this_cpu();
     }
     if (mode_is(info, "reset")) {
         if (cpu == 0) outb(I8042_CMD, 0xfe);

@@ -1,0 +1,29 @@
+//! The agent's one error type.
+
+/// What can go wrong in the agent. Messages name the object, file or field involved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Io(String),
+    /// A VirtualMachine's spec cannot run on this host (missing file, bad value).
+    #[error("{0}")]
+    Config(String),
+    /// A VMM's control API refused a request or could not be reached.
+    #[error("VMM control API: {0}")]
+    Vmm(String),
+    /// A reference to another object does not resolve (missing Secret, missing VM).
+    #[error("{0}")]
+    Reference(String),
+    /// The host does not hold its heartbeat lease: no VM may start.
+    #[error("this host does not hold its heartbeat lease; VMs start again once it does")]
+    NotLeased,
+}
+
+impl Error {
+    /// An I/O error with what was being done.
+    pub fn io(what: impl std::fmt::Display, e: std::io::Error) -> Self {
+        Error::Io(format!("{what}: {e}"))
+    }
+}

@@ -1,0 +1,181 @@
+//! The host's heartbeat (a `Lease` renewed at a short interval) and the isolation
+//! response: a host that cannot renew powers its VMs off before anyone may restart
+//! them elsewhere.
+//!
+//! # Why a VM never runs on two hosts
+//!
+//! Let `D` be the lease duration (written in the Lease as `leaseDurationSeconds`)
+//! and `F = D - margin` the fencing deadline. The agent notes the time `s` (its own
+//! `CLOCK_BOOTTIME`) just *before* sending each renewal; when the API server accepts
+//! that renewal, the host's VMs may run until `s + F` (the deadline file of `fence`),
+//! and no VM starts on a host past its deadline. The monitor of every VM kills it
+//! within `monitor::POLL` of the deadline, even if the agent is dead.
+//!
+//! The operator declares a host failed only when it has seen no change of the
+//! Lease's renewal for `D`, timed on *its own* clock from the moment it observed the
+//! last change — it never compares the Lease's timestamps with its clock, so skew
+//! between the two clocks plays no part. That observation happens after the write,
+//! which happens after `s`; so the operator restarts a VM at the earliest at
+//! `s + D` in real time, while the VM was killed by `s + F + POLL`. The margin
+//! `D - F` covers `POLL`, the time a kill takes, and clock *rate* differences
+//! (drift, bounded by NTP at 500 ppm: 1.5 ms over 3 s). A renewal the agent saw fail
+//! may still have been written: that only makes the operator's `s` later, never the
+//! agent's deadline later, so the bound holds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use tokio::sync::watch;
+
+use crate::Error;
+use crate::fence;
+use crate::settings::Settings;
+use crate::supervisor::Supervisor;
+
+/// Heartbeat and fencing timings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// How often the Lease is renewed.
+    pub renew_interval: Duration,
+    /// `leaseDurationSeconds`: how long the operator waits before declaring the host failed.
+    pub lease_duration: Duration,
+    /// How long after the last accepted renewal the host's VMs may run.
+    pub fence_after: Duration,
+}
+
+impl Timing {
+    /// The defaults match HostPolicy's (1 s heartbeat, 3 s detection): VMs of a
+    /// failed host can be restarted elsewhere 3 s after its last heartbeat, within
+    /// the 5 s the design asks for, and an isolated host has fenced 0.6 s before.
+    pub const DEFAULT: Timing = Timing {
+        renew_interval: Duration::from_secs(1),
+        lease_duration: Duration::from_secs(3),
+        fence_after: Duration::from_millis(2400),
+    };
+
+    /// Timings for an interval and a lease duration: the margin is a fifth of the
+    /// duration, at least 500 ms (ten monitor polls, a kill, and drift).
+    pub fn new(renew_interval: Duration, lease_duration: Duration) -> Result<Self, Error> {
+        let margin = (lease_duration / 5).max(Duration::from_millis(500));
+        if lease_duration < 2 * renew_interval + margin {
+            return Err(Error::Config(format!(
+                "--lease-duration {lease_duration:?} must be at least two heartbeat intervals ({renew_interval:?} each) plus a {margin:?} margin"
+            )));
+        }
+        if lease_duration.subsec_nanos() != 0 {
+            return Err(Error::Config("--lease-duration must be whole seconds (a Lease counts seconds)".into()));
+        }
+        Ok(Self { renew_interval, lease_duration, fence_after: lease_duration - margin })
+    }
+}
+
+/// Renews the Lease forever. `leased` is true while the host may run VMs (a renewal
+/// was accepted and the deadline has not passed); it turns false, and every VM is
+/// powered off, when the deadline passes.
+pub async fn run(client: kube::Client, settings: Arc<Settings>, supervisor: Arc<Supervisor>, leased: watch::Sender<bool>) {
+    let leases: Api<Lease> = Api::namespaced(client, &settings.namespace);
+    let timing = settings.timing;
+    let mut deadline: Option<u64> = None;
+    let mut failures = 0u32;
+    loop {
+        let sent = fence::boottime_ns();
+        // A renewal that takes longer than the time left before the deadline is
+        // useless; cut it off there so the deadline is acted on in time.
+        let left = deadline.map(|d| Duration::from_nanos(d.saturating_sub(sent))).unwrap_or(timing.renew_interval);
+        let attempt = tokio::time::timeout(left.clamp(Duration::from_millis(100), timing.renew_interval), renew(&leases, &settings)).await;
+        match attempt {
+            Ok(Ok(())) => {
+                match fence::write_deadline(&settings.runtime_dir, sent, timing.fence_after) {
+                    Ok(()) => {
+                        deadline = Some(sent + timing.fence_after.as_nanos() as u64);
+                        if !*leased.borrow() {
+                            tracing::info!(lease = %format!("{}/{}", settings.namespace, settings.node), "holding the heartbeat lease: VMs may run");
+                        }
+                        failures = 0;
+                        leased.send_replace(true);
+                    }
+                    Err(e) => tracing::error!("cannot move the fencing deadline: {e}"),
+                }
+                tokio::time::sleep(timing.renew_interval.saturating_sub(Duration::from_nanos(fence::boottime_ns() - sent))).await;
+                continue;
+            }
+            Ok(Err(e)) => {
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(10) {
+                    tracing::warn!("heartbeat not renewed: {e}");
+                }
+            }
+            Err(_) => {
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(10) {
+                    tracing::warn!("heartbeat not renewed: no answer from the API server in time");
+                }
+            }
+        }
+        let now = fence::boottime_ns();
+        if deadline.is_none_or(|d| now >= d) && *leased.borrow() {
+            leased.send_replace(false);
+            let killed = supervisor.kill_all("powered off by the host's isolation response: its heartbeat deadline passed");
+            tracing::error!(
+                vms = killed,
+                "fencing: the heartbeat lease was not renewed for {:?}; powered off every VM of this host; none starts until the lease is renewed",
+                timing.fence_after
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One renewal: a merge patch of the Lease's holder and times (only this host's
+/// agent writes its Lease), creating it the first time.
+async fn renew(leases: &Api<Lease>, settings: &Settings) -> Result<(), Error> {
+    let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let seconds = settings.timing.lease_duration.as_secs() as i32;
+    let patch = serde_json::json!({
+        "spec": { "holderIdentity": settings.node, "leaseDurationSeconds": seconds, "renewTime": now }
+    });
+    match leases.patch(&settings.node, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => {
+            let lease: Lease = serde_json::from_value(serde_json::json!({
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": { "name": settings.node, "namespace": settings.namespace,
+                              "labels": { "drover.dev/heartbeat": "true" } },
+                "spec": { "holderIdentity": settings.node, "leaseDurationSeconds": seconds,
+                          "acquireTime": now, "renewTime": now }
+            }))
+            .map_err(|e| Error::Io(e.to_string()))?;
+            leases.create(&PostParams::default(), &lease).await?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_timing_is_what_new_computes() {
+        assert_eq!(Timing::new(Duration::from_secs(1), Duration::from_secs(3)).unwrap(), Timing::DEFAULT);
+    }
+
+    #[test]
+    fn fencing_always_comes_a_margin_before_the_lease_runs_out() {
+        for (interval_ms, lease_s) in [(1000, 3), (200, 2), (1000, 10), (5000, 60)] {
+            let t = Timing::new(Duration::from_millis(interval_ms), Duration::from_secs(lease_s)).unwrap();
+            let margin = t.lease_duration - t.fence_after;
+            assert!(margin >= Duration::from_millis(500), "{t:?}");
+            assert!(margin >= crate::monitor::POLL * 5, "{t:?}");
+            assert!(t.fence_after >= 2 * t.renew_interval, "a single late renewal must not fence: {t:?}");
+        }
+        assert!(Timing::new(Duration::from_secs(1), Duration::from_secs(2)).is_err());
+        assert!(Timing::new(Duration::from_secs(1), Duration::from_millis(3500)).is_err());
+    }
+}

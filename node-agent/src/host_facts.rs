@@ -1,0 +1,306 @@
+//! What this host offers, published on its `Node` so that the operator (and users,
+//! through selectors) know where VMs can run: whether KVM is usable, the CPU/NUMA/
+//! hyper-thread topology, the CPUs and memory offered to VMs under the HostPolicy
+//! that selects the host, and where migrations and the console reach the agent.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use drover_crds::host_policy::HostPolicy;
+use drover_topology::{CpuSet, HostTopology};
+use kube::core::{Selector, SelectorExt};
+use serde::Serialize;
+
+use crate::Error;
+use crate::settings::Settings;
+
+/// Label: `true` when this host can run Drover VMs (KVM usable and an agent runs).
+pub const LABEL_KVM: &str = "drover.dev/kvm";
+/// Label: online host CPUs.
+pub const LABEL_CPUS: &str = "drover.dev/cpus";
+/// Label: NUMA nodes.
+pub const LABEL_NUMA_NODES: &str = "drover.dev/numa-nodes";
+/// Label: `true` when cores have more than one hardware thread.
+pub const LABEL_SMT: &str = "drover.dev/smt";
+/// Annotation: the facts below, as JSON.
+pub const ANNOTATION_FACTS: &str = "drover.dev/host-facts";
+/// Annotation: the address migration targets on this host listen on.
+pub const ANNOTATION_MIGRATION_ADDRESS: &str = "drover.dev/migration-address";
+/// Annotation: the agent's HTTP endpoint (console logs, health).
+pub const ANNOTATION_AGENT_URL: &str = "drover.dev/agent-url";
+
+/// The facts of one host.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostFacts {
+    pub kvm: KvmFact,
+    pub topology: TopologyFact,
+    pub offered: Offered,
+    /// The HostPolicy that selects this host, if any.
+    pub policy: Option<String>,
+}
+
+/// Whether VMs can run here.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KvmFact {
+    pub usable: bool,
+    /// Why not, when not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub max_vcpus: usize,
+}
+
+/// CPUs and NUMA nodes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TopologyFact {
+    pub cpus: String,
+    pub cores: usize,
+    pub threads_per_core: usize,
+    pub numa_nodes: Vec<NumaFact>,
+    pub memory_mib: u64,
+}
+
+/// One NUMA node.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NumaFact {
+    pub id: u32,
+    pub cpus: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+}
+
+/// What VMs get here.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Offered {
+    /// Host CPUs VMs may run on (online minus reserved).
+    pub cpus: String,
+    /// vCPUs of Shared VMs that fit (CPUs × overcommit ratio).
+    pub vcpus: u64,
+    /// Guest memory that fits, MiB ((total − reserved) × overcommit ratio).
+    pub memory_mib: u64,
+}
+
+impl HostFacts {
+    /// The host CPUs offered to VMs, parsed.
+    pub fn offered_cpus(&self) -> CpuSet {
+        CpuSet::parse(&self.offered.cpus).unwrap_or_default()
+    }
+}
+
+/// Gathers the facts: topology from `sysfs_root`, memory from `/proc/meminfo`, KVM
+/// from `/dev/kvm`, capacity from the first HostPolicy (by name) whose selector
+/// matches the node's labels.
+pub fn gather(sysfs_root: &Path, node_labels: &BTreeMap<String, String>, policies: &[HostPolicy]) -> Result<HostFacts, Error> {
+    let topology = HostTopology::read(sysfs_root).map_err(|e| Error::Io(format!("host topology from {}: {e}", sysfs_root.display())))?;
+    let memory_mib = meminfo_total_mib().unwrap_or(0);
+    let kvm = match drover_hypervisor::kvm_probe::probe() {
+        Ok(facts) if facts.usable() => KvmFact { usable: true, reason: None, max_vcpus: facts.max_vcpus },
+        Ok(facts) => {
+            let missing: Vec<&str> = facts.capabilities.iter().filter(|(_, ok)| !**ok).map(|(name, _)| name.as_str()).collect();
+            KvmFact { usable: false, reason: Some(format!("/dev/kvm lacks {}", missing.join(", "))), max_vcpus: facts.max_vcpus }
+        }
+        Err(e) => KvmFact { usable: false, reason: Some(format!("/dev/kvm: {e}")), max_vcpus: 0 },
+    };
+    Ok(compute(&topology, memory_mib, kvm, node_labels, policies))
+}
+
+/// The pure part of [`gather`].
+pub fn compute(topology: &HostTopology, memory_mib: u64, kvm: KvmFact, node_labels: &BTreeMap<String, String>, policies: &[HostPolicy]) -> HostFacts {
+    let mut sorted: Vec<&HostPolicy> = policies.iter().collect();
+    sorted.sort_by_key(|p| p.metadata.name.clone());
+    let policy = sorted.into_iter().find(|p| {
+        Selector::try_from(p.spec.node_selector.clone()).map(|s| s.matches(node_labels)).unwrap_or(false)
+    });
+    let online = topology.online();
+    let (offered_cpus, vcpus, offered_memory) = match policy {
+        Some(p) => {
+            let reserved = p.spec.capacity.reserved_cpus.as_deref().and_then(|l| CpuSet::parse(l).ok()).unwrap_or_default();
+            let cpus: CpuSet = online.iter().filter(|c| !reserved.contains(*c)).collect();
+            let reserved_mib = crate::vm_config::memory_mib(&p.spec.capacity.reserved_memory).unwrap_or(1024);
+            let vcpus = (cpus.len() as f64 * p.spec.capacity.cpu_overcommit_ratio).floor() as u64;
+            let memory = (memory_mib.saturating_sub(reserved_mib) as f64 * p.spec.capacity.memory_overcommit_ratio).floor() as u64;
+            (cpus, vcpus, memory)
+        }
+        // Without a policy: every CPU, no overcommit, and the HostPolicy default of 1 GiB for the host.
+        None => (online.clone(), online.len() as u64, memory_mib.saturating_sub(1024)),
+    };
+    let cores: std::collections::BTreeSet<(u32, u32)> = topology.cpus.iter().map(|c| (c.package, c.core)).collect();
+    let threads_per_core = topology.cpus.iter().map(|c| c.siblings.len()).max().unwrap_or(1).max(1);
+    HostFacts {
+        kvm,
+        topology: TopologyFact {
+            cpus: online.to_string(),
+            cores: cores.len(),
+            threads_per_core,
+            numa_nodes: topology
+                .nodes
+                .iter()
+                .map(|n| NumaFact { id: n.id, cpus: n.cpus.to_string(), memory_mib: n.memory_kib.map(|k| k / 1024) })
+                .collect(),
+            memory_mib,
+        },
+        offered: Offered { cpus: offered_cpus.to_string(), vcpus, memory_mib: offered_memory },
+        policy: policy.and_then(|p| p.metadata.name.clone()),
+    }
+}
+
+/// The merge patch that publishes the facts on the Node.
+pub fn node_patch(facts: &HostFacts, settings: &Settings) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {
+            "labels": {
+                LABEL_KVM: facts.kvm.usable.to_string(),
+                LABEL_CPUS: CpuSet::parse(&facts.topology.cpus).map(|s| s.len()).unwrap_or(0).to_string(),
+                LABEL_NUMA_NODES: facts.topology.numa_nodes.len().max(1).to_string(),
+                LABEL_SMT: (facts.topology.threads_per_core > 1).to_string(),
+            },
+            "annotations": {
+                ANNOTATION_FACTS: serde_json::to_string(facts).unwrap_or_default(),
+                ANNOTATION_MIGRATION_ADDRESS: settings.address.to_string(),
+                ANNOTATION_AGENT_URL: settings.http_url(),
+            }
+        }
+    })
+}
+
+fn meminfo_total_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// Publishes the facts on the Node at start, whenever a HostPolicy or the Node's
+/// labels change, and every `refresh` in any case; `facts` carries them to the
+/// controllers.
+pub async fn publish(
+    client: kube::Client,
+    settings: std::sync::Arc<Settings>,
+    facts: tokio::sync::watch::Sender<Option<HostFacts>>,
+    refresh: std::time::Duration,
+) {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Node;
+    use kube::Api;
+    use kube::api::{Patch, PatchParams};
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    let policies: Api<HostPolicy> = Api::all(client.clone());
+    let (store, writer) = reflector::store();
+    let mut policy_events = reflector(writer, watcher(policies, watcher::Config::default())).default_backoff().boxed();
+    let node_config = watcher::Config::default().fields(&format!("metadata.name={}", settings.node));
+    let mut node_events = watcher(nodes.clone(), node_config).default_backoff().applied_objects().boxed();
+    let mut published: Option<serde_json::Value> = None;
+    let mut labels = BTreeMap::new();
+    loop {
+        tokio::select! {
+            event = node_events.next() => {
+                if let Some(Ok(node)) = event {
+                    labels = node.metadata.labels.unwrap_or_default();
+                    // Our own labels are part of what we publish, not an input.
+                    for own in [LABEL_KVM, LABEL_CPUS, LABEL_NUMA_NODES, LABEL_SMT] {
+                        labels.remove(own);
+                    }
+                }
+            }
+            _ = policy_events.next() => {}
+            _ = tokio::time::sleep(refresh) => {}
+        }
+        let list: Vec<HostPolicy> = store.state().iter().map(|p| (**p).clone()).collect();
+        let gathered = match gather(&settings.sysfs_root, &labels, &list) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!("cannot gather host facts: {e}");
+                continue;
+            }
+        };
+        let patch = node_patch(&gathered, &settings);
+        if published.as_ref() != Some(&patch) {
+            match nodes.patch(&settings.node, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => {
+                    if published.is_none() {
+                        tracing::info!(kvm = gathered.kvm.usable, reason = ?gathered.kvm.reason, offered_cpus = %gathered.offered.cpus, offered_memory_mib = gathered.offered.memory_mib, policy = ?gathered.policy, "host facts published on the Node");
+                    }
+                    published = Some(patch);
+                }
+                Err(e) => tracing::warn!("cannot publish host facts on Node {}: {e}", settings.node),
+            }
+        }
+        if !gathered.kvm.usable && facts.borrow().as_ref().is_none_or(|f| f.kvm.usable) {
+            tracing::error!("this host cannot run VMs: {}", gathered.kvm.reason.clone().unwrap_or_default());
+        }
+        facts.send_replace(Some(gathered));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(name: &str, json_spec: serde_json::Value) -> HostPolicy {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "drover.dev/v1alpha1", "kind": "HostPolicy",
+            "metadata": { "name": name }, "spec": json_spec
+        }))
+        .unwrap()
+    }
+
+    fn usable() -> KvmFact {
+        KvmFact { usable: true, reason: None, max_vcpus: 254 }
+    }
+
+    #[test]
+    fn facts_follow_the_policy_that_selects_the_host() {
+        let root = tempfile::tempdir().unwrap();
+        // 2 sockets × 4 cores × 2 threads: 16 CPUs, 2 NUMA nodes.
+        drover_topology::write_fixture(root.path(), 2, 4, 2).unwrap();
+        let topology = HostTopology::read(root.path()).unwrap();
+        let labels: BTreeMap<String, String> = [("pool".to_string(), "prod".to_string())].into();
+        let other = policy("a-other", serde_json::json!({ "nodeSelector": { "matchLabels": { "pool": "dev" } } }));
+        let prod = policy(
+            "b-prod",
+            serde_json::json!({
+                "nodeSelector": { "matchLabels": { "pool": "prod" } },
+                "capacity": { "reservedCpus": "0-1", "reservedMemory": "2Gi", "cpuOvercommitRatio": 2.0, "memoryOvercommitRatio": 1.5 }
+            }),
+        );
+        let facts = compute(&topology, 65536, usable(), &labels, &[other.clone(), prod]);
+        assert_eq!(facts.policy.as_deref(), Some("b-prod"));
+        assert_eq!(facts.offered.cpus, "2-15");
+        assert_eq!(facts.offered.vcpus, 28);
+        assert_eq!(facts.offered.memory_mib, (65536 - 2048) * 3 / 2);
+        assert_eq!(facts.topology.cores, 8);
+        assert_eq!(facts.topology.threads_per_core, 2);
+        assert_eq!(facts.topology.numa_nodes.len(), 2);
+
+        let none = compute(&topology, 4096, usable(), &BTreeMap::new(), &[other]);
+        assert_eq!(none.policy, None);
+        assert_eq!(none.offered.cpus, "0-15");
+        assert_eq!(none.offered.memory_mib, 3072);
+    }
+
+    #[test]
+    fn node_patch_carries_labels_for_selectors_and_the_rest_as_annotations() {
+        let root = tempfile::tempdir().unwrap();
+        drover_topology::write_fixture(root.path(), 1, 2, 1).unwrap();
+        let topology = HostTopology::read(root.path()).unwrap();
+        let no_kvm = KvmFact { usable: false, reason: Some("/dev/kvm: not found".into()), max_vcpus: 0 };
+        let facts = compute(&topology, 8192, no_kvm, &BTreeMap::new(), &[]);
+        let settings = crate::settings::tests::settings(root.path());
+        let patch = node_patch(&facts, &settings);
+        let labels = &patch["metadata"]["labels"];
+        assert_eq!(labels[LABEL_KVM], "false");
+        assert_eq!(labels[LABEL_CPUS], "2");
+        assert_eq!(labels[LABEL_NUMA_NODES], "1");
+        assert_eq!(labels[LABEL_SMT], "false");
+        let annotations = &patch["metadata"]["annotations"];
+        assert_eq!(annotations[ANNOTATION_MIGRATION_ADDRESS], "10.77.0.11");
+        let facts: serde_json::Value = serde_json::from_str(annotations[ANNOTATION_FACTS].as_str().unwrap()).unwrap();
+        assert_eq!(facts["kvm"]["reason"], "/dev/kvm: not found");
+    }
+}

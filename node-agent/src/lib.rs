@@ -1,0 +1,33 @@
+//! `drover-agent`: Drover's node agent. One per host; it runs the VMs the operator
+//! places on its host, each in its own `drover-vmm` process kept by a
+//! `drover-monitor`, reports their status, applies live CPU and priority changes,
+//! renews the host's heartbeat and fences the host's VMs when it cannot, carries
+//! both ends of live migrations, and keeps serial console logs.
+//!
+//! Modules, in the order a VM meets them:
+//! - [`host_facts`]: what the host offers, published on its Node.
+//! - [`heartbeat`] and [`fence`]: the Lease, and the deadline past which no VM runs.
+//! - [`vm_controller`]: VirtualMachines placed here → VMMs, and status back.
+//! - [`vm_config`]: a VirtualMachine spec → the VMM's configuration.
+//! - [`supervisor`], [`vm_dir`], [`monitor`]: VMM processes that outlive the agent.
+//! - [`vmm_client`]: the VMM's control API.
+//! - [`migration_controller`]: VirtualMachineMigrations, source and target.
+//! - [`console`]: the HTTP endpoint (health, serial console logs).
+
+pub mod console;
+pub mod context;
+pub mod error;
+pub mod fence;
+pub mod heartbeat;
+pub mod host_facts;
+pub mod migration_controller;
+pub mod monitor;
+pub mod settings;
+pub mod status;
+pub mod supervisor;
+pub mod vm_config;
+pub mod vm_controller;
+pub mod vm_dir;
+pub mod vmm_client;
+
+pub use error::Error;

@@ -1,0 +1,98 @@
+//! Writing what the agent observes into VirtualMachine and VirtualMachineMigration
+//! status. Every write carries the resourceVersion the agent read, so a write based
+//! on stale information (the operator moved the VM meanwhile) fails with a conflict
+//! and is recomputed, instead of overwriting newer facts.
+
+use drover_crds::migration::{VirtualMachineMigration, VirtualMachineMigrationStatus};
+use drover_crds::vm::{VirtualMachine, VirtualMachineStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+
+use crate::Error;
+
+/// `Time` from Unix milliseconds.
+pub fn time_ms(ms: u64) -> Option<Time> {
+    k8s_openapi::jiff::Timestamp::from_millisecond(ms as i64).ok().map(Time)
+}
+
+/// Now.
+pub fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// A condition as the API conventions describe it.
+pub fn condition(type_: &str, ok: bool, reason: &str, message: impl Into<String>, generation: Option<i64>) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: now(),
+    }
+}
+
+/// Writes a VM's status if it changed. Returns whether a write happened.
+pub async fn write_vm(api: &Api<VirtualMachine>, vm: &VirtualMachine, new: &VirtualMachineStatus, manager: &str) -> Result<bool, Error> {
+    if vm.status.as_ref() == Some(new) {
+        return Ok(false);
+    }
+    let patch = serde_json::json!({
+        "metadata": { "resourceVersion": vm.resource_version() },
+        "status": status_with_nulls(vm.status.as_ref(), new)?,
+    });
+    api.patch_status(&vm.name_any(), &PatchParams { field_manager: Some(manager.into()), ..Default::default() }, &Patch::Merge(&patch)).await?;
+    Ok(true)
+}
+
+/// Writes a migration's status if it changed.
+pub async fn write_migration(
+    api: &Api<VirtualMachineMigration>,
+    migration: &VirtualMachineMigration,
+    new: &VirtualMachineMigrationStatus,
+    manager: &str,
+) -> Result<bool, Error> {
+    if migration.status.as_ref() == Some(new) {
+        return Ok(false);
+    }
+    let patch = serde_json::json!({
+        "metadata": { "resourceVersion": migration.resource_version() },
+        "status": status_with_nulls(migration.status.as_ref(), new)?,
+    });
+    api.patch_status(&migration.name_any(), &PatchParams { field_manager: Some(manager.into()), ..Default::default() }, &Patch::Merge(&patch)).await?;
+    Ok(true)
+}
+
+/// The new status as a merge patch: fields that were set and are no longer are
+/// written as `null`, which is how a merge patch removes them.
+fn status_with_nulls<T: serde::Serialize>(old: Option<&T>, new: &T) -> Result<serde_json::Value, Error> {
+    let mut patch = serde_json::to_value(new).map_err(|e| Error::Io(e.to_string()))?;
+    if let (Some(old), Some(map)) = (old.map(serde_json::to_value).transpose().map_err(|e| Error::Io(e.to_string()))?, patch.as_object_mut())
+        && let Some(old) = old.as_object() {
+            for key in old.keys() {
+                map.entry(key.clone()).or_insert(serde_json::Value::Null);
+            }
+        }
+    Ok(patch)
+}
+
+/// Whether an error is a write conflict (someone else wrote first): not a failure,
+/// just a reason to look again.
+pub fn is_conflict(e: &Error) -> bool {
+    matches!(e, Error::Kube(kube::Error::Api(s)) if s.code == 409)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removed_fields_become_nulls() {
+        let old = VirtualMachineStatus { node_name: Some("a".into()), migration: Some("m".into()), ..Default::default() };
+        let new = VirtualMachineStatus { node_name: Some("b".into()), ..Default::default() };
+        let patch = status_with_nulls(Some(&old), &new).unwrap();
+        assert_eq!(patch["nodeName"], "b");
+        assert!(patch["migration"].is_null() && patch.as_object().unwrap().contains_key("migration"));
+    }
+}

@@ -1,0 +1,256 @@
+//! The VMM processes of this host. Each VMM runs under a `drover-monitor` in a
+//! session of its own, so neither dies with the agent; everything needed to find
+//! them again is in their runtime directories (`vm_dir`), so an agent that restarts
+//! re-adopts every VM without restarting any.
+
+use std::collections::HashMap;
+use std::os::unix::process::CommandExt as _;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use drover_hypervisor::config::VmConfig;
+
+use crate::Error;
+use crate::fence;
+use crate::settings::Settings;
+use crate::vm_dir::{ExitRecord, Role, VmDir, VmMeta, process_alive, unix_ms, write_atomic};
+
+/// What a VMM is doing, as seen from outside.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmmState {
+    /// Its monitor is alive and no exit is recorded.
+    Running,
+    /// The VMM ended; its monitor recorded how.
+    Ended(ExitRecord),
+    /// The monitor is gone without recording an end (killed from outside).
+    Lost,
+}
+
+/// One VM with a runtime directory on this host.
+#[derive(Clone, Debug)]
+pub struct LocalVm {
+    pub dir: VmDir,
+    pub meta: VmMeta,
+}
+
+#[derive(Default)]
+struct CpuSample {
+    ticks: u64,
+    at: Option<Instant>,
+    cores: Option<f64>,
+}
+
+/// The VMs of this host.
+pub struct Supervisor {
+    settings: Arc<Settings>,
+    vms: Mutex<HashMap<String, LocalVm>>,
+    cpu: Mutex<HashMap<String, CpuSample>>,
+}
+
+impl Supervisor {
+    pub fn new(settings: Arc<Settings>) -> Self {
+        Self { settings, vms: Mutex::default(), cpu: Mutex::default() }
+    }
+
+    fn vms(&self) -> std::sync::MutexGuard<'_, HashMap<String, LocalVm>> {
+        // A panic while holding the lock leaves a map that is still consistent
+        // (every operation is a single insert or remove).
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Finds every VM directory left by an earlier agent and takes it over. Returns
+    /// what it found, for the log.
+    pub fn adopt_all(&self) -> Vec<(VmMeta, VmmState)> {
+        let root = self.settings.runtime_dir.join("vms");
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let dir = VmDir { path: entry.path() };
+            match dir.read_meta() {
+                Ok(meta) => {
+                    let uid = meta.uid.clone();
+                    self.vms().insert(uid.clone(), LocalVm { dir, meta: meta.clone() });
+                    found.push((meta, self.state(&uid).unwrap_or(VmmState::Lost)));
+                }
+                Err(e) => tracing::warn!(dir = %entry.path().display(), "not a VM directory, left alone: {e}"),
+            }
+        }
+        found
+    }
+
+    /// The local VM with this uid, if any.
+    pub fn get(&self, uid: &str) -> Option<LocalVm> {
+        self.vms().get(uid).cloned()
+    }
+
+    /// Every local VM.
+    pub fn all(&self) -> Vec<LocalVm> {
+        self.vms().values().cloned().collect()
+    }
+
+    /// Starts a VMM under its monitor. `vmm_args` follow the `drover-vmm` program
+    /// name (`run --config ...` or `receive ...`). Refused unless the host holds its
+    /// heartbeat deadline: a fenced host starts nothing.
+    pub fn start(&self, meta: VmMeta, config: &VmConfig, vmm_args: Vec<String>, secret: Option<&[u8]>) -> Result<LocalVm, Error> {
+        let fence_file = fence::deadline_file(&self.settings.runtime_dir);
+        if !fence::within_deadline(&fence_file) {
+            return Err(Error::NotLeased);
+        }
+        let dir = VmDir::new(&self.settings.runtime_dir, &meta.uid);
+        // A directory left by an earlier, ended VMM of this VM is replaced.
+        let _ = std::fs::remove_dir_all(&dir.path);
+        std::fs::create_dir_all(&dir.path).map_err(|e| Error::io(dir.path.display(), e))?;
+        write_atomic(&dir.config(), &serde_json::to_vec_pretty(config).map_err(|e| Error::Io(e.to_string()))?)?;
+        if let Some(secret) = secret {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .mode(0o600)
+                .open(dir.secret())
+                .map_err(|e| Error::io(dir.secret().display(), e))?;
+            std::io::Write::write_all(&mut file, secret).map_err(|e| Error::io(dir.secret().display(), e))?;
+        }
+        write_atomic(&dir.meta(), &serde_json::to_vec_pretty(&meta).map_err(|e| Error::Io(e.to_string()))?)?;
+        let monitor_log = std::fs::File::create(dir.path.join("monitor.log")).map_err(|e| Error::io("monitor.log", e))?;
+
+        let mut command = std::process::Command::new(&self.settings.monitor);
+        command
+            .arg("--dir")
+            .arg(&dir.path)
+            .arg("--fence-file")
+            .arg(&fence_file)
+            .arg("--serial-log")
+            .arg(self.settings.serial_log(&meta.namespace, &meta.name))
+            .arg("--serial-max-bytes")
+            .arg(self.settings.serial_log_bytes.to_string())
+            .arg("--")
+            .arg(&self.settings.vmm)
+            .args(&vmm_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(monitor_log);
+        // SAFETY: setsid() is async-signal-safe and only changes the child's own
+        // session; a new session keeps the monitor and its VMM alive when the
+        // agent's process group is killed.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|e| Error::io(format!("starting {}", self.settings.monitor.display()), e))?;
+        write_atomic(&dir.monitor_pid(), child.id().to_string().as_bytes())?;
+        // The monitor is reaped by a thread of its own: it is our child while we
+        // live, and must not linger as a zombie (which would look alive).
+        std::thread::Builder::new()
+            .name("reap-monitor".into())
+            .spawn(move || {
+                let mut child = child;
+                let _ = child.wait();
+            })
+            .map_err(|e| Error::io("reaper thread", e))?;
+        let vm = LocalVm { dir, meta };
+        self.vms().insert(vm.meta.uid.clone(), vm.clone());
+        Ok(vm)
+    }
+
+    /// The state of a local VM's VMM.
+    pub fn state(&self, uid: &str) -> Option<VmmState> {
+        let vm = self.get(uid)?;
+        if let Some(record) = vm.dir.read_exit() {
+            return Some(VmmState::Ended(record));
+        }
+        let alive = VmDir::read_pid(&vm.dir.monitor_pid()).is_some_and(|pid| process_alive(pid, "drover-monitor"));
+        if alive {
+            return Some(VmmState::Running);
+        }
+        // The monitor may have written exit.json between the two checks.
+        Some(vm.dir.read_exit().map(VmmState::Ended).unwrap_or(VmmState::Lost))
+    }
+
+    /// Powers a VM off now (SIGKILL to the VMM), recording why. The monitor records
+    /// the exit.
+    pub fn kill(&self, uid: &str, reason: &str) {
+        let Some(vm) = self.get(uid) else { return };
+        vm.dir.set_stop_reason(reason);
+        if let Some(pid) = VmDir::read_pid(&vm.dir.vmm_pid()).filter(|pid| process_alive(*pid, "drover-vmm")) {
+            // SAFETY: kill(2) with a pid just checked to be a live drover-vmm.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+
+    /// Powers off every VM of this host (the isolation response).
+    pub fn kill_all(&self, reason: &str) -> usize {
+        let uids: Vec<String> = self.vms().keys().cloned().collect();
+        let mut killed = 0;
+        for uid in uids {
+            if self.state(&uid) == Some(VmmState::Running) {
+                self.kill(&uid, reason);
+                killed += 1;
+            }
+        }
+        killed
+    }
+
+    /// Changes what a local VMM does for its VM (a received VM becomes the VM's own).
+    pub fn set_role(&self, uid: &str, role: Role) -> Result<(), Error> {
+        let mut vms = self.vms();
+        let Some(vm) = vms.get_mut(uid) else { return Ok(()) };
+        vm.meta.role = role;
+        write_atomic(&vm.dir.meta(), &serde_json::to_vec_pretty(&vm.meta).map_err(|e| Error::Io(e.to_string()))?)
+    }
+
+    /// Forgets a VM whose VMM has ended, removing its runtime directory.
+    pub fn forget(&self, uid: &str) {
+        if let Some(vm) = self.vms().remove(uid) {
+            let _ = std::fs::remove_dir_all(&vm.dir.path);
+        }
+        self.cpu.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
+    }
+
+    /// Host CPU the VMM used since the last call, in cores; `None` on the first call.
+    pub fn cpu_usage(&self, uid: &str) -> Option<f64> {
+        let vm = self.get(uid)?;
+        let pid = VmDir::read_pid(&vm.dir.vmm_pid())?;
+        let ticks = process_cpu_ticks(pid)?;
+        let now = Instant::now();
+        let mut samples = self.cpu.lock().unwrap_or_else(|p| p.into_inner());
+        let sample = samples.entry(uid.to_string()).or_default();
+        if let Some(at) = sample.at {
+            let secs = now.duration_since(at).as_secs_f64();
+            // Sample over at least a few seconds: ticks are 10 ms.
+            if secs < 2.0 {
+                return sample.cores;
+            }
+            sample.cores = Some(ticks.saturating_sub(sample.ticks) as f64 / clock_ticks_per_second() / secs);
+        }
+        sample.ticks = ticks;
+        sample.at = Some(now);
+        sample.cores
+    }
+}
+
+/// user + system CPU time of a process, in clock ticks.
+fn process_cpu_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.rsplit_once(") ")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// The metadata of a new VM directory.
+pub fn new_meta(namespace: &str, name: &str, uid: &str, role: Role) -> VmMeta {
+    VmMeta { namespace: namespace.into(), name: name.into(), uid: uid.into(), role, started_at_ms: unix_ms() }
+}

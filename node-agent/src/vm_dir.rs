@@ -1,0 +1,192 @@
+//! The runtime directory of one VM on this host, shared by the agent and the VM's
+//! monitor process: `<runtime>/vms/<uid>/`. Everything the agent needs to find a
+//! running VM again after its own restart lives here (the agent keeps no state of its
+//! own); `<runtime>` models `/run` and is gone after a host power failure.
+//!
+//! | file | written by | what |
+//! | --- | --- | --- |
+//! | `vm.json` | agent | which VirtualMachine, and whether this VMM runs it or receives it |
+//! | `config.json` | agent | the VMM's configuration |
+//! | `secret` | agent | migration secret of a receiving VMM (mode 0600) |
+//! | `monitor.pid` | agent | the monitor process |
+//! | `vmm.pid` | monitor | the VMM process |
+//! | `api.sock` | VMM | its control API |
+//! | `console.sock` | monitor | live serial output for console clients |
+//! | `vmm.log` | VMM | its log |
+//! | `stop-reason` | agent or monitor | why the VMM was stopped from outside (fencing, request) |
+//! | `exit.json` | monitor | how the VMM ended |
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// What a VMM does for its VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Role {
+    /// Runs the VM (started from its boot source).
+    Run,
+    /// Waits for, then runs, the VM a migration brings here; becomes `Run` once the
+    /// VM's status names this host.
+    Receive { migration: String },
+}
+
+/// `vm.json`: which VM a directory belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmMeta {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub role: Role,
+    /// When the agent started the VMM (Unix ms), for boot time.
+    pub started_at_ms: u64,
+}
+
+/// `exit.json`: how the VMM process ended, as its monitor saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExitRecord {
+    /// Exit status, if it exited.
+    pub code: Option<i32>,
+    /// Signal that killed it, if one did.
+    pub signal: Option<i32>,
+    /// When (Unix ms).
+    pub at_ms: u64,
+}
+
+impl ExitRecord {
+    /// What the exit means, in words (drover-vmm's exit statuses).
+    pub fn describe(&self) -> String {
+        match (self.code, self.signal) {
+            (Some(0), _) => "guest powered off".into(),
+            (Some(1), _) => "VMM error (see the VMM log)".into(),
+            (Some(2), _) => "VMM refused its configuration".into(),
+            (Some(3), _) => "guest reset".into(),
+            (Some(4), _) => "guest fault (triple fault or internal error)".into(),
+            (Some(5), _) => "guest reported a failure".into(),
+            (Some(6), _) => "migrated away".into(),
+            (Some(crate::monitor::EXIT_NOT_STARTED), _) => "the VMM program could not be started (see monitor.log)".into(),
+            (Some(n), _) => format!("VMM exited with status {n}"),
+            (None, Some(s)) => format!("VMM killed by signal {s}"),
+            (None, None) => "VMM ended for an unknown reason".into(),
+        }
+    }
+
+    /// The guest ended it cleanly (power off): not a failure.
+    pub fn is_clean(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// The guest asked for a reset (reboot).
+    pub fn is_reset(&self) -> bool {
+        self.code == Some(3)
+    }
+
+    /// The VM now runs on another host.
+    pub fn is_migrated(&self) -> bool {
+        self.code == Some(6)
+    }
+}
+
+/// Paths of one VM's runtime directory.
+#[derive(Clone, Debug)]
+pub struct VmDir {
+    pub path: PathBuf,
+}
+
+impl VmDir {
+    pub fn new(runtime_dir: &Path, uid: &str) -> Self {
+        Self { path: runtime_dir.join("vms").join(uid) }
+    }
+    pub fn meta(&self) -> PathBuf {
+        self.path.join("vm.json")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.path.join("config.json")
+    }
+    pub fn secret(&self) -> PathBuf {
+        self.path.join("secret")
+    }
+    pub fn monitor_pid(&self) -> PathBuf {
+        self.path.join("monitor.pid")
+    }
+    pub fn vmm_pid(&self) -> PathBuf {
+        self.path.join("vmm.pid")
+    }
+    pub fn api_socket(&self) -> PathBuf {
+        self.path.join("api.sock")
+    }
+    pub fn console_socket(&self) -> PathBuf {
+        self.path.join("console.sock")
+    }
+    pub fn vmm_log(&self) -> PathBuf {
+        self.path.join("vmm.log")
+    }
+    pub fn stop_reason(&self) -> PathBuf {
+        self.path.join("stop-reason")
+    }
+    pub fn exit(&self) -> PathBuf {
+        self.path.join("exit.json")
+    }
+
+    pub fn read_meta(&self) -> Result<VmMeta, Error> {
+        read_json(&self.meta())
+    }
+    pub fn read_exit(&self) -> Option<ExitRecord> {
+        read_json(&self.exit()).ok()
+    }
+    pub fn read_stop_reason(&self) -> Option<String> {
+        std::fs::read_to_string(self.stop_reason()).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+    }
+    /// Records why the VMM is being stopped from outside, unless a reason is already
+    /// recorded (the first reason is the true one: a fenced VM stays "fenced").
+    pub fn set_stop_reason(&self, reason: &str) {
+        if self.read_stop_reason().is_none() {
+            let _ = write_atomic(&self.stop_reason(), reason.as_bytes());
+        }
+    }
+    pub fn read_pid(path: &Path) -> Option<i32> {
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
+}
+
+/// Reads a JSON file.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Error> {
+    let text = std::fs::read(path).map_err(|e| Error::io(path.display(), e))?;
+    serde_json::from_slice(&text).map_err(|e| Error::Io(format!("{}: {e}", path.display())))
+}
+
+/// Writes a file so that readers see the old or the new content, never half: a
+/// temporary file renamed over the old one.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).map_err(|e| Error::io(tmp.display(), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path.display(), e))
+}
+
+/// Unix time in milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Whether `pid` is alive and runs a program whose command line contains `name`
+/// (pids are reused; a stale pid file must not adopt a stranger).
+pub fn process_alive(pid: i32, name: &str) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => {
+            // A zombie has an empty command line: it has ended.
+            !cmdline.is_empty() && String::from_utf8_lossy(&cmdline).contains(name) && !is_zombie(pid)
+        }
+        Err(_) => false,
+    }
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(false)
+}

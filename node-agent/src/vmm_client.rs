@@ -1,0 +1,123 @@
+//! Talking to a VMM through its control socket (`drover-vmm`'s API), from async code.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::Error;
+
+/// The parts of `GET /vm` the agent reports.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStatus {
+    /// `running` or `paused`.
+    pub state: String,
+    pub numa_nodes: String,
+    /// From VMM start to the guest's first serial output.
+    pub boot_time_ms: Option<u64>,
+    pub shares: u32,
+    pub cpus_changed_at_ms: Option<u64>,
+    pub priority_changed_at_ms: Option<u64>,
+    pub vcpus: Vec<VcpuStatus>,
+}
+
+/// One vCPU in `GET /vm`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VcpuStatus {
+    pub host_cpus: String,
+}
+
+impl VmStatus {
+    /// The host CPUs the vCPUs may run on, as one CPU list (the union over vCPUs).
+    pub fn host_cpus(&self) -> String {
+        let mut all = std::collections::BTreeSet::new();
+        for vcpu in &self.vcpus {
+            if let Ok(set) = drover_topology::CpuSet::parse(&vcpu.host_cpus) {
+                all.extend(set.iter());
+            }
+        }
+        drover_topology::CpuSet::from_iter(all).to_string()
+    }
+}
+
+/// The parts of `GET /vm/migration` the agent reports.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    /// None, Connecting, PreCopy, Switchover, Completed, Failed, Cancelled, Unknown.
+    pub phase: String,
+    pub pass: u32,
+    pub bytes_sent: u64,
+    pub dirty_rate_bps: u64,
+    pub downtime_ms: Option<u64>,
+    pub total_ms: u64,
+    pub error: Option<String>,
+}
+
+/// A VMM's control socket.
+#[derive(Clone, Debug)]
+pub struct VmmClient {
+    socket: PathBuf,
+}
+
+impl VmmClient {
+    pub fn new(socket: &Path) -> Self {
+        Self { socket: socket.to_path_buf() }
+    }
+
+    async fn call(&self, method: &'static str, path: &'static str, body: Option<String>) -> Result<String, Error> {
+        let socket = self.socket.clone();
+        let (status, reply) = tokio::task::spawn_blocking(move || drover_hypervisor::api::request(&socket, method, path, body.as_deref()))
+            .await
+            .map_err(|e| Error::Vmm(e.to_string()))?
+            .map_err(|e| Error::Vmm(e.to_string()))?;
+        if !(200..300).contains(&status) {
+            return Err(Error::Vmm(format!("{method} {path}: {status} {}", reply.trim())));
+        }
+        Ok(reply)
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &'static str) -> Result<T, Error> {
+        let reply = self.call("GET", path, None).await?;
+        serde_json::from_str(&reply).map_err(|e| Error::Vmm(format!("GET {path}: {e}")))
+    }
+
+    pub async fn status(&self) -> Result<VmStatus, Error> {
+        self.get("/vm").await
+    }
+
+    pub async fn migration(&self) -> Result<MigrationStatus, Error> {
+        self.get("/vm/migration").await
+    }
+
+    pub async fn set_host_cpus(&self, host_cpus: &str) -> Result<(), Error> {
+        self.call("PATCH", "/vm/cpus", Some(serde_json::json!({ "hostCpus": host_cpus }).to_string())).await.map(drop)
+    }
+
+    pub async fn set_shares(&self, shares: u32) -> Result<(), Error> {
+        self.call("PATCH", "/vm/priority", Some(serde_json::json!({ "shares": shares }).to_string())).await.map(drop)
+    }
+
+    /// Asks the VMM to power the VM off.
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        self.call("PUT", "/vm/shutdown", None).await.map(drop)
+    }
+
+    /// Starts a live migration to `destination`.
+    pub async fn migrate(&self, destination: &str, secret: &str, max_downtime_ms: Option<u32>, timeout_seconds: Option<u32>) -> Result<(), Error> {
+        let mut body = serde_json::json!({ "destination": destination, "secret": secret });
+        if let Some(ms) = max_downtime_ms {
+            body["maxDowntimeMs"] = ms.into();
+        }
+        if let Some(s) = timeout_seconds {
+            body["timeoutSeconds"] = s.into();
+        }
+        self.call("PUT", "/vm/migrate", Some(body.to_string())).await.map(drop)
+    }
+
+    pub async fn cancel_migration(&self) -> Result<(), Error> {
+        self.call("PUT", "/vm/migration/cancel", None).await.map(drop)
+    }
+}
