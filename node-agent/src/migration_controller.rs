@@ -25,7 +25,7 @@ use crate::status::{self, condition, now};
 use crate::supervisor::{VmmState, new_meta};
 use crate::vm_dir::{Role, VmDir};
 use crate::vm_config;
-use crate::vmm_client::VmmClient;
+use crate::vmm_client::{MigrationStatus, VmmClient};
 
 /// Key of the migration Secret that holds the secret.
 pub const SECRET_KEY: &str = "key";
@@ -225,7 +225,9 @@ async fn drive_source(
         status.conditions.set(condition("Succeeded", false, "Running", format!("copying memory to {target} ({address})"), generation));
         status::write_migration(api, migration, &status, &ctx.manager()).await?;
         set_vm_migrating(vms, &vm, ctx, Some(&name)).await?;
-        if let Err(e) = client.migrate(&address, secret.trim(), migration.spec.max_downtime_millis, migration.spec.timeout_seconds).await {
+        let figures = local.as_ref().map(|l| l.dir.migration_figures()).unwrap_or_default();
+        let _ = std::fs::remove_file(&figures);
+        if let Err(e) = client.migrate(&address, secret.trim(), migration.spec.max_downtime_millis, migration.spec.timeout_seconds, &figures).await {
             let fresh = api.get_status(&name).await?;
             let mut status = fresh.status.clone().unwrap_or_default();
             fail(&mut status, e.to_string());
@@ -238,9 +240,10 @@ async fn drive_source(
     }
 
     // Running or Switchover: follow the VMM.
+    // While the VMM runs, its API; once it has ended, the figures it left.
     let progress = match (&client, &state) {
         (Some(client), Some(VmmState::Running)) => client.migration().await.ok(),
-        _ => None,
+        _ => local.as_ref().and_then(|l| crate::vm_dir::read_json::<MigrationStatus>(&l.dir.migration_figures()).ok()),
     };
     let ended = match (&state, &progress) {
         (Some(VmmState::Ended(record)), _) if record.is_migrated() => Some(Ok(())),

@@ -15,6 +15,7 @@
 //! | `vmm.log` | VMM | its log |
 //! | `stop-reason` | agent or monitor | why the VMM was stopped from outside (fencing, request) |
 //! | `exit.json` | monitor | how the VMM ended |
+//! | `migration.json` | VMM | final figures of its outgoing migration |
 
 use std::path::{Path, PathBuf};
 
@@ -130,6 +131,9 @@ impl VmDir {
     }
     pub fn exit(&self) -> PathBuf {
         self.path.join("exit.json")
+    }
+    pub fn migration_figures(&self) -> PathBuf {
+        self.path.join("migration.json")
     }
 
     pub fn read_meta(&self) -> Result<VmMeta, Error> {

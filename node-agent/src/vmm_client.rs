@@ -42,7 +42,8 @@ impl VmStatus {
     }
 }
 
-/// The parts of `GET /vm/migration` the agent reports.
+/// The parts of `GET /vm/migration` the agent reports (also what the VMM writes to
+/// the migration's status file at the end).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationStatus {
@@ -106,8 +107,9 @@ impl VmmClient {
     }
 
     /// Starts a live migration to `destination`.
-    pub async fn migrate(&self, destination: &str, secret: &str, max_downtime_ms: Option<u32>, timeout_seconds: Option<u32>) -> Result<(), Error> {
-        let mut body = serde_json::json!({ "destination": destination, "secret": secret });
+    /// The VMM writes the final figures to `status_file` before it exits.
+    pub async fn migrate(&self, destination: &str, secret: &str, max_downtime_ms: Option<u32>, timeout_seconds: Option<u32>, status_file: &Path) -> Result<(), Error> {
+        let mut body = serde_json::json!({ "destination": destination, "secret": secret, "statusFile": status_file });
         if let Some(ms) = max_downtime_ms {
             body["maxDowntimeMs"] = ms.into();
         }

@@ -40,6 +40,11 @@ pub struct MigrateRequest {
     /// Give up after this many seconds.
     #[serde(default = "default_timeout")]
     pub timeout_seconds: u64,
+    /// A file to write the final figures to (`GET /vm/migration`'s JSON) when the
+    /// migration ends, before this VMM exits: on success it exits at once, and its
+    /// caller may not have read them yet.
+    #[serde(default)]
+    pub status_file: Option<std::path::PathBuf>,
 }
 
 /// Default downtime budget. A pass over the few pages a busy guest dirties while
@@ -99,6 +104,7 @@ pub fn start(control: Arc<VmControl>, request: MigrateRequest) -> Result<(), Err
                         throttle_percent = s.throttle_percent,
                         "migration completed; the VM runs on the target"
                     );
+                    write_status_file(&control, &request);
                     control.end(VmExit::MigratedOut(request.destination.clone()));
                 }
                 Err(Outcome::Failed(e)) => {
@@ -117,10 +123,27 @@ pub fn start(control: Arc<VmControl>, request: MigrateRequest) -> Result<(), Err
                     });
                 }
             }
+            if !matches!(control.migration_status().phase, Phase::Completed) {
+                write_status_file(&control, &request);
+            }
             control.finish_migration();
         })
         .map_err(|e| Error::Io(format!("starting the migration thread: {e}")))?;
     Ok(())
+}
+
+/// Writes the final figures where the request asked, as a whole file (temporary
+/// file renamed) so that a reader never sees half.
+fn write_status_file(control: &VmControl, request: &MigrateRequest) {
+    let Some(path) = &request.status_file else { return };
+    let tmp = path.with_extension("tmp");
+    let result = serde_json::to_vec(&control.migration_status())
+        .map_err(std::io::Error::other)
+        .and_then(|json| std::fs::write(&tmp, json))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
+        tracing::warn!("cannot write the migration figures to {}: {e}", path.display());
+    }
 }
 
 enum Outcome {
@@ -160,7 +183,7 @@ fn migrate(control: &Arc<VmControl>, req: &MigrateRequest, secret: &[u8], starte
     vm.set_dirty_logging(true)?;
     // Start from an empty log: what the guest writes from now on shows in the next pass.
     vm.take_dirty_pages()?;
-    let result = precopy_and_switch(control, req, &mut out, deadline);
+    let result = precopy_and_switch(control, req, &mut out, started, deadline);
     if !matches!(result, Ok(()) | Err(Outcome::Unknown(_))) {
         if let Err(e) = vm.set_dirty_logging(false) {
             tracing::warn!("turning dirty logging off: {e}");
@@ -171,7 +194,7 @@ fn migrate(control: &Arc<VmControl>, req: &MigrateRequest, secret: &[u8], starte
     result
 }
 
-fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut SecureStream, deadline: Instant) -> Result<(), Outcome> {
+fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut SecureStream, started: Instant, deadline: Instant) -> Result<(), Outcome> {
     let vm = control.vm();
     control.update_migration(|s| s.phase = Phase::PreCopy);
     // Pass 1: every page that is not zero (the target starts with zeroed memory).
@@ -185,6 +208,8 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut 
     control.update_migration(|s| {
         s.pass = 1;
         s.bandwidth_bps = bandwidth;
+        s.bytes_sent = sent.bytes;
+        s.total_ms = started.elapsed().as_millis() as u64;
     });
 
     let throttle = Throttle::new(control.clone());
@@ -203,6 +228,8 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut 
         control.update_migration(|s| {
             s.dirty_pages = count;
             s.estimated_downtime_ms = estimate_ms;
+            s.bytes_sent = sent.bytes;
+            s.total_ms = started.elapsed().as_millis() as u64;
         });
         if estimate_ms <= req.max_downtime_ms {
             break dirty;
