@@ -1,0 +1,490 @@
+//! `drover-agent` on the real control plane, with hosts that are network namespaces
+//! (`e2e/cluster host ...`). Until the operator exists, the tests place VMs and
+//! approve migrations themselves, by setting the status fields the operator owns
+//! (`status.nodeName` + `phase: Scheduled`; a migration's source, target and Secret).
+//!
+//! The tests run one at a time (a lock): they time fencing and migrations, and two
+//! of them at once on a 2-CPU machine would measure each other.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use drover_e2e::control_plane;
+use drover_e2e::hosts::{Host, cluster_state, unique_name};
+use serde_json::Value;
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where drover-vmm, drover-agent and drover-monitor are.
+fn bin_dir() -> PathBuf {
+    std::env::var_os("DROVER_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| drover_e2e::repo_root().join("target/debug"))
+}
+
+/// Drover's test guest, written once per test process where every host can read it.
+fn guest_image() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = cluster_state().join(format!("test-guest-{}", std::process::id()));
+        let vmm = bin_dir().join("drover-vmm");
+        let out = std::process::Command::new(&vmm)
+            .arg("write-test-guest")
+            .arg(&path)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e} (build it with cargo build --workspace)", vmm.display()));
+        assert!(out.status.success(), "write-test-guest: {}", String::from_utf8_lossy(&out.stderr));
+        path
+    })
+    .clone()
+}
+
+/// A namespace with the CRDs installed.
+fn namespace(prefix: &str) -> String {
+    let cp = control_plane();
+    cp.install_crds();
+    cp.fresh_namespace(prefix)
+}
+
+fn kubectl(args: &[&str]) -> String {
+    control_plane().kubectl_ok(args, None)
+}
+
+fn apply(yaml: &str) {
+    control_plane().kubectl_ok(&["apply", "-f", "-"], Some(yaml));
+}
+
+fn get(ns: &str, kind: &str, name: &str) -> Value {
+    serde_json::from_str(&kubectl(&["get", kind, name, "-n", ns, "-o", "json"])).expect("kubectl get -o json")
+}
+
+fn vm_yaml(ns: &str, name: &str, vcpus: u32, memory: &str, cmdline: &str) -> String {
+    format!(
+        "apiVersion: drover.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec:\n  cpu: {{vcpus: {vcpus}}}\n  memory: {{size: {memory}}}\n  boot: {{kernel: {}, cmdline: \"{cmdline}\"}}\n",
+        guest_image().display()
+    )
+}
+
+/// Places a VM on a host and asks for it to start, as the operator will.
+fn place(ns: &str, vm: &str, host: &Host) {
+    let patch = format!(r#"{{"status":{{"nodeName":"{}","phase":"Scheduled"}}}}"#, host.name());
+    kubectl(&["patch", "vm", vm, "-n", ns, "--subresource=status", "--type=merge", "-p", &patch]);
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` saying what it waited for.
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn vm_status(ns: &str, vm: &str) -> Value {
+    get(ns, "vm", vm)["status"].clone()
+}
+
+fn wait_phase(ns: &str, vm: &str, phase: &str, timeout: Duration) -> Value {
+    wait_for(&format!("VM {vm} to be {phase}"), timeout, || {
+        let status = vm_status(ns, vm);
+        (status["phase"] == phase).then_some(status)
+    })
+}
+
+/// The pid of the VMM running `vm` (its command line names the VM's config).
+fn vmm_pid(host: &Host, uid: &str) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(host.runtime_dir().join("vms").join(uid).join("vmm.pid")).ok()?.trim().parse().ok()?;
+    alive(pid).then_some(pid)
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn uid(ns: &str, vm: &str) -> String {
+    get(ns, "vm", vm)["metadata"]["uid"].as_str().expect("uid").to_string()
+}
+
+/// GET `path` from a host's agent (plain HTTP/1.1 over TCP, from the root namespace
+/// through the bridge): (status code, body).
+fn agent_get(host: &Host, path: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect_timeout(&(host.ip(), 7445).into(), Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n").ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
+fn console(host: &Host, ns: &str, vm: &str) -> String {
+    agent_get(host, &format!("/vms/{ns}/{vm}/console")).map(|(_, body)| body).unwrap_or_default()
+}
+
+/// The CPU list the VMM's vCPU threads ("vcpu N") may run on.
+fn vcpu_affinity(pid: u32) -> Vec<String> {
+    let mut lists = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("vcpu") {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            if let Some(list) = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")) {
+                lists.push(list.trim().to_string());
+            }
+        }
+    }
+    lists
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+#[test]
+fn host_publishes_its_facts_and_a_placed_vm_boots_reports_and_takes_live_changes() {
+    let _serial = serial();
+    let ns = namespace("agent-life");
+    let host = Host::add(&unique_name("life"));
+
+    // Host facts on the Node.
+    let node = wait_for("host facts on the Node", Duration::from_secs(20), || {
+        let node = get("", "node", host.name());
+        node["metadata"]["annotations"]["drover.dev/host-facts"].is_string().then_some(node)
+    });
+    let labels = &node["metadata"]["labels"];
+    assert_eq!(labels["drover.dev/kvm"], "true", "KVM is usable here: {labels}");
+    assert!(labels["drover.dev/cpus"].as_str().unwrap().parse::<u32>().unwrap() >= 1);
+    let annotations = &node["metadata"]["annotations"];
+    assert_eq!(annotations["drover.dev/migration-address"], host.ip().to_string());
+    let facts: Value = serde_json::from_str(annotations["drover.dev/host-facts"].as_str().unwrap()).unwrap();
+    assert_eq!(facts["kvm"]["usable"], true);
+    assert!(facts["offered"]["memoryMib"].as_u64().unwrap() > 0, "{facts}");
+    let lease = get("drover-system", "lease", host.name());
+    assert_eq!(lease["spec"]["holderIdentity"], host.name());
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 3);
+
+    // A VM placed on the host runs and says so.
+    apply(&vm_yaml(&ns, "web", 2, "64Mi", "drover.mode=idle"));
+    let placed = Instant::now();
+    place(&ns, "web", &host);
+    let status = wait_phase(&ns, "web", "Running", Duration::from_secs(30));
+    println!("figure: placed -> Running in {} ms", placed.elapsed().as_millis());
+    assert_eq!(status["nodeName"], host.name());
+    assert_eq!(status["shares"], 1000);
+    assert!(status["startedAt"].is_string(), "{status}");
+    assert!(status["bootMillis"].as_i64().is_some_and(|ms| ms >= 0), "{status}");
+    let ready = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
+    assert_eq!(ready["status"], "True", "{ready}");
+    let offered = facts["offered"]["cpus"].as_str().unwrap();
+    assert_eq!(status["hostCpus"], offered, "a Shared VM without hostCpus gets every offered CPU");
+    let vm = get(&ns, "vm", "web");
+    assert!(vm["metadata"]["finalizers"].as_array().unwrap().iter().any(|f| f == "drover.dev/vm-agent"));
+    let uid = uid(&ns, "web");
+    let pid = vmm_pid(&host, &uid).expect("a VMM process for the VM");
+    assert_eq!(vcpu_affinity(pid).len(), 2, "two vCPU threads");
+
+    // The serial console, through the agent.
+    let text = wait_for("the guest's serial output through the agent", Duration::from_secs(10), || {
+        let text = console(&host, &ns, "web");
+        text.contains("drover-guest: idle").then_some(text)
+    });
+    assert!(text.contains("2 cpus"), "{text}");
+    assert_eq!(agent_get(&host, "/vms/default/nothing-here/console").map(|r| r.0), Some(404));
+    let kubectl_wide = kubectl(&["get", "vm", "web", "-n", &ns, "-o", "wide"]);
+    assert!(kubectl_wide.contains("Running") && kubectl_wide.contains(host.name()), "{kubectl_wide}");
+
+    // Live changes: host CPUs and priority, without a restart.
+    kubectl(&["patch", "vm", "web", "-n", &ns, "--type=merge", "-p", r#"{"spec":{"cpu":{"hostCpus":"0","priority":"High"}}}"#]);
+    let status = wait_for("the live change in status", Duration::from_secs(20), || {
+        let vm = get(&ns, "vm", "web");
+        let s = vm["status"].clone();
+        (s["hostCpus"] == "0" && s["shares"] == 2000 && s["observedGeneration"] == vm["metadata"]["generation"]).then_some(s)
+    });
+    assert!(status["cpuChangedAt"].is_string(), "{status}");
+    assert_eq!(vmm_pid(&host, &uid), Some(pid), "same VMM process: no restart");
+    assert_eq!(vcpu_affinity(pid), vec!["0".to_string(), "0".to_string()]);
+    // A host CPU that is not there is refused with a condition; the VM keeps running.
+    kubectl(&["patch", "vm", "web", "-n", &ns, "--type=merge", "-p", r#"{"spec":{"cpu":{"hostCpus":"900"}}}"#]);
+    let condition = wait_for("a CpuConfigApplied=False condition", Duration::from_secs(20), || {
+        let s = vm_status(&ns, "web");
+        s["conditions"].as_array()?.iter().find(|c| c["type"] == "CpuConfigApplied" && c["status"] == "False").cloned()
+    });
+    assert!(condition["message"].as_str().unwrap().contains("spec.cpu.hostCpus: CPU 900"), "{condition}");
+    assert_eq!(vmm_pid(&host, &uid), Some(pid));
+
+    // Halted: the VM stops; deleted: the finalizer lets go once it has.
+    kubectl(&["patch", "vm", "web", "-n", &ns, "--type=merge", "-p", r#"{"spec":{"runStrategy":"Halted"}}"#]);
+    let status = wait_phase(&ns, "web", "Stopped", Duration::from_secs(20));
+    assert!(status["lastExit"].as_str().unwrap().contains("Halted"), "{status}");
+    assert!(!alive(pid), "the VMM is gone");
+    kubectl(&["delete", "vm", "web", "-n", &ns, "--timeout=20s"]);
+    assert!(control_plane().kubectl(&["get", "vm", "web", "-n", &ns], None).status.code() != Some(0));
+}
+
+#[test]
+fn an_agent_killed_and_restarted_readopts_every_vm_without_restarting_any() {
+    let _serial = serial();
+    let ns = namespace("agent-readopt");
+    let host = Host::add(&unique_name("readopt"));
+    for vm in ["a", "b"] {
+        apply(&vm_yaml(&ns, vm, 1, "32Mi", "drover.mode=idle"));
+        place(&ns, vm, &host);
+    }
+    let before: Vec<(String, u32, Value)> = ["a", "b"]
+        .iter()
+        .map(|vm| {
+            let status = wait_phase(&ns, vm, "Running", Duration::from_secs(30));
+            let uid = uid(&ns, vm);
+            let pid = vmm_pid(&host, &uid).expect("VMM");
+            (vm.to_string(), pid, status["startedAt"].clone())
+        })
+        .collect();
+
+    let agent = host.agent_pid().expect("agent runs");
+    kill_9(agent);
+    wait_for("the agent to die", Duration::from_secs(5), || (!alive(agent)).then_some(()));
+    let restarted = Instant::now();
+    host.start();
+    let health = wait_for("the new agent to hold its lease", Duration::from_secs(20), || {
+        agent_get(&host, "/healthz").filter(|(code, _)| *code == 200).map(|(_, body)| body)
+    });
+    println!("figure: agent restart -> lease held with {} in {} ms", health.trim(), restarted.elapsed().as_millis());
+    let log = host.agent_log();
+    assert_eq!(count(&log, "re-adopted"), 2, "{log}");
+    for (vm, pid, started_at) in &before {
+        assert!(alive(*pid), "VMM of {vm} survived the agent");
+        let status = vm_status(&ns, vm);
+        assert_eq!(status["phase"], "Running");
+        assert_eq!(&status["startedAt"], started_at, "{vm} was not restarted");
+        assert!(status.get("restartCount").is_none_or(|c| c == 0));
+    }
+    // The new agent controls the VMs it adopted: a live change reaches the VMM.
+    kubectl(&["patch", "vm", "a", "-n", &ns, "--type=merge", "-p", r#"{"spec":{"cpu":{"priority":"Low"}}}"#]);
+    wait_for("the priority change after re-adoption", Duration::from_secs(20), || (vm_status(&ns, "a")["shares"] == 500).then_some(()));
+    println!("figure: agent restart -> a live change applied in {} ms", restarted.elapsed().as_millis());
+    let log = host.agent_log();
+    let since_restart = log.rsplit_once("[drover-e2e]").map(|(_, after)| after).unwrap_or(&log);
+    assert_eq!(count(since_restart, "vm_controller: started vm="), 0, "the new agent started no VM:\n{since_restart}");
+    assert!(before.iter().all(|(_, pid, _)| alive(*pid)));
+}
+
+#[test]
+fn an_isolated_host_powers_its_vms_off_before_its_lease_runs_out() {
+    let _serial = serial();
+    let ns = namespace("agent-fence");
+    let host = Host::add(&unique_name("fence"));
+    apply(&vm_yaml(&ns, "db", 1, "32Mi", "drover.mode=idle"));
+    place(&ns, "db", &host);
+    wait_phase(&ns, "db", "Running", Duration::from_secs(30));
+    let pid = vmm_pid(&host, &uid(&ns, "db")).expect("VMM");
+
+    let isolated = Instant::now();
+    host.isolate();
+    // The last heartbeat the API server accepted: nobody may restart the VM before
+    // renewTime + leaseDurationSeconds.
+    let lease = get("drover-system", "lease", host.name());
+    let renewed = wall_ms(lease["spec"]["renewTime"].as_str().unwrap());
+    let expires = renewed + 1000 * lease["spec"]["leaseDurationSeconds"].as_i64().unwrap();
+    wait_for("the VMM to be powered off", Duration::from_secs(10), || (!alive(pid)).then_some(()));
+    let dead_at = now_ms();
+    println!(
+        "figure: isolation -> VM powered off in {} ms; {} ms before the lease ran out",
+        isolated.elapsed().as_millis(),
+        expires - dead_at
+    );
+    assert!(dead_at < expires, "the VM ran until {dead_at}, past the lease's end {expires}");
+    assert!(host.agent_log().contains("fencing"), "{}", host.agent_log());
+
+    // Healed: the agent reports why the VM stopped, and does not start it again
+    // (the operator may have restarted it elsewhere; it decides).
+    host.heal();
+    let status = wait_phase(&ns, "db", "Failed", Duration::from_secs(20));
+    assert!(status["lastExit"].as_str().unwrap().contains("isolation response"), "{status}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(vm_status(&ns, "db")["phase"], "Failed");
+    assert!(vmm_pid(&host, &uid(&ns, "db")).is_none());
+}
+
+#[test]
+fn vms_do_not_outlive_an_agent_that_stays_dead() {
+    // The monitors keep the fencing deadline themselves: with the agent gone nobody
+    // renews the lease, so the VMs must stop before it runs out.
+    let _serial = serial();
+    let ns = namespace("agent-dead");
+    let host = Host::add(&unique_name("dead"));
+    apply(&vm_yaml(&ns, "lonely", 1, "32Mi", "drover.mode=idle"));
+    place(&ns, "lonely", &host);
+    wait_phase(&ns, "lonely", "Running", Duration::from_secs(30));
+    let pid = vmm_pid(&host, &uid(&ns, "lonely")).expect("VMM");
+    let agent = host.agent_pid().expect("agent");
+    kill_9(agent);
+    let killed = Instant::now();
+    let lease = get("drover-system", "lease", host.name());
+    let expires = wall_ms(lease["spec"]["renewTime"].as_str().unwrap()) + 1000 * lease["spec"]["leaseDurationSeconds"].as_i64().unwrap();
+    wait_for("the monitor to power the VM off", Duration::from_secs(10), || (!alive(pid)).then_some(()));
+    println!("figure: agent dead -> VM powered off by its monitor in {} ms", killed.elapsed().as_millis());
+    assert!(now_ms() < expires, "the VM outlived the lease");
+    let dir = host.runtime_dir().join("vms").join(uid(&ns, "lonely"));
+    let reason = std::fs::read_to_string(dir.join("stop-reason")).unwrap_or_default();
+    assert!(reason.contains("heartbeat deadline"), "{reason}");
+}
+
+#[test]
+fn a_power_failure_is_reported_and_nothing_restarts_on_its_own() {
+    let _serial = serial();
+    let ns = namespace("agent-power");
+    let host = Host::add(&unique_name("power"));
+    apply(&vm_yaml(&ns, "vm", 1, "32Mi", "drover.mode=idle"));
+    place(&ns, "vm", &host);
+    wait_phase(&ns, "vm", "Running", Duration::from_secs(30));
+    host.stop();
+    host.start();
+    let status = wait_phase(&ns, "vm", "Failed", Duration::from_secs(20));
+    assert!(status["lastExit"].as_str().unwrap().contains("gone from"), "{status}");
+    // The serial log is on persistent storage and outlives the power failure.
+    assert!(console(&host, &ns, "vm").contains("drover-guest: idle"));
+}
+
+#[test]
+fn bad_references_give_a_clear_condition_and_no_crash_loop() {
+    let _serial = serial();
+    let ns = namespace("agent-bad");
+    let host = Host::add(&unique_name("bad"));
+    let yaml = vm_yaml(&ns, "nokernel", 1, "32Mi", "drover.mode=idle").replace(&guest_image().display().to_string(), "/nonexistent/vmlinux");
+    apply(&yaml);
+    place(&ns, "nokernel", &host);
+    let status = wait_phase(&ns, "nokernel", "Failed", Duration::from_secs(20));
+    let ready = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
+    assert_eq!(ready["reason"], "InvalidSpec");
+    let message = ready["message"].as_str().unwrap();
+    assert!(message.contains("spec.boot.kernel") && message.contains("/nonexistent/vmlinux") && message.contains(host.name()), "{message}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(count(&host.agent_log(), "cannot start: spec.boot.kernel"), 1, "tried once, not in a loop");
+    // Fixed spec: it starts.
+    let fixed = format!(r#"{{"spec":{{"boot":{{"kernel":"{}"}}}}}}"#, guest_image().display());
+    kubectl(&["patch", "vm", "nokernel", "-n", &ns, "--type=merge", "-p", &fixed]);
+    wait_phase(&ns, "nokernel", "Running", Duration::from_secs(20));
+
+    // A migration whose Secret does not exist fails, saying so; the VM stays put.
+    let target = Host::add(&unique_name("bad-target"));
+    apply(&migration_yaml(&ns, "m", "nokernel"));
+    approve(&ns, "m", &host, &target, "no-such-secret");
+    let status = wait_for("the migration to fail", Duration::from_secs(20), || {
+        let s = get(&ns, "vmim", "m")["status"].clone();
+        (s["phase"] == "Failed").then_some(s)
+    });
+    let why = status["failureMessage"].as_str().unwrap();
+    assert!(why.contains("Secret") && why.contains("no-such-secret") && why.contains("not found"), "{why}");
+    let vm = vm_status(&ns, "nokernel");
+    assert_eq!(vm["phase"], "Running");
+    assert_eq!(vm["nodeName"], host.name());
+}
+
+fn migration_yaml(ns: &str, name: &str, vm: &str) -> String {
+    format!("apiVersion: drover.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{vmName: {vm}}}\n")
+}
+
+/// Approves a migration as the operator will: source, target, and the Secret.
+fn approve(ns: &str, migration: &str, from: &Host, to: &Host, secret: &str) {
+    let patch = format!(
+        r#"{{"status":{{"phase":"Scheduled","sourceNode":"{}","targetNode":"{}","secretName":"{secret}"}}}}"#,
+        from.name(),
+        to.name()
+    );
+    kubectl(&["patch", "vmim", migration, "-n", ns, "--subresource=status", "--type=merge", "-p", &patch]);
+}
+
+/// The digest the workload prints when it runs undisturbed, from a plain VMM run.
+fn reference_digest(vcpus: u32, memory_mib: u32, cmdline: &str) -> String {
+    let out = std::process::Command::new(bin_dir().join("drover-vmm"))
+        .args(["run", "--vcpus", &vcpus.to_string(), "--memory-mib", &memory_mib.to_string(), "--cmdline", cmdline])
+        .arg("--kernel")
+        .arg(guest_image())
+        .output()
+        .expect("run drover-vmm");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "reference run: {text}{}", String::from_utf8_lossy(&out.stderr));
+    digest_of(&text).unwrap_or_else(|| panic!("no digest in {text}"))
+}
+
+fn digest_of(serial: &str) -> Option<String> {
+    serial.lines().find_map(|l| l.strip_prefix("drover-guest: digest ")).map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
+}
+
+#[test]
+fn a_vm_migrates_between_hosts_and_its_workload_result_is_intact() {
+    let _serial = serial();
+    let ns = namespace("agent-vmotion");
+    let a = Host::add(&unique_name("mig-a"));
+    let b = Host::add(&unique_name("mig-b"));
+    let cmdline = "drover.mode=digest drover.rounds=3000 drover.mem=8";
+    let want = reference_digest(2, 256, cmdline);
+
+    apply(&vm_yaml(&ns, "busy", 2, "256Mi", cmdline));
+    place(&ns, "busy", &a);
+    wait_phase(&ns, "busy", "Running", Duration::from_secs(30));
+    wait_for("the workload to be under way", Duration::from_secs(30), || console(&a, &ns, "busy").contains("round 100").then_some(()));
+    let secret = format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: vmotion-key, namespace: {ns}}}\nstringData: {{key: correct-horse-battery-staple}}\n");
+    apply(&secret);
+    apply(&migration_yaml(&ns, "move", "busy"));
+    let asked = Instant::now();
+    approve(&ns, "move", &a, &b, "vmotion-key");
+    let status = wait_for("the migration to end", Duration::from_secs(60), || {
+        let s = get(&ns, "vmim", "move")["status"].clone();
+        (s["phase"] == "Succeeded" || s["phase"] == "Failed").then_some(s)
+    });
+    assert_eq!(status["phase"], "Succeeded", "{status}");
+    println!(
+        "figure: migration between hosts: approved -> Succeeded {} ms; VMM total {} ms, downtime {} ms, {} bytes, {} passes",
+        asked.elapsed().as_millis(),
+        status["totalMillis"],
+        status["downtimeMillis"],
+        status["bytesTransferred"],
+        status["iterations"]
+    );
+    assert!(status["downtimeMillis"].as_i64().is_some_and(|ms| ms >= 0), "{status}");
+    assert!(status["bytesTransferred"].as_i64().is_some_and(|b| b > 0), "{status}");
+    assert!(status["iterations"].as_i64().is_some_and(|n| n >= 1), "{status}");
+    assert!(status["totalMillis"].as_i64().is_some_and(|ms| ms > 0), "{status}");
+    assert!(status["targetAddress"].as_str().unwrap().starts_with(&b.ip().to_string()), "{status}");
+
+    let vm = wait_for("the VM to be reported from the target", Duration::from_secs(20), || {
+        let s = vm_status(&ns, "busy");
+        (s["nodeName"] == b.name() && (s["phase"] == "Running" || s["phase"] == "Stopped")).then_some(s)
+    });
+    assert!(vm.get("migration").is_none(), "{vm}");
+    assert!(vmm_pid(&a, &uid(&ns, "busy")).is_none(), "nothing of the VM runs on the source");
+    // The workload ends on the target with the digest of an undisturbed run.
+    let status = wait_phase(&ns, "busy", "Stopped", Duration::from_secs(120));
+    assert_eq!(status["nodeName"], b.name());
+    let serial = console(&b, &ns, "busy");
+    assert_eq!(digest_of(&serial).as_deref(), Some(want.as_str()), "target's serial log:\n{serial}");
+    assert!(!console(&a, &ns, "busy").contains("digest"), "the source never finished the workload");
+}
+
+fn wall_ms(rfc3339: &str) -> i64 {
+    // RFC 3339 with microseconds, UTC, as the API server writes MicroTime.
+    let out = std::process::Command::new("date").args(["-u", "-d", rfc3339, "+%s%3N"]).output().expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or_else(|e| panic!("date -d {rfc3339}: {e}"))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// SIGKILL, as a crash or the OOM killer would.
+fn kill_9(pid: u32) {
+    let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().expect("run kill");
+    assert!(status.success(), "kill -9 {pid}");
+}
