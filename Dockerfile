@@ -1,4 +1,5 @@
-# The image with all three Drover binaries: drover-operator, drover-agent, drover-vmm.
+# The image with the Drover binaries: drover-operator, drover-agent (with its
+# drover-monitor, which keeps each VMM company) and drover-vmm.
 #   docker build -t drover:dev .
 # (No Docker engine runs on the project's CI machines; the image is built by users
 # and by e2e/kind, not by ./run-tests.)
@@ -7,7 +8,7 @@ WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bins \
     && mkdir /out \
-    && cp target/release/drover-operator target/release/drover-agent target/release/drover-vmm /out/
+    && cp target/release/drover-operator target/release/drover-agent target/release/drover-monitor target/release/drover-vmm /out/
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates iproute2 \
