@@ -488,3 +488,26 @@ fn kill_9(pid: u32) {
     let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().expect("run kill");
     assert!(status.success(), "kill -9 {pid}");
 }
+
+#[test]
+fn a_host_without_kvm_says_so_and_runs_no_vm() {
+    let _serial = serial();
+    let ns = namespace("agent-nokvm");
+    let options = drover_e2e::hosts::HostOptions { agent_args: vec!["--kvm-device=/nonexistent/kvm".into()], ..Default::default() };
+    let host = Host::add_with(&unique_name("nokvm"), &options);
+    let node = wait_for("host facts on the Node", Duration::from_secs(20), || {
+        let node = get("", "node", host.name());
+        node["metadata"]["annotations"]["drover.dev/host-facts"].is_string().then_some(node)
+    });
+    assert_eq!(node["metadata"]["labels"]["drover.dev/kvm"], "false");
+    let facts: Value = serde_json::from_str(node["metadata"]["annotations"]["drover.dev/host-facts"].as_str().unwrap()).unwrap();
+    assert!(facts["kvm"]["reason"].as_str().unwrap().contains("/nonexistent/kvm"), "{facts}");
+    apply(&vm_yaml(&ns, "vm", 1, "32Mi", "drover.mode=idle"));
+    place(&ns, "vm", &host);
+    let status = wait_phase(&ns, "vm", "Failed", Duration::from_secs(20));
+    let ready = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
+    assert_eq!(ready["reason"], "HostCannotRunVMs", "{ready}");
+    assert!(ready["message"].as_str().unwrap().contains("cannot run VMs"), "{ready}");
+    assert!(host.agent_log().contains("this host cannot run VMs"));
+    assert!(!host.runtime_dir().join("vms").exists() || std::fs::read_dir(host.runtime_dir().join("vms")).unwrap().count() == 0);
+}

@@ -39,7 +39,14 @@ const REQUIRED: [(Cap, &str); 6] = [
 
 /// Opens `/dev/kvm` and reads what it offers.
 pub fn probe() -> Result<KvmFacts, Error> {
-    let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+    probe_device(std::path::Path::new("/dev/kvm"))
+}
+
+/// Opens the KVM device at `path` (`/dev/kvm` but for tests) and reads what it offers.
+pub fn probe_device(path: &std::path::Path) -> Result<KvmFacts, Error> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::Config(format!("{}: a device path cannot contain NUL", path.display())))?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(Error::KvmOpen)?;
     Ok(KvmFacts {
         api_version: kvm.get_api_version(),
         recommended_vcpus: kvm.get_nr_vcpus(),

@@ -92,18 +92,18 @@ impl HostFacts {
 }
 
 /// Gathers the facts: topology from `sysfs_root`, memory from `/proc/meminfo`, KVM
-/// from `/dev/kvm`, capacity from the first HostPolicy (by name) whose selector
+/// from the KVM device, capacity from the first HostPolicy (by name) whose selector
 /// matches the node's labels.
-pub fn gather(sysfs_root: &Path, node_labels: &BTreeMap<String, String>, policies: &[HostPolicy]) -> Result<HostFacts, Error> {
+pub fn gather(sysfs_root: &Path, kvm_device: &Path, node_labels: &BTreeMap<String, String>, policies: &[HostPolicy]) -> Result<HostFacts, Error> {
     let topology = HostTopology::read(sysfs_root).map_err(|e| Error::Io(format!("host topology from {}: {e}", sysfs_root.display())))?;
     let memory_mib = meminfo_total_mib().unwrap_or(0);
-    let kvm = match drover_hypervisor::kvm_probe::probe() {
+    let kvm = match drover_hypervisor::kvm_probe::probe_device(kvm_device) {
         Ok(facts) if facts.usable() => KvmFact { usable: true, reason: None, max_vcpus: facts.max_vcpus },
         Ok(facts) => {
             let missing: Vec<&str> = facts.capabilities.iter().filter(|(_, ok)| !**ok).map(|(name, _)| name.as_str()).collect();
             KvmFact { usable: false, reason: Some(format!("/dev/kvm lacks {}", missing.join(", "))), max_vcpus: facts.max_vcpus }
         }
-        Err(e) => KvmFact { usable: false, reason: Some(format!("/dev/kvm: {e}")), max_vcpus: 0 },
+        Err(e) => KvmFact { usable: false, reason: Some(format!("{} ({e})", kvm_device.display())), max_vcpus: 0 },
     };
     Ok(compute(&topology, memory_mib, kvm, node_labels, policies))
 }
@@ -212,7 +212,7 @@ pub async fn publish(
             _ = tokio::time::sleep(refresh) => {}
         }
         let list: Vec<HostPolicy> = store.state().iter().map(|p| (**p).clone()).collect();
-        let gathered = match gather(&settings.sysfs_root, &labels, &list) {
+        let gathered = match gather(&settings.sysfs_root, &settings.kvm_device, &labels, &list) {
             Ok(f) => f,
             Err(e) => {
                 tracing::error!("cannot gather host facts: {e}");

@@ -54,6 +54,9 @@ struct Cli {
     /// Root of the sysfs tree to read the CPU/NUMA topology from.
     #[arg(long, default_value = "/sys")]
     sysfs_root: PathBuf,
+    /// The KVM device. Another path makes a host without KVM (for tests).
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
     /// Heartbeat (Lease renewal) interval, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     heartbeat_interval_ms: u64,
@@ -97,6 +100,7 @@ fn settings(cli: Cli) -> Result<Settings, Error> {
         http_port: cli.http_port,
         migration_ports: cli.migration_ports,
         sysfs_root: cli.sysfs_root,
+        kvm_device: cli.kvm_device,
         timing,
         serial_log_bytes: cli.serial_log_bytes,
     })

@@ -28,6 +28,8 @@ pub struct Settings {
     pub migration_ports: (u16, u16),
     /// Root of the sysfs tree the topology is read from (`/sys`, or a fixture).
     pub sysfs_root: PathBuf,
+    /// The KVM device (`/dev/kvm`; another path in tests of a host without KVM).
+    pub kvm_device: PathBuf,
     /// Heartbeat and fencing timings.
     pub timing: Timing,
     /// Size at which a VM's serial log rotates.
@@ -72,6 +74,7 @@ pub(crate) mod tests {
             http_port: 7445,
             migration_ports: (49200, 49299),
             sysfs_root: root.to_path_buf(),
+            kvm_device: "/dev/kvm".into(),
             timing: Timing::DEFAULT,
             serial_log_bytes: 1 << 20,
         }
