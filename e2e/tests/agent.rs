@@ -480,7 +480,7 @@ fn wall_ms(rfc3339: &str) -> i64 {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_millis() as i64
 }
 
 /// SIGKILL, as a crash or the OOM killer would.
