@@ -83,7 +83,7 @@ kc() { "$TOOLS_BIN/kubectl" --kubeconfig "$KUBECONFIG_PATH" "$@"; }
 # The bridge carries its cluster's state directory as its alias, so that a second
 # cluster with the same settings is refused instead of sharing (and colliding on)
 # the network, and `down` removes only a bridge its own cluster made.
-bridge_owner() { cat "/sys/class/net/$BRIDGE/ifalias" 2>/dev/null; }
+bridge_owner() { cat "/sys/class/net/$BRIDGE/ifalias" 2>/dev/null || true; }
 
 ensure_bridge() {
   local err owner
@@ -99,6 +99,9 @@ ensure_bridge() {
     err=$(ip link add "$BRIDGE" type bridge 2>&1) || [ -e "/sys/class/net/$BRIDGE" ] ||
       die "cannot create bridge $BRIDGE: $err (is the 'bridge' kernel module available? modprobe bridge)"
   fi
+  local clash
+  clash=$(ip -4 -o addr show | awk -v br="$BRIDGE" -v net="$HOST_NET." '$2 != br && index($4, net) == 1 { print $2 " (" $4 ")" }')
+  [ -z "$clash" ] || die "the hosts' network $HOST_NET.0/24 is in use already by $clash: set DROVER_HOST_NET (and DROVER_BRIDGE, DROVER_NETNS_PREFIX) to other values"
   ip link set "$BRIDGE" alias "drover-e2e $DROVER_STATE"
   [[ $(ip -4 addr show dev "$BRIDGE") == *"inet $GATEWAY/"* ]] || ip addr add "$GATEWAY/24" dev "$BRIDGE" ||
     die "cannot give bridge $BRIDGE the address $GATEWAY/24"
@@ -149,6 +152,15 @@ start_agent() {
   # Its own session, like the control plane's processes; no lock fd leaks into it.
   setsid ip netns exec "$(ns_of "$name")" "${cmd[@]}" >>"$dir/agent.log" 2>&1 </dev/null 9>&- &
   echo $! >"$dir/agent.pid"
+  # Return once it is inside the namespace (`host stop` finds it there), or gone.
+  local pid=$! want i
+  want="net:[$(stat -L -c %i "/var/run/netns/$(ns_of "$name")")]"
+  for ((i = 0; i < 500; i++)); do
+    [ "$(readlink "/proc/$pid/ns/net" 2>/dev/null || true)" = "$want" ] && return 0
+    pid_alive "$pid" || return 0
+    sleep 0.01
+  done
+  die "the agent of host '$name' (pid $pid) did not enter its network namespace in 5 s"
 }
 
 # The root-side veth is up only while the host is powered on and not isolated.
@@ -165,7 +177,7 @@ host_dir() { # name -> its directory; dies if there is no such host
 
 # --- commands ------------------------------------------------------------------------
 host_add() {
-  local name=${1:-} want='' octet ip used dir ns veth arch
+  local name=${1:-} want='' octet ip used f dir ns veth arch
   [ -n "$name" ] || die "usage: e2e/cluster host add NAME"
   [[ ${#name} -le 63 && $name =~ ^[a-z0-9]([-a-z0-9]*[a-z0-9])?$ ]] ||
     die "host name '$name' is not a DNS label (lowercase letters, digits, '-'; at most 63 characters)"
@@ -184,7 +196,8 @@ host_add() {
   flock 9
   [ -e "$dir" ] && die "host '$name' exists already"
   netns_exists "$ns" && die "network namespace $ns exists already (left from another cluster? ip netns del $ns)"
-  used=" $(cat "$HOSTS_DIR"/*/address 2>/dev/null | tr '\n' ' ')"
+  used=' '
+  for f in "$HOSTS_DIR"/*/address; do [ -f "$f" ] && used+="$(cat "$f") "; done
   [[ $name =~ ^host-([0-9]{1,3})$ ]] && want=$((10 + 10#${BASH_REMATCH[1]}))
   if [ -n "$want" ] && [ "$want" -le 254 ] && [[ $used != *" $HOST_NET.$want "* ]]; then
     octet=$want
@@ -269,6 +282,7 @@ host_stop() {
   dir=$(host_dir "$name")
   : >"$dir/off"
   apply_link_state "$name" # a machine without power answers nobody, not even ARP
+  agent_running "$name" && kill -KILL "$(cat "$dir/agent.pid")" 2>/dev/null
   kill_netns "$(ns_of "$name")"
   rm -rf "$dir/run" "$dir/agent.pid"
   mkdir -p "$dir/run"

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
+pub mod hosts;
+
 /// Errors of the e2e helpers.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
