@@ -212,7 +212,8 @@ host_add() {
   exec 9>&-
 
   # From here on, a failure takes the half-made host away again.
-  trap 'host_teardown "$name" >/dev/null 2>&1; kc delete node "$name" --ignore-not-found --wait=false >/dev/null 2>&1' EXIT
+  local node_made=0
+  trap 'host_teardown "$name" >/dev/null 2>&1; [ "$node_made" = 0 ] || kc delete node "$name" --wait=false >/dev/null 2>&1' EXIT
   veth=$(veth_of "$ip")
   ip link del "$veth" 2>/dev/null || true # left from a host whose namespace went away
   ip netns add "$ns"
@@ -226,8 +227,7 @@ host_add() {
   case $(uname -m) in x86_64) arch=amd64 ;; aarch64) arch=arm64 ;; *) arch=$(uname -m) ;; esac
   # Raw POSTs: kubectl without discovery takes a third of the time of `kubectl apply`.
   # drover-system holds the agents' Leases; it is made, or found made, alongside.
-  local ns_out node_out ns_pid
-  ns_out=$(mktemp)
+  local ns_out="$dir/.namespace.out" node_out ns_pid
   kc create --raw /api/v1/namespaces -f - <<<'{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"drover-system"}}' >"$ns_out" 2>&1 &
   ns_pid=$!
   node_out=$(kc create --raw /api/v1/nodes -f - 2>&1 <<NODE
@@ -236,8 +236,9 @@ host_add() {
    "kubernetes.io/arch": "$arch", "drover.dev/host": "true"}},
  "status": {"addresses": [{"type": "InternalIP", "address": "$ip"}, {"type": "Hostname", "address": "$name"}]}}
 NODE
-) || die "creating Node $name failed: $node_out"
-  wait "$ns_pid" || grep -q AlreadyExists "$ns_out" || { cat "$ns_out" >&2; rm -f "$ns_out"; die "creating namespace drover-system failed"; }
+) || { wait "$ns_pid" || true; die "creating Node $name failed: $node_out"; }
+  node_made=1
+  wait "$ns_pid" || grep -q AlreadyExists "$ns_out" || { cat "$ns_out" >&2; die "creating namespace drover-system failed"; }
   rm -f "$ns_out"
 
   local extra=()
