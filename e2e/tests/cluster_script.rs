@@ -46,6 +46,12 @@ fn links_with_prefix(prefix: &str) -> Vec<String> {
 }
 
 /// A bridge name, /24 and namespace prefix that nothing on this machine uses.
+/// Clusters of their own (free_network, ports) are made one at a time.
+fn own_cluster_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn free_network() -> (String, String, String) {
     let out = Command::new("ip").args(["-4", "-o", "addr", "show"]).output().expect("run ip addr");
     let addresses = String::from_utf8_lossy(&out.stdout);
@@ -72,6 +78,7 @@ fn assert_root() {
 fn cluster_up_serves_and_down_leaves_nothing_running() {
     let cp = control_plane(); // the binaries must be built already (./run-tests does it)
     assert_root();
+    let _lock = own_cluster_lock();
     let state = std::env::temp_dir().join(format!("drover-cluster-test-{}", std::process::id()));
     // A network of its own, apart from the run-tests cluster's (drovert0, 10.78.0)
     // and any other on this machine.
@@ -182,6 +189,62 @@ fn cluster_up_serves_and_down_leaves_nothing_running() {
         .unwrap_or_else(|_| Vec::new());
     assert!(namespaces.is_empty(), "network namespaces left behind: {namespaces:?}");
     assert!(links_with_prefix(bridge).is_empty(), "bridge or veths left behind: {:?}", links_with_prefix(bridge));
+}
+
+/// The README's main job: `e2e/cluster up` brings up the control plane, three hosts
+/// with real agents, and the demo VM running on one of them.
+#[test]
+fn the_main_job_brings_up_three_hosts_and_runs_the_demo_vm() {
+    let cp = control_plane();
+    assert_root();
+    let _lock = own_cluster_lock();
+    let state = std::env::temp_dir().join(format!("drover-main-job-test-{}", std::process::id()));
+    let (bridge, net, prefix) = free_network();
+    let bin_dir = std::env::var_os("DROVER_BIN_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| repo_root().join("target/debug"));
+    let cluster = |args: &[&str]| {
+        Command::new(repo_root().join("e2e/cluster"))
+            .args(args)
+            .env("DROVER_STATE", &state)
+            .env("DROVER_APISERVER_PORT", "28443")
+            .env("DROVER_ETCD_PORT", "28379")
+            .env("DROVER_BRIDGE", &bridge)
+            .env("DROVER_HOST_NET", &net)
+            .env("DROVER_NETNS_PREFIX", &prefix)
+            .env("DROVER_BIN_DIR", &bin_dir)
+            .env_remove("DROVER_AGENT_ARGS")
+            .output()
+            .expect("run e2e/cluster")
+    };
+    struct Down<F: Fn(&[&str]) -> std::process::Output>(F);
+    impl<F: Fn(&[&str]) -> std::process::Output> Drop for Down<F> {
+        fn drop(&mut self) {
+            (self.0)(&["down"]);
+        }
+    }
+    let _down = Down(cluster);
+    let cluster = &_down.0;
+
+    let started = Instant::now();
+    let up = cluster(&["up"]);
+    let log = String::from_utf8_lossy(&up.stderr).into_owned();
+    assert!(up.status.success(), "e2e/cluster up failed:\n{log}");
+    eprintln!("figure: main job (cached binaries) up in {:?}", started.elapsed());
+    let kubeconfig = String::from_utf8_lossy(&up.stdout).trim().to_string();
+    assert!(log.contains("VM demo runs on host-1"), "{log}");
+    let wide = Command::new(cp.tools_bin.join("kubectl"))
+        .args(["--kubeconfig", &kubeconfig, "get", "vm", "demo", "-o", "wide", "--no-headers"])
+        .output()
+        .expect("kubectl get vm");
+    let wide = String::from_utf8_lossy(&wide.stdout).into_owned();
+    let columns: Vec<&str> = wide.split_whitespace().collect();
+    assert_eq!(columns[..3], ["demo", "Running", "host-1"], "{wide}");
+    let list = String::from_utf8_lossy(&cluster(&["host", "list"]).stdout).into_owned();
+    assert_eq!(list.lines().filter(|l| l.contains("running")).count(), 3, "three hosts with agents:\n{list}");
+
+    let down = cluster(&["down"]);
+    assert!(down.status.success(), "down: {}", String::from_utf8_lossy(&down.stderr));
+    let vmms = Command::new("pgrep").args(["-f", &format!("drover-vmm run --config {}", state.display())]).output().expect("pgrep");
+    assert!(vmms.stdout.is_empty(), "VMMs left after down: {}", String::from_utf8_lossy(&vmms.stdout));
 }
 
 /// A host of the run-tests cluster reaches the API server (over TLS, at the
