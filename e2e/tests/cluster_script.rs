@@ -46,6 +46,35 @@ fn links_with_prefix(prefix: &str) -> Vec<String> {
 }
 
 /// A bridge name, /24 and namespace prefix that nothing on this machine uses.
+/// A cluster of a test's own (its state directory, ports and network), brought
+/// down when dropped so that a failing test leaves nothing running.
+struct OwnCluster {
+    state: PathBuf,
+    env: Vec<(&'static str, String)>,
+}
+
+impl OwnCluster {
+    fn new(state: PathBuf, env: Vec<(&'static str, String)>) -> Self {
+        Self { state, env }
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(repo_root().join("e2e/cluster"))
+            .args(args)
+            .env("DROVER_STATE", &self.state)
+            .env_remove("DROVER_AGENT_ARGS")
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .expect("run e2e/cluster")
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        self.run(&["down"]);
+    }
+}
+
 /// Clusters of their own (free_network, ports) are made one at a time.
 fn own_cluster_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -85,29 +114,19 @@ fn cluster_up_serves_and_down_leaves_nothing_running() {
     let (bridge, net, prefix) = free_network();
     let (bridge, net, prefix) = (bridge.as_str(), net.as_str(), prefix.as_str());
     let fake = fake_agent_dir();
-    let cluster = |args: &[&str]| {
-        Command::new(repo_root().join("e2e/cluster"))
-            .args(args)
-            .env("DROVER_STATE", &state)
-            .env("DROVER_APISERVER_PORT", "27443")
-            .env("DROVER_ETCD_PORT", "27379")
-            .env("DROVER_BRIDGE", bridge)
-            .env("DROVER_HOST_NET", net)
-            .env("DROVER_NETNS_PREFIX", prefix)
-            .env("DROVER_BIN_DIR", fake)
-            .env("DROVER_AGENT_ARGS", "--extra-one --extra-two=2")
-            .output()
-            .expect("run e2e/cluster")
-    };
-    // Whatever happens below, leave nothing running.
-    struct Down<F: Fn(&[&str]) -> std::process::Output>(F);
-    impl<F: Fn(&[&str]) -> std::process::Output> Drop for Down<F> {
-        fn drop(&mut self) {
-            (self.0)(&["down"]);
-        }
-    }
-    let _down = Down(cluster);
-    let cluster = &_down.0;
+    let own = OwnCluster::new(
+        state.clone(),
+        vec![
+            ("DROVER_APISERVER_PORT", "27443".into()),
+            ("DROVER_ETCD_PORT", "27379".into()),
+            ("DROVER_BRIDGE", bridge.into()),
+            ("DROVER_HOST_NET", net.into()),
+            ("DROVER_NETNS_PREFIX", prefix.into()),
+            ("DROVER_BIN_DIR", fake.display().to_string()),
+            ("DROVER_AGENT_ARGS", "--extra-one --extra-two=2".into()),
+        ],
+    );
+    let cluster = |args: &[&str]| own.run(args);
 
     let started = Instant::now();
     let up = cluster(&["up", "--bare", "--hosts", "2"]);
@@ -201,28 +220,18 @@ fn the_main_job_brings_up_three_hosts_and_runs_the_demo_vm() {
     let state = std::env::temp_dir().join(format!("drover-main-job-test-{}", std::process::id()));
     let (bridge, net, prefix) = free_network();
     let bin_dir = std::env::var_os("DROVER_BIN_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| repo_root().join("target/debug"));
-    let cluster = |args: &[&str]| {
-        Command::new(repo_root().join("e2e/cluster"))
-            .args(args)
-            .env("DROVER_STATE", &state)
-            .env("DROVER_APISERVER_PORT", "28443")
-            .env("DROVER_ETCD_PORT", "28379")
-            .env("DROVER_BRIDGE", &bridge)
-            .env("DROVER_HOST_NET", &net)
-            .env("DROVER_NETNS_PREFIX", &prefix)
-            .env("DROVER_BIN_DIR", &bin_dir)
-            .env_remove("DROVER_AGENT_ARGS")
-            .output()
-            .expect("run e2e/cluster")
-    };
-    struct Down<F: Fn(&[&str]) -> std::process::Output>(F);
-    impl<F: Fn(&[&str]) -> std::process::Output> Drop for Down<F> {
-        fn drop(&mut self) {
-            (self.0)(&["down"]);
-        }
-    }
-    let _down = Down(cluster);
-    let cluster = &_down.0;
+    let own = OwnCluster::new(
+        state.clone(),
+        vec![
+            ("DROVER_APISERVER_PORT", "28443".into()),
+            ("DROVER_ETCD_PORT", "28379".into()),
+            ("DROVER_BRIDGE", bridge),
+            ("DROVER_HOST_NET", net),
+            ("DROVER_NETNS_PREFIX", prefix),
+            ("DROVER_BIN_DIR", bin_dir.display().to_string()),
+        ],
+    );
+    let cluster = |args: &[&str]| own.run(args);
 
     let started = Instant::now();
     let up = cluster(&["up"]);

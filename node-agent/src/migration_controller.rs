@@ -64,13 +64,7 @@ async fn prepare_target(
     mut status: VirtualMachineMigrationStatus,
 ) -> Result<Action, Error> {
     let name = migration.name_any();
-    let fail = |status: &mut VirtualMachineMigrationStatus, why: String| {
-        tracing::warn!(migration = %name, "refused as target: {why}");
-        status.phase = Some(MigrationPhase::Failed);
-        status.completion_time = Some(now());
-        status.conditions.set(condition("Succeeded", false, "TargetNotReady", why.clone(), migration.metadata.generation));
-        status.failure_message = Some(why);
-    };
+    let fail = |status: &mut VirtualMachineMigrationStatus, why: String| fail(migration, status, "TargetNotReady", why);
     let vm = match vms.get_opt(&migration.spec.vm_name).await? {
         Some(vm) => vm,
         None => {
@@ -185,13 +179,7 @@ async fn drive_source(
 ) -> Result<Action, Error> {
     let name = migration.name_any();
     let generation = migration.metadata.generation;
-    let fail = |status: &mut VirtualMachineMigrationStatus, why: String| {
-        tracing::warn!(migration = %name, "failed: {why}");
-        status.phase = Some(MigrationPhase::Failed);
-        status.completion_time = Some(now());
-        status.conditions.set(condition("Succeeded", false, "Failed", why.clone(), generation));
-        status.failure_message = Some(why);
-    };
+    let fail = |status: &mut VirtualMachineMigrationStatus, why: String| fail(migration, status, "Failed", why);
     let Some(vm) = vms.get_opt(&migration.spec.vm_name).await? else {
         fail(&mut status, format!("VirtualMachine {} not found", migration.spec.vm_name));
         status::write_migration(api, migration, &status, &ctx.manager()).await?;
@@ -297,6 +285,15 @@ async fn drive_source(
             Ok(Action::await_change())
         }
     }
+}
+
+/// Marks a migration failed, saying why (the VM keeps running on its source).
+fn fail(migration: &VirtualMachineMigration, status: &mut VirtualMachineMigrationStatus, reason: &str, why: String) {
+    tracing::warn!(migration = %migration.name_any(), "failed ({reason}): {why}");
+    status.phase = Some(MigrationPhase::Failed);
+    status.completion_time = Some(now());
+    status.conditions.set(condition("Succeeded", false, reason, why.clone(), migration.metadata.generation));
+    status.failure_message = Some(why);
 }
 
 /// Marks the VM as migrating (or no longer), keeping the rest of its status.

@@ -35,15 +35,7 @@ pub fn condition(type_: &str, ok: bool, reason: &str, message: impl Into<String>
 
 /// Writes a VM's status if it changed. Returns whether a write happened.
 pub async fn write_vm(api: &Api<VirtualMachine>, vm: &VirtualMachine, new: &VirtualMachineStatus, manager: &str) -> Result<bool, Error> {
-    if vm.status.as_ref() == Some(new) {
-        return Ok(false);
-    }
-    let patch = serde_json::json!({
-        "metadata": { "resourceVersion": vm.resource_version() },
-        "status": status_with_nulls(vm.status.as_ref(), new)?,
-    });
-    api.patch_status(&vm.name_any(), &PatchParams { field_manager: Some(manager.into()), ..Default::default() }, &Patch::Merge(&patch)).await?;
-    Ok(true)
+    write(api, vm, vm.status.as_ref(), new, manager).await
 }
 
 /// Writes a migration's status if it changed.
@@ -53,14 +45,23 @@ pub async fn write_migration(
     new: &VirtualMachineMigrationStatus,
     manager: &str,
 ) -> Result<bool, Error> {
-    if migration.status.as_ref() == Some(new) {
+    write(api, migration, migration.status.as_ref(), new, manager).await
+}
+
+async fn write<K, S>(api: &Api<K>, object: &K, old: Option<&S>, new: &S, manager: &str) -> Result<bool, Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: serde::Serialize + PartialEq,
+{
+    if old == Some(new) {
         return Ok(false);
     }
     let patch = serde_json::json!({
-        "metadata": { "resourceVersion": migration.resource_version() },
-        "status": status_with_nulls(migration.status.as_ref(), new)?,
+        "metadata": { "resourceVersion": object.resource_version() },
+        "status": status_with_nulls(old, new)?,
     });
-    api.patch_status(&migration.name_any(), &PatchParams { field_manager: Some(manager.into()), ..Default::default() }, &Patch::Merge(&patch)).await?;
+    let params = PatchParams { field_manager: Some(manager.into()), ..Default::default() };
+    api.patch_status(&object.name_any(), &params, &Patch::Merge(&patch)).await?;
     Ok(true)
 }
 

@@ -297,7 +297,8 @@ async fn running(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, 
     new.numa_nodes = Some(vmm.numa_nodes.clone()).filter(|n| !n.is_empty());
     new.shares = Some(vmm.shares as i32);
     new.cpu_changed_at = vmm.cpus_changed_at_ms.max(vmm.priority_changed_at_ms).and_then(time_ms);
-    if new.started_at.is_none() || new.phase == Some(VmPhase::Starting) {
+    // Kept across migrations: the guest started then, whatever VMM runs it now.
+    if new.started_at.is_none() {
         new.started_at = time_ms(started_ms);
     }
     if new.boot_millis.is_none() {
