@@ -7,7 +7,9 @@
 //! guest whose memory was fully written once (zero-page skipping does not help);
 //! guests dirtying memory at about 100 MiB/s (1 and 4 GiB) and 1 GiB/s. QEMU gets its
 //! bandwidth cap lifted and keeps its default 300 ms downtime limit; drover-vmm runs
-//! with its defaults. Prints medians of DROVER_BENCH_RUNS runs (default 3, at most 5)
+//! with its defaults. Both targets fault guest memory in before they listen
+//! (drover-vmm `receive --prefault`, as the agent runs it; QEMU `-mem-prealloc`).
+//! Prints medians of DROVER_BENCH_RUNS runs (default 3, at most 5)
 //! of total time, downtime, bytes sent and passes, and the ratios.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: a failed unwrap is a failed run
@@ -69,10 +71,16 @@ fn tsc_khz() -> u64 {
 fn drover_run(vmm: &Path, guest: &Path, case: &Case, key: &Path, port: u16) -> Figures {
     let (serial, log, socket) = (tmp("d-src.serial"), tmp("d-src.log"), tmp("d-src.sock"));
     let _ = std::fs::remove_file(&serial);
+    // The target knows the VM it expects and faults its memory in before it
+    // listens (as the agent runs it); QEMU's target gets -mem-prealloc to match.
+    let (expected, target_log) = (tmp("d-expected.json"), tmp("d-dst.log"));
+    std::fs::write(&expected, serde_json::json!({"vcpus": 1, "memoryMib": case.memory_mib, "kernel": guest}).to_string()).unwrap();
     let target = Command::new(vmm)
-        .args(["receive", "--listen", &format!("127.0.0.1:{port}"), "--serial", "null", "--secret-file"])
+        .args(["receive", "--listen", &format!("127.0.0.1:{port}"), "--serial", "null", "--prefault", "--config"])
+        .arg(&expected)
+        .arg("--secret-file")
         .arg(key)
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&target_log).unwrap())
         .spawn()
         .unwrap();
     let source = Command::new(vmm)
@@ -87,6 +95,7 @@ fn drover_run(vmm: &Path, guest: &Path, case: &Case, key: &Path, port: u16) -> F
         .unwrap();
     wait_for(&serial, case.ready);
     std::thread::sleep(Duration::from_millis(300));
+    wait_for(&target_log, "waiting for the migration source");
     let body = format!(r#"{{"destination": "127.0.0.1:{port}", "secretFile": "{}"}}"#, key.display());
     let (code, reply) = drover_hypervisor::api::request(&socket, "PUT", "/vm/migrate", Some(&body)).unwrap();
     assert_eq!(code, 204, "{reply}");
@@ -151,11 +160,13 @@ fn qemu_run(guest: &Path, case: &Case, cpu: &str, port: u16) -> Figures {
             .stderr(Stdio::null());
         c
     };
-    let target = base("null", &dst_qmp).args(["-incoming", &format!("tcp:127.0.0.1:{port}")]).spawn().unwrap();
+    let target = base("null", &dst_qmp).args(["-mem-prealloc", "-incoming", &format!("tcp:127.0.0.1:{port}")]).spawn().unwrap();
     let source = base(&format!("file:{}", serial.display()), &src_qmp).spawn().unwrap();
     let mut qmp = Qmp::connect(&src_qmp);
     wait_for(&serial, case.ready);
     std::thread::sleep(Duration::from_millis(300));
+    // Its QMP answers once its memory is allocated and it listens.
+    let _target_qmp = Qmp::connect(&dst_qmp);
     // Lift QEMU 7.2's 32 MiB/s default cap, as measured in the issue.
     qmp.call(serde_json::json!({"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 100u64 << 30}}));
     qmp.call(serde_json::json!({"execute": "migrate", "arguments": {"uri": format!("tcp:127.0.0.1:{port}")}}));

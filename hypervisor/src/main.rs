@@ -44,6 +44,10 @@ enum Command {
         /// The VM this target expects (JSON config): a source sending another shape is refused.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Fault the expected VM's memory in before listening (needs --config): the
+        /// transfer then writes into memory that is already there.
+        #[arg(long, requires = "config")]
+        prefault: bool,
     },
     /// Report what /dev/kvm offers (API version, vCPU limits, needed capabilities) as
     /// JSON; exit status 1 when it cannot run Drover VMs.
@@ -243,11 +247,18 @@ fn main() -> ExitCode {
             });
             finish(result)
         }
-        Command::Receive { listen, secret_file, here, config } => {
+        Command::Receive { listen, secret_file, here, config, prefault } => {
             let result = (|| {
                 let secret = std::fs::read(&secret_file)
                     .map_err(|e| drover_hypervisor::Error::Config(format!("--secret-file {}: {e}", secret_file.display())))?;
                 let expected = config.as_deref().map(VmConfig::from_file).transpose()?;
+                if let (true, Some(expected)) = (prefault, expected.clone()) {
+                    // The VM is built from the expected configuration (the source's
+                    // must have its shape), so its memory exists before anyone connects.
+                    let config = here.apply(expected.clone());
+                    let source = drover_hypervisor::migration::receive::Prefaulted::new(&listen, secret.trim_ascii(), expected);
+                    return drover_hypervisor::vmm::launch(&config, drover_hypervisor::vmm::Origin::Restore(Box::new(source)));
+                }
                 let incoming = drover_hypervisor::migration::receive::accept(&listen, secret.trim_ascii(), expected.as_ref())?;
                 let config = here.apply(incoming.config.clone());
                 drover_hypervisor::vmm::launch(&config, drover_hypervisor::vmm::Origin::Restore(Box::new(incoming)))

@@ -100,6 +100,19 @@ impl Vmm {
         vmm
     }
 
+    /// A target that expects a 96 MiB VM with `vcpus` and faults its memory in
+    /// before it listens.
+    fn receive_prefaulted(name: &str, listen: &str, key: &std::path::Path, vcpus: u32) -> Vmm {
+        let expected = tmp(&format!("{name}.json"));
+        std::fs::write(&expected, format!(r#"{{"vcpus": {vcpus}, "memoryMib": 96, "kernel": "{GUEST}"}}"#)).unwrap();
+        let mut cmd = in_netns(None);
+        cmd.args(["receive", "--listen", listen, "--secret-file", key.to_str().unwrap(), "--prefault", "--config", expected.to_str().unwrap()]);
+        let vmm = Vmm::spawn(cmd, name);
+        wait_until(|| std::fs::read_to_string(&vmm.log).unwrap_or_default().contains("waiting for the migration source"), "target listening");
+        assert!(vmm.log().contains("guest memory faulted in"), "{}", vmm.log());
+        vmm
+    }
+
     fn serial(&self) -> String {
         std::fs::read_to_string(&self.serial).unwrap_or_default()
     }
@@ -209,7 +222,9 @@ fn reference(vcpus: u32, cmdline: &str) -> (String, u64) {
 }
 
 /// Migrates a running digest workload `hops` times between fresh VMMs.
-fn migrate_hops(vcpus: u32, hops: usize) {
+/// Moves a running digest workload `hops` times; targets fault their memory in
+/// first when `prefault`.
+fn migrate_hops(vcpus: u32, hops: usize, prefault: bool) {
     let _one = serialize();
     // 8 MiB rewritten per round: with a 250 ms budget the migration converges
     // without throttling, so the clock check below means something.
@@ -221,7 +236,8 @@ fn migrate_hops(vcpus: u32, hops: usize) {
     let mut max_downtime_ms = 0;
     for hop in 1..=hops {
         let listen = format!("127.0.0.1:{}", port());
-        let mut target = Vmm::receive(&format!("hops{vcpus}-{hop}"), &listen, &key);
+        let name = format!("hops{vcpus}-{hop}");
+        let mut target = if prefault { Vmm::receive_prefaulted(&name, &listen, &key, vcpus) } else { Vmm::receive(&name, &listen, &key) };
         let (code, body) = current.migrate_within(&listen, &key, 250);
         assert_eq!(code, 204, "{body}");
         assert_eq!(current.wait(), Some(6), "source exit status (6 = migrated away):\n{}", current.log());
@@ -248,17 +264,17 @@ fn migrate_hops(vcpus: u32, hops: usize) {
 
 #[test]
 fn migrate_once_one_vcpu() {
-    migrate_hops(1, 1);
+    migrate_hops(1, 1, false);
 }
 
 #[test]
-fn migrate_once_four_vcpus() {
-    migrate_hops(4, 1);
+fn migrate_once_four_vcpus_to_a_prefaulted_target() {
+    migrate_hops(4, 1, true);
 }
 
 #[test]
 fn migrate_back_and_forth() {
-    migrate_hops(2, 3);
+    migrate_hops(2, 3, false);
 }
 
 #[test]

@@ -82,6 +82,8 @@ pub struct Offered {
     pub vcpus: u64,
     /// Guest memory that fits, MiB ((total − reserved) × overcommit ratio).
     pub memory_mib: u64,
+    /// Guest memory per byte of host memory (1: none overcommitted).
+    pub memory_overcommit_ratio: f64,
 }
 
 impl HostFacts {
@@ -116,6 +118,7 @@ pub fn compute(topology: &HostTopology, memory_mib: u64, kvm: KvmFact, node_labe
         Selector::try_from(p.spec.node_selector.clone()).map(|s| s.matches(node_labels)).unwrap_or(false)
     });
     let online = topology.online();
+    let ratio = policy.map(|p| p.spec.capacity.memory_overcommit_ratio).unwrap_or(1.0);
     let (offered_cpus, vcpus, offered_memory) = match policy {
         Some(p) => {
             let reserved = p.spec.capacity.reserved_cpus.as_deref().and_then(|l| CpuSet::parse(l).ok()).unwrap_or_default();
@@ -143,7 +146,7 @@ pub fn compute(topology: &HostTopology, memory_mib: u64, kvm: KvmFact, node_labe
                 .collect(),
             memory_mib,
         },
-        offered: Offered { cpus: offered_cpus.to_string(), vcpus, memory_mib: offered_memory },
+        offered: Offered { cpus: offered_cpus.to_string(), vcpus, memory_mib: offered_memory, memory_overcommit_ratio: ratio },
         policy: policy.and_then(|p| p.metadata.name.clone()),
     }
 }

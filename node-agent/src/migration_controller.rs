@@ -97,7 +97,8 @@ async fn prepare_target(
             return Ok(Action::await_change());
         }
     };
-    let offered = ctx.facts().map(|f| f.offered_cpus()).unwrap_or_default();
+    let facts = ctx.facts();
+    let offered = facts.as_ref().map(|f| f.offered_cpus()).unwrap_or_default();
     let dir = VmDir::new(&ctx.settings.runtime_dir, &uid);
     let config = match vm_config::build_expected(&vm, &offered, ctx.node(), &dir) {
         Ok(config) => config,
@@ -112,7 +113,7 @@ async fn prepare_target(
         std::net::IpAddr::V4(a) => format!("{a}:{port}"),
         std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
     };
-    let args = vec![
+    let mut args = vec![
         "receive".into(),
         "--listen".into(),
         listen,
@@ -125,6 +126,13 @@ async fn prepare_target(
         "--host-cpus".into(),
         config.cpus.host_cpus.clone().unwrap_or_default(),
     ];
+    // Without memory overcommit the VM's memory is this host's to give anyway:
+    // fault it in before listening, so the transfer does not pay a page fault per
+    // page (on the critical path of the migration). With overcommit, memory is
+    // only taken as pages arrive.
+    if facts.as_ref().is_none_or(|f| f.offered.memory_overcommit_ratio <= 1.0) {
+        args.push("--prefault".into());
+    }
     let meta = new_meta(&vm.namespace().unwrap_or_default(), &vm.name_any(), &uid, Role::Receive { migration: name.clone() });
     let local = ctx.supervisor.start(meta, &config, args, Some(&secret))?;
     tracing::info!(migration = %name, vm = %vm.name_any(), port, "receiving VMM started");

@@ -105,6 +105,43 @@ impl Incoming {
     }
 }
 
+/// A target that prepares guest memory before it listens: it is given the VM it
+/// expects, faults that VM's memory in, and only then binds its address and
+/// accepts the source (see [`crate::memory::prefault`]). The cost moves from the
+/// migration itself to the target's start, before anyone can connect.
+pub struct Prefaulted {
+    listen: String,
+    secret: Vec<u8>,
+    expected: VmConfig,
+    incoming: Option<Incoming>,
+}
+
+impl Prefaulted {
+    pub fn new(listen: &str, secret: &[u8], expected: VmConfig) -> Self {
+        Self { listen: listen.into(), secret: secret.to_vec(), expected, incoming: None }
+    }
+}
+
+impl RestoreSource for Prefaulted {
+    fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error> {
+        let started = std::time::Instant::now();
+        crate::memory::prefault(memory)?;
+        tracing::info!(ms = started.elapsed().as_millis() as u64, memory_mib = self.expected.memory_mib, "guest memory faulted in");
+        let incoming = self.incoming.insert(accept(&self.listen, &self.secret, Some(&self.expected))?);
+        incoming.load(memory)
+    }
+
+    fn before_run(&mut self) -> Result<(), Error> {
+        self.incoming.as_mut().map_or(Ok(()), |i| i.before_run())
+    }
+
+    fn running(&mut self) {
+        if let Some(incoming) = self.incoming.as_mut() {
+            incoming.running();
+        }
+    }
+}
+
 /// Checks that `count` pages from `first` lie inside guest memory.
 fn check_pages(memory: &GuestMemoryMmap, first: u64, count: u64) -> Result<(), Error> {
     let out = |page| wire_err(WireError::PageOutOfRange { page });

@@ -198,12 +198,15 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut 
     let vm = control.vm();
     control.update_migration(|s| s.phase = Phase::PreCopy);
     // Pass 1: every page that is not zero (the target starts with zeroed memory).
+    // Pages the host never gave the guest are zero without reading them; the rest
+    // are read and their zero pages skipped.
     let pass_start = Instant::now();
     let mut sent = Sender::default();
-    for region in vm.memory.iter() {
-        let first = region.start_addr().0 >> 12;
-        sent.send_range(control, out, first, region.len() / PAGE_SIZE as u64, true)?;
-    }
+    let candidates = crate::memory::populated_pages(&vm.memory).unwrap_or_else(|e| {
+        tracing::warn!("reading every guest page ({e})");
+        vm.memory.iter().map(|r| (r.start_addr().0 >> 12, vec![u64::MAX; (r.len() / PAGE_SIZE as u64).div_ceil(64) as usize])).collect()
+    });
+    sent.send_bitmaps(control, out, &candidates, true)?;
     let mut bandwidth = rate(sent.bytes, pass_start.elapsed());
     control.update_migration(|s| {
         s.pass = 1;
@@ -255,7 +258,7 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut 
         }
         last_dirty = count;
         let before = sent.bytes;
-        sent.send_bitmaps(control, out, &dirty)?;
+        sent.send_bitmaps(control, out, &dirty, false)?;
         let elapsed = pass_start.elapsed();
         bandwidth = bandwidth.max(rate(sent.bytes - before, elapsed));
         control.update_migration(|s| {
@@ -278,7 +281,7 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut 
         for ((_, last), (_, earlier)) in dirty.iter_mut().zip(&pending) {
             last.iter_mut().zip(earlier).for_each(|(a, b)| *a |= *b);
         }
-        sent.send_bitmaps(control, out, &dirty)?;
+        sent.send_bitmaps(control, out, &dirty, false)?;
         step("last pages sent");
         let state = crate::snapshot::capture(control)?.encode()?;
         step("state captured");
@@ -353,8 +356,10 @@ impl Default for Sender {
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 impl Sender {
-    fn send_bitmaps(&mut self, control: &VmControl, out: &mut SecureStream, dirty: &[(u64, Vec<u64>)]) -> Result<(), Error> {
-        for (first_page, bitmap) in dirty {
+    /// Sends the pages whose bits are set; with `skip_zero`, zero pages are not sent
+    /// at all (only right when the target's copy is known to be zero).
+    fn send_bitmaps(&mut self, control: &VmControl, out: &mut SecureStream, pages: &[(u64, Vec<u64>)], skip_zero: bool) -> Result<(), Error> {
+        for (first_page, bitmap) in pages {
             // Walk set bits, folding consecutive pages into runs.
             let mut run: Option<(u64, u64)> = None;
             for (word_index, word) in bitmap.iter().enumerate() {
@@ -365,7 +370,7 @@ impl Sender {
                     run = match run {
                         Some((start, n)) if start + n == page && n < RUN as u64 => Some((start, n + 1)),
                         Some((start, n)) => {
-                            self.send_run(control, out, start, n, false)?;
+                            self.send_run(control, out, start, n, skip_zero)?;
                             Some((page, 1))
                         }
                         None => Some((page, 1)),
@@ -373,18 +378,8 @@ impl Sender {
                 }
             }
             if let Some((start, n)) = run {
-                self.send_run(control, out, start, n, false)?;
+                self.send_run(control, out, start, n, skip_zero)?;
             }
-        }
-        self.flush(out)
-    }
-
-    fn send_range(&mut self, control: &VmControl, out: &mut SecureStream, first: u64, count: u64, skip_zero: bool) -> Result<(), Error> {
-        let mut page = first;
-        while page < first + count {
-            let n = (first + count - page).min(RUN as u64);
-            self.send_run(control, out, page, n, skip_zero)?;
-            page += n;
         }
         self.flush(out)
     }
