@@ -52,6 +52,9 @@ pub struct MigrateRequest {
 /// QEMU's 300 ms default while letting most guests converge without throttling.
 pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 30;
 
+/// Below this estimated pause, pre-copy stops even while passes still shrink.
+const DOWNTIME_FLOOR_MS: u64 = 2;
+
 fn default_downtime() -> u64 {
     DEFAULT_MAX_DOWNTIME_MS
 }
@@ -217,8 +220,8 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut 
 
     let throttle = Throttle::new(control.clone());
     let mut pass = 1;
-    let mut last_dirty = u64::MAX;
-    let mut stalled = 0;
+    // What the last pass sent: a pass that dirties half of it or more does not converge.
+    let mut last_dirty = sent.pages.max(1);
     // Pages dirtied since the last pass, taken from KVM but not sent yet: they go
     // with the last ones at switch-over.
     let pending = loop {
@@ -234,7 +237,11 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut 
             s.bytes_sent = sent.bytes;
             s.total_ms = started.elapsed().as_millis() as u64;
         });
-        if estimate_ms <= req.max_downtime_ms {
+        // Within the budget, keep copying while each pass at least halves what is
+        // left, down to the floor: a pass that small costs the running guest
+        // nothing, and every page sent now is one less to send while it is paused.
+        let shrinking = count * 2 <= last_dirty;
+        if estimate_ms <= req.max_downtime_ms && (estimate_ms <= DOWNTIME_FLOOR_MS || !shrinking || pass + 1 >= req.max_passes) {
             break dirty;
         }
         pass += 1;
@@ -248,13 +255,11 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut 
             ))
             .into());
         }
-        // Auto-converge: when a pass no longer halves what is left, slow the vCPUs.
-        if count * 2 > last_dirty {
-            stalled += 1;
-            if stalled >= 2 {
-                throttle.raise();
-                stalled = 0;
-            }
+        // Auto-converge: a pass that did not halve what is left means the guest
+        // dirties memory about as fast as the link carries it; slow its vCPUs one
+        // step per such pass (waiting longer only makes the migration longer).
+        if !shrinking && estimate_ms > req.max_downtime_ms {
+            throttle.raise();
         }
         last_dirty = count;
         let before = sent.bytes;
@@ -445,7 +450,7 @@ struct Throttle {
     control: Arc<VmControl>,
 }
 
-const THROTTLE_STEPS: [u32; 6] = [20, 40, 60, 80, 90, 99];
+const THROTTLE_STEPS: [u32; 6] = [30, 50, 70, 85, 95, 99];
 
 impl Throttle {
     fn new(control: Arc<VmControl>) -> Self {
