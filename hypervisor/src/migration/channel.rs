@@ -8,7 +8,7 @@
 //! On the socket: handshake messages and then transport messages, each as
 //! `length: u16 BE | bytes` (Noise's own limit is 65535 bytes per message).
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
 
 use sha2::{Digest, Sha256};
@@ -155,21 +155,42 @@ impl Write for SecureStream {
 impl Read for SecureStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.inbox_pos == self.inbox.len() {
-            let n = recv_message(&mut self.reader, &mut self.raw)?;
-            if buf.len() + TAG >= n {
-                // Room for the whole message: decrypt straight into the caller's buffer.
-                return self
-                    .noise
-                    .read_message(&self.raw[..n], buf)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, ChannelError::Decrypt(e.to_string())));
+            let decrypt_error = |e: snow::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, ChannelError::Decrypt(e.to_string()));
+            // Most messages lie whole in the reader's buffer: decrypt them from
+            // there, without copying them out first (a migration target reads
+            // gigabytes this way).
+            let buffered = self.reader.fill_buf()?;
+            let whole = match buffered {
+                [hi, lo, rest @ ..] if rest.len() >= usize::from(u16::from_be_bytes([*hi, *lo])) => Some(usize::from(u16::from_be_bytes([*hi, *lo]))),
+                _ => None,
+            };
+            if let Some(n) = whole {
+                let message = &buffered[2..2 + n];
+                let result = if buf.len() + TAG >= n {
+                    // Room for the whole message: straight into the caller's buffer.
+                    self.noise.read_message(message, buf).map(Some)
+                } else {
+                    self.inbox.resize(MAX_MESSAGE, 0);
+                    self.noise.read_message(message, &mut self.inbox).map(|plain| {
+                        self.inbox.truncate(plain);
+                        None
+                    })
+                };
+                self.reader.consume(2 + n);
+                match result.map_err(decrypt_error)? {
+                    Some(plain) => return Ok(plain),
+                    None => self.inbox_pos = 0,
+                }
+            } else {
+                let n = recv_message(&mut self.reader, &mut self.raw)?;
+                if buf.len() + TAG >= n {
+                    return self.noise.read_message(&self.raw[..n], buf).map_err(decrypt_error);
+                }
+                self.inbox.resize(MAX_MESSAGE, 0);
+                let plain = self.noise.read_message(&self.raw[..n], &mut self.inbox).map_err(decrypt_error)?;
+                self.inbox.truncate(plain);
+                self.inbox_pos = 0;
             }
-            self.inbox.resize(MAX_MESSAGE, 0);
-            let plain = self
-                .noise
-                .read_message(&self.raw[..n], &mut self.inbox)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, ChannelError::Decrypt(e.to_string())))?;
-            self.inbox.truncate(plain);
-            self.inbox_pos = 0;
         }
         let n = buf.len().min(self.inbox.len() - self.inbox_pos);
         buf[..n].copy_from_slice(&self.inbox[self.inbox_pos..self.inbox_pos + n]);
