@@ -511,3 +511,29 @@ fn a_host_without_kvm_says_so_and_runs_no_vm() {
     assert!(host.agent_log().contains("this host cannot run VMs"));
     assert!(!host.runtime_dir().join("vms").exists() || std::fs::read_dir(host.runtime_dir().join("vms")).unwrap().count() == 0);
 }
+
+#[test]
+fn vm_ends_are_reported_with_their_reason_and_nothing_restarts_them() {
+    let _serial = serial();
+    let ns = namespace("agent-ends");
+    let host = Host::add(&unique_name("ends"));
+    // The guest computes a sum and powers off: Stopped, not a failure.
+    apply(&vm_yaml(&ns, "short", 1, "32Mi", "drover.mode=sum"));
+    place(&ns, "short", &host);
+    let status = wait_phase(&ns, "short", "Stopped", Duration::from_secs(30));
+    assert_eq!(status["lastExit"], "guest powered off", "{status}");
+    // A VMM that dies (SIGKILL, as a crash would): Failed, with the reason.
+    apply(&vm_yaml(&ns, "crash", 1, "32Mi", "drover.mode=idle"));
+    place(&ns, "crash", &host);
+    wait_phase(&ns, "crash", "Running", Duration::from_secs(30));
+    let uid = uid(&ns, "crash");
+    kill_9(vmm_pid(&host, &uid).expect("VMM"));
+    let status = wait_phase(&ns, "crash", "Failed", Duration::from_secs(20));
+    assert!(status["lastExit"].as_str().unwrap().contains("killed by signal 9"), "{status}");
+    let ready = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
+    assert_eq!(ready["reason"], "VmmExited", "{ready}");
+    // The agent does not restart it: that is the operator's decision.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(vm_status(&ns, "crash")["phase"], "Failed");
+    assert!(vmm_pid(&host, &uid).is_none());
+}
