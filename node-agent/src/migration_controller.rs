@@ -30,7 +30,10 @@ use crate::vmm_client::{MigrationStatus, VmmClient};
 /// Key of the migration Secret that holds the secret.
 pub const SECRET_KEY: &str = "key";
 
-const POLL: Duration = Duration::from_millis(200);
+/// How often a running migration is looked at (the VMM's API is local and cheap).
+const POLL: Duration = Duration::from_millis(50);
+/// Progress goes to the API server at most this often (phase changes at once).
+const PROGRESS_EVERY_MS: i64 = 500;
 
 pub async fn reconcile(migration: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Result<Action, Error> {
     let Some(status) = migration.status.clone() else { return Ok(Action::await_change()) };
@@ -220,7 +223,6 @@ async fn drive_source(
         status.start_time = Some(now());
         status.conditions.set(condition("Succeeded", false, "Running", format!("copying memory to {target} ({address})"), generation));
         status::write_migration(api, migration, &status, &ctx.manager()).await?;
-        set_vm_migrating(vms, &vm, ctx, Some(&name)).await?;
         let figures = local.as_ref().map(|l| l.dir.migration_figures()).unwrap_or_default();
         let _ = std::fs::remove_file(&figures);
         if let Err(e) = client.migrate(&address, secret.trim(), migration.spec.max_downtime_millis, migration.spec.timeout_seconds, &figures).await {
@@ -232,6 +234,7 @@ async fn drive_source(
             return Ok(Action::await_change());
         }
         tracing::info!(migration = %name, to = %address, "migration started");
+        set_vm_migrating(vms, &vm, ctx, Some(&name)).await?;
         return Ok(Action::requeue(POLL));
     }
 
@@ -266,7 +269,11 @@ async fn drive_source(
     }
     match ended {
         None => {
-            status::write_migration(api, migration, &status, &ctx.manager()).await?;
+            let old = migration.status.as_ref();
+            let recent = old.and_then(|o| o.total_millis).zip(status.total_millis).is_some_and(|(a, b)| b - a < PROGRESS_EVERY_MS);
+            if old.map(|o| o.phase) != Some(status.phase) || !recent {
+                status::write_migration(api, migration, &status, &ctx.manager()).await?;
+            }
             Ok(Action::requeue(POLL))
         }
         Some(Ok(())) => {
