@@ -258,10 +258,13 @@ async fn running(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, 
 
     // Live changes: host CPUs and priority, applied without a restart.
     let offered = ctx.facts().map(|f| f.offered_cpus()).unwrap_or_default();
-    let mut applied = true;
+    let (mut applied, mut changed) = (true, false);
     match vm_config::desired_host_cpus(vm, &offered, ctx.node()) {
-        Ok(want) if !offered.is_empty() && want != vmm.host_cpus() => match client.set_host_cpus(&want).await {
-            Ok(()) => tracing::info!(vm = %vm.name_any(), host_cpus = %want, "host CPUs changed on the running VM"),
+        Ok(want) if !offered.is_empty() && !cpus_in_effect(vm, &want, &vmm.host_cpus()) => match client.set_host_cpus(&want).await {
+            Ok(()) => {
+                changed = true;
+                tracing::info!(vm = %vm.name_any(), host_cpus = %want, "host CPUs changed on the running VM");
+            }
             Err(e) => {
                 applied = false;
                 new.conditions.set(condition("CpuConfigApplied", false, "Refused", e.to_string(), generation));
@@ -276,15 +279,21 @@ async fn running(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, 
     let shares = vm.spec.cpu.effective_shares();
     if shares != vmm.shares {
         match client.set_shares(shares).await {
-            Ok(()) => tracing::info!(vm = %vm.name_any(), shares, "priority changed on the running VM"),
+            Ok(()) => {
+                changed = true;
+                tracing::info!(vm = %vm.name_any(), shares, "priority changed on the running VM");
+            }
             Err(e) => {
                 applied = false;
                 new.conditions.set(condition("CpuConfigApplied", false, "Refused", e.to_string(), generation));
             }
         }
     }
-    if applied {
+    if changed {
+        // What the VMM now reports (its CPU lists and change times) goes to status.
         vmm = client.status().await?;
+    }
+    if applied {
         new.observed_generation = generation;
         if status.conditions.get("CpuConfigApplied").is_some() {
             new.conditions.set(condition("CpuConfigApplied", true, "Applied", "host CPUs and priority in effect", generation));
@@ -320,6 +329,17 @@ async fn running(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, 
         tracing::info!(vm = %vm.name_any(), boot_ms = ?new.boot_millis, since_start_ms = crate::vm_dir::unix_ms().saturating_sub(started_ms), "running");
     }
     Ok(Action::requeue(POLL_RUNNING))
+}
+
+/// Whether the vCPUs already run where the spec wants them: on exactly those CPUs
+/// (Shared), or each on one of them (Dedicated: the VMM pins to a subset of the list).
+fn cpus_in_effect(vm: &VirtualMachine, want: &str, now: &str) -> bool {
+    let (Ok(want), Ok(now)) = (drover_topology::CpuSet::parse(want), drover_topology::CpuSet::parse(now)) else { return false };
+    if vm.spec.cpu.placement == drover_crds::vm::CpuPlacement::Dedicated {
+        !now.is_empty() && now.iter().all(|cpu| want.contains(cpu))
+    } else {
+        now == want
+    }
 }
 
 async fn add_finalizer(api: &Api<VirtualMachine>, vm: &VirtualMachine) -> Result<(), Error> {
@@ -358,4 +378,28 @@ pub fn error_policy(vm: Arc<VirtualMachine>, error: &Error, _ctx: Arc<Context>) 
     }
     tracing::warn!(vm = %vm.name_any(), "{error}");
     Action::requeue(Duration::from_secs(2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(placement: &str) -> VirtualMachine {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "drover.dev/v1alpha1", "kind": "VirtualMachine", "metadata": { "name": "v" },
+            "spec": { "cpu": { "vcpus": 2, "placement": placement }, "memory": { "size": "64Mi" }, "boot": { "kernel": "/k" } }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn dedicated_vcpus_on_a_subset_of_the_list_need_no_change_shared_ones_do() {
+        // Dedicated: the VMM pinned the two vCPUs to 2 and 3 out of 2-5.
+        assert!(cpus_in_effect(&vm("Dedicated"), "2-5", "2-3"));
+        assert!(!cpus_in_effect(&vm("Dedicated"), "4-5", "2-3"), "pinned outside the new list");
+        // Shared: the threads float over exactly the list.
+        assert!(cpus_in_effect(&vm("Shared"), "0-3", "0-3"));
+        assert!(!cpus_in_effect(&vm("Shared"), "0-3", "0-1"));
+        assert!(!cpus_in_effect(&vm("Shared"), "0-3", ""), "unknown: apply");
+    }
 }
