@@ -213,6 +213,12 @@ fn host_publishes_its_facts_and_a_placed_vm_boots_reports_and_takes_live_changes
     });
     assert!(status["cpuChangedAt"].is_string(), "{status}");
     assert_eq!(vmm_pid(&host, &uid), Some(pid), "same VMM process: no restart");
+    // What happened is also in the VM's events (kubectl describe vm).
+    let events = wait_for("the agent's events on the VM", Duration::from_secs(10), || {
+        let out = kubectl(&["get", "events", "-n", &ns, "--field-selector", "involvedObject.name=web", "-o", "jsonpath={.items[*].reason}"]);
+        (out.contains("Started") && out.contains("CpuConfigChanged")).then_some(out)
+    });
+    assert!(!events.contains("Failed"), "{events}");
     assert_eq!(vcpu_affinity(pid), vec!["0".to_string(), "0".to_string()]);
     // A host CPU that is not there is refused with a condition; the VM keeps running.
     kubectl(&["patch", "vm", "web", "-n", &ns, "--type=merge", "-p", r#"{"spec":{"cpu":{"hostCpus":"900"}}}"#]);

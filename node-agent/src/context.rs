@@ -17,6 +17,8 @@ pub struct Context {
     pub leased: watch::Receiver<bool>,
     /// The host's facts, once gathered.
     pub facts: watch::Receiver<Option<HostFacts>>,
+    /// Kubernetes Events.
+    pub events: crate::events::Events,
 }
 
 impl Context {

@@ -13,10 +13,12 @@
 //! - [`vmm_client`]: the VMM's control API.
 //! - [`migration_controller`]: VirtualMachineMigrations, source and target.
 //! - [`console`]: the HTTP endpoint (health, serial console logs).
+//! - [`events`]: Kubernetes Events for what happened to a VM.
 
 pub mod console;
 pub mod context;
 pub mod error;
+pub mod events;
 pub mod fence;
 pub mod heartbeat;
 pub mod host_facts;

@@ -145,7 +145,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
 
     let (leased_tx, leased) = tokio::sync::watch::channel(false);
     let (facts_tx, facts) = tokio::sync::watch::channel(None);
-    let ctx = Arc::new(Context { client: client.clone(), settings: settings.clone(), supervisor: supervisor.clone(), leased, facts });
+    let events = drover_agent::events::Events::new(client.clone(), &settings.node);
+    let ctx = Arc::new(Context { client: client.clone(), settings: settings.clone(), supervisor: supervisor.clone(), leased, facts, events });
 
     tokio::spawn(heartbeat::run(client.clone(), settings.clone(), supervisor.clone(), leased_tx));
     tokio::spawn(host_facts::publish(client.clone(), settings.clone(), facts_tx, Duration::from_secs(30)));

@@ -67,7 +67,7 @@ async fn prepare_target(
     mut status: VirtualMachineMigrationStatus,
 ) -> Result<Action, Error> {
     let name = migration.name_any();
-    let fail = |status: &mut VirtualMachineMigrationStatus, why: String| fail(migration, status, "TargetNotReady", why);
+    let fail = |status: &mut VirtualMachineMigrationStatus, why: String| fail(ctx, migration, status, "TargetNotReady", why);
     let vm = match vms.get_opt(&migration.spec.vm_name).await? {
         Some(vm) => vm,
         None => {
@@ -190,7 +190,7 @@ async fn drive_source(
 ) -> Result<Action, Error> {
     let name = migration.name_any();
     let generation = migration.metadata.generation;
-    let fail = |status: &mut VirtualMachineMigrationStatus, why: String| fail(migration, status, "Failed", why);
+    let fail = |status: &mut VirtualMachineMigrationStatus, why: String| fail(ctx, migration, status, "Failed", why);
     let Some(vm) = vms.get_opt(&migration.spec.vm_name).await? else {
         fail(&mut status, format!("VirtualMachine {} not found", migration.spec.vm_name));
         status::write_migration(api, migration, &status, &ctx.manager()).await?;
@@ -291,6 +291,16 @@ async fn drive_source(
             status.conditions.set(condition("Succeeded", true, "Migrated", format!("the VM runs on {target}"), generation));
             status::write_migration(api, migration, &status, &ctx.manager()).await?;
             tracing::info!(migration = %name, to = %target, downtime_ms = ?status.downtime_millis, total_ms = ?status.total_millis, bytes = ?status.bytes_transferred, passes = ?status.iterations, "migration succeeded");
+            let figures = format!(
+                "from {} to {target}: downtime {} ms, total {} ms, {} bytes, {} passes",
+                ctx.node(),
+                status.downtime_millis.unwrap_or(0),
+                status.total_millis.unwrap_or(0),
+                status.bytes_transferred.unwrap_or(0),
+                status.iterations.unwrap_or(0)
+            );
+            ctx.events.normal(&vm, "Migrated", "Migrate", figures.clone());
+            ctx.events.normal(migration, "Succeeded", "Migrate", figures);
             Ok(Action::await_change())
         }
         Some(Err(why)) => {
@@ -303,8 +313,9 @@ async fn drive_source(
 }
 
 /// Marks a migration failed, saying why (the VM keeps running on its source).
-fn fail(migration: &VirtualMachineMigration, status: &mut VirtualMachineMigrationStatus, reason: &str, why: String) {
+fn fail(ctx: &Context, migration: &VirtualMachineMigration, status: &mut VirtualMachineMigrationStatus, reason: &str, why: String) {
     tracing::warn!(migration = %migration.name_any(), "failed ({reason}): {why}");
+    ctx.events.warning(migration, reason, "Migrate", format!("{why} (the VM keeps running on its source)"));
     status.phase = Some(MigrationPhase::Failed);
     status.completion_time = Some(now());
     status.conditions.set(condition("Succeeded", false, reason, why.clone(), migration.metadata.generation));

@@ -89,6 +89,11 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
             new.conditions.set(condition("Ready", false, reason, format!("{what} on {}", ctx.node()), vm.metadata.generation));
             tracing::info!(vm = %vm.name_any(), "VM ended: {what}");
             status::write_vm(&api, &vm, &new, &ctx.manager()).await?;
+            if clean {
+                ctx.events.normal(vm.as_ref(), "Stopped", "Stop", format!("{what} on {}", ctx.node()));
+            } else {
+                ctx.events.warning(vm.as_ref(), "Failed", "Stop", format!("{what} on {}", ctx.node()));
+            }
             ctx.supervisor.forget(&uid);
             Ok(Action::requeue(POLL_BUSY))
         }
@@ -98,6 +103,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
             new.last_exit = Some("the VMM's monitor vanished without recording an exit".into());
             new.conditions.set(condition("Ready", false, reason::LOST, format!("VMM lost on {}", ctx.node()), vm.metadata.generation));
             status::write_vm(&api, &vm, &new, &ctx.manager()).await?;
+            ctx.events.warning(vm.as_ref(), "VmmLost", "Stop", format!("the VMM's monitor vanished on {}", ctx.node()));
             ctx.supervisor.forget(&uid);
             Ok(Action::requeue(POLL_BUSY))
         }
@@ -175,6 +181,7 @@ async fn idle(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, uid
             new.cpu_usage = None;
             new.conditions.set(condition("Ready", false, reason::LOST, new.last_exit.clone().unwrap_or_default(), vm.metadata.generation));
             status::write_vm(api, vm, &new, &ctx.manager()).await?;
+            ctx.events.warning(vm, "VmmLost", "Stop", new.last_exit.clone().unwrap_or_default());
             Ok(Action::await_change())
         }
         Some(VmPhase::Stopped) | Some(VmPhase::Failed) | Some(VmPhase::Unknown) => Ok(Action::await_change()),
@@ -197,6 +204,7 @@ async fn start(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, ui
         new.conditions.set(condition("Ready", false, reason::NO_KVM, format!("{} cannot run VMs: {why}", ctx.node()), generation));
         new.observed_generation = generation;
         status::write_vm(api, vm, &new, &ctx.manager()).await?;
+        ctx.events.warning(vm, reason::NO_KVM, "Start", format!("{} cannot run VMs: {why}", ctx.node()));
         return Ok(Action::await_change());
     }
     let dir = VmDir::new(&ctx.settings.runtime_dir, uid);
@@ -208,6 +216,7 @@ async fn start(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, ui
             new.conditions.set(condition("Ready", false, reason::INVALID_SPEC, e.to_string(), generation));
             new.observed_generation = generation;
             status::write_vm(api, vm, &new, &ctx.manager()).await?;
+            ctx.events.warning(vm, reason::INVALID_SPEC, "Start", e.to_string());
             return Ok(Action::await_change());
         }
     };
@@ -232,6 +241,12 @@ async fn start(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, ui
     let args = vec!["run".to_string(), "--config".to_string(), dir.config().display().to_string()];
     ctx.supervisor.start(meta, &config, args, None)?;
     tracing::info!(vm = %vm.name_any(), vcpus = config.vcpus, memory_mib = config.memory_mib, host_cpus = ?config.cpus.host_cpus, "started");
+    ctx.events.normal(
+        vm,
+        "Started",
+        "Start",
+        format!("started on {}: {} vCPUs, {} MiB, host CPUs {}", ctx.node(), config.vcpus, config.memory_mib, config.cpus.host_cpus.as_deref().unwrap_or("all")),
+    );
     Ok(Action::requeue(POLL_BUSY))
 }
 
@@ -292,6 +307,7 @@ async fn running(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, 
     if changed {
         // What the VMM now reports (its CPU lists and change times) goes to status.
         vmm = client.status().await?;
+        ctx.events.normal(vm, "CpuConfigChanged", "Reconfigure", format!("host CPUs {}, {} shares, without a restart", vmm.host_cpus(), vmm.shares));
     }
     if applied {
         new.observed_generation = generation;
