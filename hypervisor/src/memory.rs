@@ -4,7 +4,7 @@
 //! touches, the first included, follows the policy.
 
 use drover_topology::CpuSet;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::Error;
 use crate::config::NumaPolicy;
@@ -110,7 +110,8 @@ pub fn populated_pages(memory: &GuestMemoryMmap) -> Result<Vec<(u64, Vec<u64>)>,
     Ok(out)
 }
 
-/// Faults every page of guest memory in now, writable (`MADV_POPULATE_WRITE`).
+/// Faults every page of guest memory in now, writable (`MADV_POPULATE_WRITE`, or a
+/// write per page on kernels older than 5.14).
 /// A migration target does this before it listens, so that the transfer writes
 /// into memory that is already there instead of paying a page fault (and the
 /// zeroing of the page) for every page it receives.
@@ -124,7 +125,17 @@ pub fn prefault(memory: &GuestMemoryMmap) -> Result<(), Error> {
         // populating it changes no contents (the pages read as zero either way).
         let rc = unsafe { libc::madvise(addr.cast(), region.len() as usize, MADV_POPULATE_WRITE) };
         if rc != 0 {
-            return Err(Error::Memory(format!("faulting guest memory in (MADV_POPULATE_WRITE, Linux 5.14+): {}", std::io::Error::last_os_error())));
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(Error::Memory(format!("faulting guest memory in: {e}")));
+            }
+            // Before Linux 5.14: write a zero into every page, which faults it in
+            // the same way (the guest has not run; nothing else touches it).
+            for page in (0..region.len()).step_by(4096) {
+                memory
+                    .write_obj(0u8, region.start_addr().unchecked_add(page))
+                    .map_err(|e| Error::Memory(format!("faulting guest memory in: {e}")))?;
+            }
         }
     }
     Ok(())
