@@ -543,3 +543,27 @@ fn vm_ends_are_reported_with_their_reason_and_nothing_restarts_them() {
     assert_eq!(vm_status(&ns, "crash")["phase"], "Failed");
     assert!(vmm_pid(&host, &uid).is_none());
 }
+
+#[test]
+fn the_host_policy_sets_the_heartbeat() {
+    let _serial = serial();
+    control_plane().install_crds();
+    let host = Host::add(&unique_name("policy"));
+    wait_for("the first Lease", Duration::from_secs(20), || {
+        (get("drover-system", "lease", host.name())["spec"]["leaseDurationSeconds"] == 3).then_some(())
+    });
+    let policy = format!("hb-{}", host.name());
+    apply(&format!(
+        "apiVersion: drover.dev/v1alpha1\nkind: HostPolicy\nmetadata: {{name: {policy}}}\nspec:\n  nodeSelector: {{matchLabels: {{kubernetes.io/hostname: {}}}}}\n  ha: {{heartbeatIntervalSeconds: 1, failureDetectionSeconds: 5}}\n",
+        host.name()
+    ));
+    wait_for("the Lease to follow the HostPolicy", Duration::from_secs(45), || {
+        (get("drover-system", "lease", host.name())["spec"]["leaseDurationSeconds"] == 5).then_some(())
+    });
+    let node = get("", "node", host.name());
+    let facts: Value = serde_json::from_str(node["metadata"]["annotations"]["drover.dev/host-facts"].as_str().unwrap()).unwrap();
+    assert_eq!(facts["policy"], policy.as_str(), "{facts}");
+    assert_eq!(facts["heartbeat"]["leaseDurationSeconds"], 5, "{facts}");
+    assert!(host.agent_log().contains("heartbeat timing changed"));
+    kubectl(&["delete", "hostpolicy", &policy]);
+}

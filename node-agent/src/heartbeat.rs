@@ -33,10 +33,13 @@ use tokio::sync::watch;
 
 use crate::Error;
 use crate::fence;
+use crate::host_facts::HostFacts;
 use crate::settings::Settings;
 use crate::supervisor::Supervisor;
 
-/// Heartbeat and fencing timings.
+/// Heartbeat and fencing timings: from the HostPolicy that selects the host
+/// (`ha.heartbeatIntervalSeconds`, `ha.failureDetectionSeconds` as the lease
+/// duration), else from the agent's flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timing {
     /// How often the Lease is renewed.
@@ -76,17 +79,41 @@ impl Timing {
 /// Renews the Lease forever. `leased` is true while the host may run VMs (a renewal
 /// was accepted and the deadline has not passed); it turns false, and every VM is
 /// powered off, when the deadline passes.
-pub async fn run(client: kube::Client, settings: Arc<Settings>, supervisor: Arc<Supervisor>, leased: watch::Sender<bool>) {
+pub async fn run(
+    client: kube::Client,
+    settings: Arc<Settings>,
+    supervisor: Arc<Supervisor>,
+    facts: watch::Receiver<Option<HostFacts>>,
+    leased: watch::Sender<bool>,
+) {
     let leases: Api<Lease> = Api::namespaced(client, &settings.namespace);
-    let timing = settings.timing;
+    let mut timing = settings.timing;
     let mut deadline: Option<u64> = None;
     let mut failures = 0u32;
     loop {
+        let wanted = timing_for(&settings, facts.borrow().as_ref());
+        if wanted != timing {
+            tracing::info!(interval = ?wanted.renew_interval, lease_duration = ?wanted.lease_duration, fence_after = ?wanted.fence_after, "heartbeat timing changed");
+            timing = wanted;
+        }
         let sent = fence::boottime_ns();
+        // A shorter lease takes effect with this renewal; the deadline promised by
+        // the last one may lie beyond what the new lease allows. Bring it in first,
+        // so that even a crash right after the renewal cannot leave VMs running
+        // past the new lease.
+        let next = sent + timing.fence_after.as_nanos() as u64;
+        if deadline.is_some_and(|d| d > next) {
+            if let Err(e) = fence::write_deadline(&settings.runtime_dir, sent, timing.fence_after) {
+                tracing::error!("cannot bring the fencing deadline in: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            deadline = Some(next);
+        }
         // A renewal that takes longer than the time left before the deadline is
         // useless; cut it off there so the deadline is acted on in time.
         let left = deadline.map(|d| Duration::from_nanos(d.saturating_sub(sent))).unwrap_or(timing.renew_interval);
-        let attempt = tokio::time::timeout(left.clamp(Duration::from_millis(100), timing.renew_interval), renew(&leases, &settings)).await;
+        let attempt = tokio::time::timeout(left.clamp(Duration::from_millis(100), timing.renew_interval), renew(&leases, &settings, timing)).await;
         match attempt {
             Ok(Ok(())) => {
                 match fence::write_deadline(&settings.runtime_dir, sent, timing.fence_after) {
@@ -130,11 +157,24 @@ pub async fn run(client: kube::Client, settings: Arc<Settings>, supervisor: Arc<
     }
 }
 
+/// The timing to use: the HostPolicy's, when one selects the host and its values
+/// leave room for the margin; else the agent's flags.
+pub fn timing_for(settings: &Settings, facts: Option<&HostFacts>) -> Timing {
+    let Some(hb) = facts.and_then(|f| f.heartbeat) else { return settings.timing };
+    match Timing::new(Duration::from_secs(hb.interval_seconds.into()), Duration::from_secs(hb.lease_duration_seconds.into())) {
+        Ok(timing) => timing,
+        Err(e) => {
+            tracing::warn!("HostPolicy heartbeat settings not used ({e}); keeping the agent's");
+            settings.timing
+        }
+    }
+}
+
 /// One renewal: a merge patch of the Lease's holder and times (only this host's
 /// agent writes its Lease), creating it the first time.
-async fn renew(leases: &Api<Lease>, settings: &Settings) -> Result<(), Error> {
+async fn renew(leases: &Api<Lease>, settings: &Settings, timing: Timing) -> Result<(), Error> {
     let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
-    let seconds = settings.timing.lease_duration.as_secs() as i32;
+    let seconds = timing.lease_duration.as_secs() as i32;
     let patch = serde_json::json!({
         "spec": { "holderIdentity": settings.node, "leaseDurationSeconds": seconds, "renewTime": now }
     });
@@ -160,6 +200,25 @@ async fn renew(leases: &Api<Lease>, settings: &Settings) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_policy_sets_the_timing_unless_it_leaves_no_margin() {
+        use crate::host_facts::{HeartbeatFact, HostFacts, KvmFact, Offered, TopologyFact};
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::settings::tests::settings(dir.path());
+        let facts = |interval_seconds, lease_duration_seconds| HostFacts {
+            kvm: KvmFact { usable: true, reason: None, max_vcpus: 1 },
+            topology: TopologyFact { cpus: "0".into(), cores: 1, threads_per_core: 1, numa_nodes: vec![], memory_mib: 1 },
+            offered: Offered { cpus: "0".into(), vcpus: 1, memory_mib: 1, memory_overcommit_ratio: 1.0 },
+            policy: Some("p".into()),
+            heartbeat: Some(HeartbeatFact { interval_seconds, lease_duration_seconds }),
+        };
+        assert_eq!(timing_for(&settings, None), Timing::DEFAULT);
+        let t = timing_for(&settings, Some(&facts(2, 10)));
+        assert_eq!((t.renew_interval, t.lease_duration, t.fence_after), (Duration::from_secs(2), Duration::from_secs(10), Duration::from_secs(8)));
+        // 1 s heartbeats in a 2 s lease leave no margin: the flags stay.
+        assert_eq!(timing_for(&settings, Some(&facts(1, 2))), Timing::DEFAULT);
+    }
 
     #[test]
     fn default_timing_is_what_new_computes() {

@@ -38,6 +38,18 @@ pub struct HostFacts {
     pub offered: Offered,
     /// The HostPolicy that selects this host, if any.
     pub policy: Option<String>,
+    /// Heartbeat interval and failure detection time (the Lease duration) from that
+    /// HostPolicy's `ha`, in seconds; without a policy the agent's flags apply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<HeartbeatFact>,
+}
+
+/// The HostPolicy's heartbeat settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatFact {
+    pub interval_seconds: u32,
+    pub lease_duration_seconds: u32,
 }
 
 /// Whether VMs can run here.
@@ -148,6 +160,10 @@ pub fn compute(topology: &HostTopology, memory_mib: u64, kvm: KvmFact, node_labe
         },
         offered: Offered { cpus: offered_cpus.to_string(), vcpus, memory_mib: offered_memory, memory_overcommit_ratio: ratio },
         policy: policy.and_then(|p| p.metadata.name.clone()),
+        heartbeat: policy.map(|p| HeartbeatFact {
+            interval_seconds: p.spec.ha.heartbeat_interval_seconds,
+            lease_duration_seconds: p.spec.ha.failure_detection_seconds,
+        }),
     }
 }
 
@@ -274,6 +290,7 @@ mod tests {
         );
         let facts = compute(&topology, 65536, usable(), &labels, &[other.clone(), prod]);
         assert_eq!(facts.policy.as_deref(), Some("b-prod"));
+        assert_eq!(facts.heartbeat, Some(HeartbeatFact { interval_seconds: 1, lease_duration_seconds: 3 }), "HostPolicy defaults");
         assert_eq!(facts.offered.cpus, "2-15");
         assert_eq!(facts.offered.vcpus, 28);
         assert_eq!(facts.offered.memory_mib, (65536 - 2048) * 3 / 2);
@@ -283,6 +300,7 @@ mod tests {
 
         let none = compute(&topology, 4096, usable(), &BTreeMap::new(), &[other]);
         assert_eq!(none.policy, None);
+        assert_eq!(none.heartbeat, None);
         assert_eq!(none.offered.cpus, "0-15");
         assert_eq!(none.offered.memory_mib, 3072);
     }

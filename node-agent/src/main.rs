@@ -146,9 +146,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
     let (leased_tx, leased) = tokio::sync::watch::channel(false);
     let (facts_tx, facts) = tokio::sync::watch::channel(None);
     let events = drover_agent::events::Events::new(client.clone(), &settings.node);
-    let ctx = Arc::new(Context { client: client.clone(), settings: settings.clone(), supervisor: supervisor.clone(), leased, facts, events });
+    let ctx = Arc::new(Context { client: client.clone(), settings: settings.clone(), supervisor: supervisor.clone(), leased, facts: facts.clone(), events });
 
-    tokio::spawn(heartbeat::run(client.clone(), settings.clone(), supervisor.clone(), leased_tx));
+    tokio::spawn(heartbeat::run(client.clone(), settings.clone(), supervisor.clone(), facts.clone(), leased_tx));
     tokio::spawn(host_facts::publish(client.clone(), settings.clone(), facts_tx, Duration::from_secs(30)));
     let http = tokio::spawn(console::serve(ctx.clone()));
 
