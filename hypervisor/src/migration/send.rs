@@ -224,11 +224,15 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut 
     let mut last_dirty = sent.pages.max(1);
     // Pages dirtied since the last pass, taken from KVM but not sent yet: they go
     // with the last ones at switch-over.
+    // When the dirty log was last read: the guest's dirty rate is what it dirtied since.
+    let mut logged_at = pass_start;
     let pending = loop {
         check(control, deadline)?;
         let pass_start = Instant::now();
         let dirty = vm.take_dirty_pages()?;
         let count: u64 = dirty.iter().map(|(_, b)| b.iter().map(|w| u64::from(w.count_ones())).sum::<u64>()).sum();
+        let dirty_rate = rate(count * PAGE_SIZE as u64, logged_at.elapsed());
+        logged_at = pass_start;
         let estimate_ms = (count * PAGE_SIZE as u64 * 1000).checked_div(bandwidth.max(1)).unwrap_or(u64::MAX);
         tracing::debug!(pass, dirty_pages = count, estimate_ms, bandwidth, "migration pass");
         control.update_migration(|s| {
@@ -259,7 +263,7 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, out: &mut 
         // dirties memory about as fast as the link carries it; slow its vCPUs one
         // step per such pass (waiting longer only makes the migration longer).
         if !shrinking && estimate_ms > req.max_downtime_ms {
-            throttle.raise();
+            throttle.raise(needed_throttle(dirty_rate, bandwidth));
         }
         last_dirty = count;
         let before = sent.bytes;
@@ -443,6 +447,18 @@ impl Sender {
 }
 
 /// Auto-converge: pauses the vCPUs for a growing share of every 20 ms.
+/// The throttle (percent of time the vCPUs are held) that brings a guest dirtying
+/// `dirty_rate` bytes/s down to a quarter of the link's `bandwidth`, so that each
+/// pass leaves at most a quarter of itself to the next: what it takes to converge
+/// in a few passes rather than creeping up on it one step per pass.
+fn needed_throttle(dirty_rate: u64, bandwidth: u64) -> u32 {
+    if dirty_rate == 0 {
+        return 0;
+    }
+    let allowed = bandwidth as f64 / 4.0;
+    (((1.0 - allowed / dirty_rate as f64) * 100.0).ceil().clamp(0.0, 99.0)) as u32
+}
+
 struct Throttle {
     percent: Arc<AtomicU32>,
     stop: Arc<AtomicBool>,
@@ -461,9 +477,11 @@ impl Throttle {
         self.percent.load(Ordering::Relaxed)
     }
 
-    fn raise(&self) {
+    /// One step up, or straight to `at_least` percent when that is more.
+    fn raise(&self, at_least: u32) {
         let now = self.percent();
-        let next = THROTTLE_STEPS.iter().copied().find(|p| *p > now).unwrap_or(99);
+        let step = THROTTLE_STEPS.iter().copied().find(|p| *p > now).unwrap_or(99);
+        let next = step.max(at_least.min(99));
         self.percent.store(next, Ordering::Relaxed);
         tracing::info!(percent = next, "migration: throttling vCPUs to converge");
         let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
@@ -499,3 +517,18 @@ impl Drop for Throttle {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_brings_the_dirty_rate_to_a_quarter_of_the_link() {
+        let gib = 1 << 30;
+        assert_eq!(needed_throttle(0, gib), 0, "an idle guest needs none");
+        assert_eq!(needed_throttle(gib / 4, gib), 0, "already slow enough");
+        assert_eq!(needed_throttle(gib, gib), 75);
+        assert_eq!(needed_throttle(2 * gib, gib), 88);
+        assert_eq!(needed_throttle(u64::MAX / 2, 1), 99, "never a full stop");
+    }
+}
