@@ -89,6 +89,8 @@ pub async fn run(
     let leases: Api<Lease> = Api::namespaced(client, &settings.namespace);
     let mut timing = settings.timing;
     let mut deadline: Option<u64> = None;
+    // The deadline an earlier agent promised (this one may run with a shorter lease).
+    let mut inherited = fence::read_deadline(&fence::deadline_file(&settings.runtime_dir));
     let mut failures = 0u32;
     loop {
         let wanted = timing_for(&settings, facts.borrow().as_ref());
@@ -102,13 +104,14 @@ pub async fn run(
         // so that even a crash right after the renewal cannot leave VMs running
         // past the new lease.
         let next = sent + timing.fence_after.as_nanos() as u64;
-        if deadline.is_some_and(|d| d > next) {
+        if deadline.or(inherited).is_some_and(|d| d > next) {
             if let Err(e) = fence::write_deadline(&settings.runtime_dir, sent, timing.fence_after) {
                 tracing::error!("cannot bring the fencing deadline in: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
             deadline = Some(next);
+            inherited = None;
         }
         // A renewal that takes longer than the time left before the deadline is
         // useless; cut it off there so the deadline is acted on in time.
