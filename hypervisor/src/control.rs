@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use drover_topology::CpuSet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::signal::Killable;
 
 use crate::config::VmConfig;
@@ -430,7 +430,7 @@ impl VmControl {
         let millis = |t: Option<SystemTime>| t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
         VmStatus {
             name: self.config.name.clone(),
-            state: if self.paused.load(Ordering::Acquire) { "paused" } else { "running" },
+            state: if self.paused.load(Ordering::Acquire) { "paused" } else { "running" }.into(),
             memory_mib: self.config.memory_mib,
             numa_policy: format!("{:?}", self.config.numa.policy),
             numa_nodes: self.numa_nodes.to_string(),
@@ -458,12 +458,13 @@ fn thread_stat(tid: i32) -> Option<(Option<u32>, u64)> {
     Some((fields.get(36).and_then(|c| c.parse().ok()), ticks * 1000 / hz))
 }
 
-/// What `GET /vm` returns.
-#[derive(Debug, Serialize)]
+/// What `GET /vm` returns (the node agent reads it with this type too).
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VmStatus {
     pub name: String,
-    pub state: &'static str,
+    /// `running` or `paused`.
+    pub state: String,
     pub memory_mib: u64,
     /// NUMA policy of guest memory, and the host nodes it is bound to.
     pub numa_policy: String,
@@ -481,7 +482,7 @@ pub struct VmStatus {
 }
 
 /// One vCPU in `GET /vm`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VcpuStatus {
     pub index: u32,

@@ -25,7 +25,7 @@ use crate::status::{self, condition, now};
 use crate::supervisor::{VmmState, new_meta};
 use crate::vm_dir::{Role, VmDir};
 use crate::vm_config;
-use crate::vmm_client::{MigrationStatus, VmmClient};
+use crate::vmm_client::{MigrationStatus, Phase, VmmClient};
 
 /// Key of the migration Secret that holds the secret.
 pub const SECRET_KEY: &str = "key";
@@ -55,7 +55,10 @@ pub async fn reconcile(migration: Arc<VirtualMachineMigration>, ctx: Arc<Context
     if status.source_node.as_deref() == Some(node) && active && status.target_address.is_some() {
         return drive_source(&migration, &api, &vms, &ctx, status).await;
     }
-    Ok(if active { Action::requeue(Duration::from_secs(2)) } else { Action::await_change() })
+    // Nothing to do here until the status changes (the other side's step); only
+    // the two hosts involved look again now and then, in case an update was missed.
+    let involved = [&status.source_node, &status.target_node].iter().any(|n| n.as_deref() == Some(node));
+    Ok(if active && involved { Action::requeue(Duration::from_secs(2)) } else { Action::await_change() })
 }
 
 /// Target side: a receiving VMM, listening, and its address published.
@@ -112,10 +115,7 @@ async fn prepare_target(
         }
     };
     let port = free_port(ctx)?;
-    let listen = match ctx.settings.address {
-        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
-        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
-    };
+    let listen = std::net::SocketAddr::new(ctx.settings.address, port).to_string();
     let mut args = vec![
         "receive".into(),
         "--listen".into(),
@@ -153,10 +153,7 @@ async fn publish_when_listening(
     if !listening_ports().contains(&port) {
         return Ok(Action::requeue(Duration::from_millis(50)));
     }
-    let address = match ctx.settings.address {
-        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
-        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
-    };
+    let address = std::net::SocketAddr::new(ctx.settings.address, port).to_string();
     status.target_address = Some(address.clone());
     status.conditions.set(condition("TargetReady", true, "Listening", format!("receiving VMM listens on {address}"), migration.metadata.generation));
     status::write_migration(api, migration, &status, &ctx.manager()).await?;
@@ -248,11 +245,11 @@ async fn drive_source(
         (Some(VmmState::Ended(record)), _) if record.is_migrated() => Some(Ok(())),
         (Some(VmmState::Ended(record)), _) => Some(Err(format!("the source VMM ended: {}", record.describe()))),
         (Some(VmmState::Lost), _) | (None, _) => Some(Err(format!("the source VMM is gone from {}", ctx.node()))),
-        (_, Some(p)) if p.phase == "Completed" => Some(Ok(())),
-        (_, Some(p)) if p.phase == "Failed" || p.phase == "Cancelled" => {
-            Some(Err(p.error.clone().unwrap_or_else(|| format!("migration {}", p.phase.to_lowercase()))))
+        (_, Some(p)) if p.phase == Phase::Completed => Some(Ok(())),
+        (_, Some(p)) if p.phase == Phase::Failed || p.phase == Phase::Cancelled => {
+            Some(Err(p.error.clone().unwrap_or_else(|| format!("migration {:?}", p.phase).to_lowercase())))
         }
-        (_, Some(p)) if p.phase == "Unknown" => Some(Err(
+        (_, Some(p)) if p.phase == Phase::Unknown => Some(Err(
             "the target never confirmed the switch-over: the VM is paused on the source and may run on the target".into(),
         )),
         _ => None,
@@ -263,7 +260,7 @@ async fn drive_source(
         status.dirty_rate_bytes_per_second = Some(p.dirty_rate_bps as i64);
         status.downtime_millis = p.downtime_ms.map(|ms| ms as i64);
         status.total_millis = Some(p.total_ms as i64);
-        if p.phase == "Switchover" {
+        if p.phase == Phase::Switchover {
             status.phase = Some(MigrationPhase::Switchover);
         }
     }

@@ -85,16 +85,25 @@ pub fn run(args: &MonitorArgs) -> Result<ExitRecord, Error> {
         }
         Err(e) => eprintln!("drover-monitor: no live console ({}: {e}); the serial log is still kept", socket.display()),
     }
+    let mut serial = None;
     if let Some(stdout) = child.stdout.take() {
         let mut log = RotatingLog::open(&args.serial_log, args.serial_max_bytes)?;
-        std::thread::Builder::new()
-            .name("serial".into())
-            .spawn(move || pump_serial(stdout, &mut log, &clients))
-            .map_err(|e| Error::io("serial thread", e))?;
+        serial = Some(
+            std::thread::Builder::new()
+                .name("serial".into())
+                .spawn(move || pump_serial(stdout, &mut log, &clients))
+                .map_err(|e| Error::io("serial thread", e))?,
+        );
     }
 
     loop {
         if let Some(status) = child.try_wait().map_err(|e| Error::io("waiting for the VMM", e))? {
+            // The guest's last words (a result, a panic) are in the pipe: the log
+            // is complete before anyone is told the VM ended. The VMM is gone, so
+            // the pipe ends at once.
+            if let Some(serial) = serial.take() {
+                let _ = serial.join();
+            }
             let record = ExitRecord { code: status.code(), signal: status.signal(), at_ms: unix_ms() };
             let json = serde_json::to_vec(&record).map_err(|e| Error::Io(e.to_string()))?;
             write_atomic(&args.dir.exit(), &json)?;
@@ -211,45 +220,36 @@ mod tests {
         assert_eq!(read_log_tail(&path, 9), b"line 049\n");
     }
 
+    /// A monitor for `command` in a fresh directory, with the deadline `after` from now.
+    fn monitor(dir: &std::path::Path, after: Duration, command: &[&str]) -> MonitorArgs {
+        let vm = VmDir { path: dir.join("vm") };
+        std::fs::create_dir_all(&vm.path).unwrap();
+        fence::write_deadline(dir, fence::boottime_ns(), after).unwrap();
+        MonitorArgs {
+            dir: vm,
+            fence_file: fence::deadline_file(dir),
+            serial_log: dir.join("serial.log"),
+            serial_max_bytes: 1 << 20,
+            command: command.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
     #[test]
     fn monitor_records_the_exit_and_keeps_serial_output() {
         let dir = tempfile::tempdir().unwrap();
-        let vm = VmDir { path: dir.path().join("vm") };
-        std::fs::create_dir_all(&vm.path).unwrap();
-        fence::write_deadline(dir.path(), fence::boottime_ns(), Duration::from_secs(60)).unwrap();
-        let args = MonitorArgs {
-            dir: vm.clone(),
-            fence_file: fence::deadline_file(dir.path()),
-            serial_log: dir.path().join("serial.log"),
-            serial_max_bytes: 1 << 20,
-            command: vec!["sh".into(), "-c".into(), "echo hello from the guest; exit 5".into()],
-        };
+        // Output written just before the end is in the log when the exit is recorded.
+        let args = monitor(dir.path(), Duration::from_secs(60), &["sh", "-c", "echo hello from the guest; exit 5"]);
         let record = run(&args).unwrap();
         assert_eq!(record.code, Some(5));
-        assert_eq!(vm.read_exit().unwrap(), record);
-        // The serial thread may finish just after the child is reaped.
-        for _ in 0..50 {
-            if read_log_tail(&args.serial_log, 100) == b"hello from the guest\n" {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("serial log: {:?}", String::from_utf8_lossy(&read_log_tail(&args.serial_log, 100)));
+        assert_eq!(args.dir.read_exit().unwrap(), record);
+        assert_eq!(read_log_tail(&args.serial_log, 100), b"hello from the guest\n");
     }
 
     #[test]
     fn monitor_powers_the_vm_off_when_the_deadline_passes() {
         let dir = tempfile::tempdir().unwrap();
-        let vm = VmDir { path: dir.path().join("vm") };
-        std::fs::create_dir_all(&vm.path).unwrap();
-        fence::write_deadline(dir.path(), fence::boottime_ns(), Duration::from_millis(300)).unwrap();
-        let args = MonitorArgs {
-            dir: vm.clone(),
-            fence_file: fence::deadline_file(dir.path()),
-            serial_log: dir.path().join("serial.log"),
-            serial_max_bytes: 1 << 20,
-            command: vec!["sleep".into(), "30".into()],
-        };
+        let args = monitor(dir.path(), Duration::from_millis(300), &["sleep", "30"]);
+        let vm = args.dir.clone();
         let start = std::time::Instant::now();
         let record = run(&args).unwrap();
         assert_eq!(record.signal, Some(libc::SIGKILL));

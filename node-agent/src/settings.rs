@@ -50,10 +50,7 @@ impl Settings {
 
     /// Base URL of this agent's HTTP endpoint.
     pub fn http_url(&self) -> String {
-        match self.address {
-            IpAddr::V4(a) => format!("http://{a}:{}", self.http_port),
-            IpAddr::V6(a) => format!("http://[{a}]:{}", self.http_port),
-        }
+        format!("http://{}", std::net::SocketAddr::new(self.address, self.http_port))
     }
 }
 

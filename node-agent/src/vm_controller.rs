@@ -22,7 +22,7 @@ use crate::context::Context;
 use crate::status::{self, condition, time_ms};
 use crate::supervisor::{VmmState, new_meta};
 use crate::vm_dir::{Role, VmDir};
-use crate::vmm_client::VmmClient;
+use crate::vmm_client::{Phase, VmmClient, host_cpus};
 use crate::vm_config;
 
 /// Held on every VM an agent has started, until its VMM has stopped.
@@ -119,7 +119,7 @@ async fn elsewhere(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context
     match (role, state) {
         (Some(Role::Run), Some(VmmState::Running)) => {
             let client = VmmClient::new(&VmDir::new(&ctx.settings.runtime_dir, uid).api_socket());
-            let handed_over = client.migration().await.map(|m| m.phase == "Completed").unwrap_or(false);
+            let handed_over = client.migration().await.map(|m| m.phase == Phase::Completed).unwrap_or(false);
             if !handed_over {
                 tracing::warn!(vm = %vm.name_any(), placed = ?vm.status.as_ref().and_then(|s| s.node_name.clone()), "VM runs here but is placed elsewhere: powering it off");
                 ctx.supervisor.kill(uid, "powered off: the VM is placed on another host");
@@ -275,7 +275,7 @@ async fn running(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, 
     let offered = ctx.facts().map(|f| f.offered_cpus()).unwrap_or_default();
     let (mut applied, mut changed) = (true, false);
     match vm_config::desired_host_cpus(vm, &offered, ctx.node()) {
-        Ok(want) if !offered.is_empty() && !cpus_in_effect(vm, &want, &vmm.host_cpus()) => match client.set_host_cpus(&want).await {
+        Ok(want) if !offered.is_empty() && !cpus_in_effect(vm, &want, &host_cpus(&vmm)) => match client.set_host_cpus(&want).await {
             Ok(()) => {
                 changed = true;
                 tracing::info!(vm = %vm.name_any(), host_cpus = %want, "host CPUs changed on the running VM");
@@ -307,7 +307,7 @@ async fn running(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, 
     if changed {
         // What the VMM now reports (its CPU lists and change times) goes to status.
         vmm = client.status().await?;
-        ctx.events.normal(vm, "CpuConfigChanged", "Reconfigure", format!("host CPUs {}, {} shares, without a restart", vmm.host_cpus(), vmm.shares));
+        ctx.events.normal(vm, "CpuConfigChanged", "Reconfigure", format!("host CPUs {}, {} shares, without a restart", host_cpus(&vmm), vmm.shares));
     }
     if applied {
         new.observed_generation = generation;
@@ -318,7 +318,7 @@ async fn running(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, 
 
     let started_ms = local.meta.started_at_ms;
     new.phase = Some(if new.migration.is_some() { VmPhase::Migrating } else { VmPhase::Running });
-    new.host_cpus = Some(vmm.host_cpus());
+    new.host_cpus = Some(host_cpus(&vmm));
     new.numa_nodes = Some(vmm.numa_nodes.clone()).filter(|n| !n.is_empty());
     new.shares = Some(vmm.shares as i32);
     new.cpu_changed_at = vmm.cpus_changed_at_ms.max(vmm.priority_changed_at_ms).and_then(time_ms);

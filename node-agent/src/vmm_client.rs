@@ -1,60 +1,24 @@
-//! Talking to a VMM through its control socket (`drover-vmm`'s API), from async code.
+//! Talking to a VMM through its control socket (`drover-vmm`'s API, read with the
+//! VMM's own reply types), from async code.
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::Error;
 
-/// The parts of `GET /vm` the agent reports.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct VmStatus {
-    /// `running` or `paused`.
-    pub state: String,
-    pub numa_nodes: String,
-    /// From VMM start to the guest's first serial output.
-    pub boot_time_ms: Option<u64>,
-    pub shares: u32,
-    pub cpus_changed_at_ms: Option<u64>,
-    pub priority_changed_at_ms: Option<u64>,
-    pub vcpus: Vec<VcpuStatus>,
-}
+pub use drover_hypervisor::control::VmStatus;
+pub use drover_hypervisor::migration::status::{MigrationStatus, Phase};
 
-/// One vCPU in `GET /vm`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct VcpuStatus {
-    pub host_cpus: String,
-}
-
-impl VmStatus {
-    /// The host CPUs the vCPUs may run on, as one CPU list (the union over vCPUs).
-    pub fn host_cpus(&self) -> String {
-        let mut all = std::collections::BTreeSet::new();
-        for vcpu in &self.vcpus {
-            if let Ok(set) = drover_topology::CpuSet::parse(&vcpu.host_cpus) {
-                all.extend(set.iter());
-            }
+/// The host CPUs a VM's vCPUs may run on, as one CPU list (the union over vCPUs).
+pub fn host_cpus(vm: &VmStatus) -> String {
+    let mut all = std::collections::BTreeSet::new();
+    for vcpu in &vm.vcpus {
+        if let Ok(set) = drover_topology::CpuSet::parse(&vcpu.host_cpus) {
+            all.extend(set.iter());
         }
-        drover_topology::CpuSet::from_iter(all).to_string()
     }
-}
-
-/// The parts of `GET /vm/migration` the agent reports (also what the VMM writes to
-/// the migration's status file at the end).
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MigrationStatus {
-    /// None, Connecting, PreCopy, Switchover, Completed, Failed, Cancelled, Unknown.
-    pub phase: String,
-    pub pass: u32,
-    pub bytes_sent: u64,
-    pub dirty_rate_bps: u64,
-    pub downtime_ms: Option<u64>,
-    pub total_ms: u64,
-    pub error: Option<String>,
+    drover_topology::CpuSet::from_iter(all).to_string()
 }
 
 /// A VMM's control socket.

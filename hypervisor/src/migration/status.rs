@@ -1,9 +1,10 @@
-//! Progress and figures of a migration, as the control API reports them.
+//! Progress and figures of a migration, as the control API reports them (and the
+//! node agent reads them).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Where a migration is.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Phase {
     #[default]
     None,
@@ -22,7 +23,7 @@ pub enum Phase {
 }
 
 /// Figures of the current (or last) migration.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationStatus {
     pub phase: Phase,
