@@ -10,7 +10,6 @@ mod common;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -43,11 +42,6 @@ fn result(serial: &str) -> (String, u64) {
     let line = serial.lines().find(|l| l.starts_with("drover-guest: digest")).unwrap_or_else(|| panic!("no digest in:\n{serial}"));
     let words: Vec<&str> = line.split_whitespace().collect();
     (words[2].to_string(), words[4].parse().unwrap())
-}
-
-fn port() -> u16 {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    30000 + (std::process::id() % 2000) as u16 * 10 + NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -88,29 +82,50 @@ impl Vmm {
         Vmm::spawn(cmd, name)
     }
 
-    fn receive(name: &str, listen: &str, key: &std::path::Path) -> Vmm {
-        Vmm::receive_in(None, name, listen, key)
+    /// A target listening on a port of 127.0.0.1 the kernel picks; its address is
+    /// `listen_address()`. (A fixed port can collide with a client's ephemeral port.)
+    fn receive(name: &str, key: &std::path::Path) -> Vmm {
+        Vmm::receive_in(None, name, "127.0.0.1", key)
     }
 
-    fn receive_in(netns: Option<&str>, name: &str, listen: &str, key: &std::path::Path) -> Vmm {
+    fn receive_in(netns: Option<&str>, name: &str, host: &str, key: &std::path::Path) -> Vmm {
         let mut cmd = in_netns(netns);
-        cmd.args(["receive", "--listen", listen, "--secret-file", key.to_str().unwrap()]);
-        let vmm = Vmm::spawn(cmd, name);
-        wait_until(|| std::fs::read_to_string(&vmm.log).unwrap_or_default().contains("waiting for the migration source"), "target listening");
-        vmm
+        cmd.args(["receive", "--listen", &format!("{host}:0"), "--secret-file", key.to_str().unwrap()]);
+        Vmm::spawn(cmd, name).listening()
     }
 
     /// A target that expects a 96 MiB VM with `vcpus` and faults its memory in
     /// before it listens.
-    fn receive_prefaulted(name: &str, listen: &str, key: &std::path::Path, vcpus: u32) -> Vmm {
+    fn receive_prefaulted(name: &str, key: &std::path::Path, vcpus: u32) -> Vmm {
         let expected = tmp(&format!("{name}.json"));
         std::fs::write(&expected, format!(r#"{{"vcpus": {vcpus}, "memoryMib": 96, "kernel": "{GUEST}"}}"#)).unwrap();
         let mut cmd = in_netns(None);
-        cmd.args(["receive", "--listen", listen, "--secret-file", key.to_str().unwrap(), "--prefault", "--config", expected.to_str().unwrap()]);
-        let vmm = Vmm::spawn(cmd, name);
-        wait_until(|| std::fs::read_to_string(&vmm.log).unwrap_or_default().contains("waiting for the migration source"), "target listening");
+        cmd.args(["receive", "--listen", "127.0.0.1:0", "--secret-file", key.to_str().unwrap(), "--prefault", "--config", expected.to_str().unwrap()]);
+        let vmm = Vmm::spawn(cmd, name).listening();
         assert!(vmm.log().contains("guest memory faulted in"), "{}", vmm.log());
         vmm
+    }
+
+    /// Waits until a receiving VMM listens; fails at once, with its log, if it ended.
+    fn listening(mut self) -> Vmm {
+        wait_until(
+            || {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    panic!("the target ended ({status}) before it listened:\n{}", self.log());
+                }
+                self.log().contains("waiting for the migration source")
+            },
+            "target listening",
+        );
+        self
+    }
+
+    /// The address a receiving VMM listens on, from its "waiting" log line.
+    fn listen_address(&self) -> String {
+        let log = self.log();
+        let line = log.lines().find(|l| l.contains("waiting for the migration source")).unwrap();
+        let at = line.find("address=").unwrap_or_else(|| panic!("no address in {line}")) + "address=".len();
+        line[at..].split_whitespace().next().unwrap().to_string()
     }
 
     fn serial(&self) -> String {
@@ -235,9 +250,9 @@ fn migrate_hops(vcpus: u32, hops: usize, prefault: bool) {
     current.wait_for_round(3);
     let mut max_downtime_ms = 0;
     for hop in 1..=hops {
-        let listen = format!("127.0.0.1:{}", port());
         let name = format!("hops{vcpus}-{hop}");
-        let mut target = if prefault { Vmm::receive_prefaulted(&name, &listen, &key, vcpus) } else { Vmm::receive(&name, &listen, &key) };
+        let mut target = if prefault { Vmm::receive_prefaulted(&name, &key, vcpus) } else { Vmm::receive(&name, &key) };
+        let listen = target.listen_address();
         let (code, body) = current.migrate_within(&listen, &key, 250);
         assert_eq!(code, 204, "{body}");
         assert_eq!(current.wait(), Some(6), "source exit status (6 = migrated away):\n{}", current.log());
@@ -282,8 +297,8 @@ fn wrong_secret_is_refused_and_the_source_keeps_running() {
     let _one = serialize();
     let cmdline = digest_cmdline(150, 16);
     let (want, _) = reference(1, &cmdline);
-    let listen = format!("127.0.0.1:{}", port());
-    let mut target = Vmm::receive("badkey-target", &listen, &secret_file("right", "the right secret"));
+    let mut target = Vmm::receive("badkey-target", &secret_file("right", "the right secret"));
+    let listen = target.listen_address();
     let mut source = Vmm::run("badkey-source", 1, &cmdline);
     source.wait_for_round(2);
     let (code, body) = source.migrate(&listen, &secret_file("wrong", "a wrong secret"));
@@ -303,8 +318,8 @@ fn target_killed_mid_transfer_leaves_the_vm_running_on_the_source() {
     let cmdline = digest_cmdline(400, 64);
     let (want, _) = reference(2, &cmdline);
     let key = secret_file("killtarget", "k");
-    let listen = format!("127.0.0.1:{}", port());
-    let mut target = Vmm::receive("killtarget-target", &listen, &key);
+    let mut target = Vmm::receive("killtarget-target", &key);
+    let listen = target.listen_address();
     let mut source = Vmm::run("killtarget-source", 2, &cmdline);
     source.wait_for_round(2);
     assert_eq!(source.migrate(&listen, &key).0, 204);
@@ -321,8 +336,8 @@ fn source_killed_mid_transfer_never_starts_a_partial_vm() {
     let _one = serialize();
     let cmdline = digest_cmdline(400, 64);
     let key = secret_file("killsource", "k");
-    let listen = format!("127.0.0.1:{}", port());
-    let mut target = Vmm::receive("killsource-target", &listen, &key);
+    let mut target = Vmm::receive("killsource-target", &key);
+    let listen = target.listen_address();
     let mut source = Vmm::run("killsource-source", 2, &cmdline);
     source.wait_for_round(2);
     assert_eq!(source.migrate(&listen, &key).0, 204);
@@ -339,8 +354,8 @@ fn corrupt_stream_is_refused_and_the_source_keeps_running() {
     let cmdline = digest_cmdline(300, 32);
     let (want, _) = reference(1, &cmdline);
     let key = secret_file("corrupt", "k");
-    let target_addr = format!("127.0.0.1:{}", port());
-    let mut target = Vmm::receive("corrupt-target", &target_addr, &key);
+    let mut target = Vmm::receive("corrupt-target", &key);
+    let target_addr = target.listen_address();
     let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let relay_addr = relay.local_addr().unwrap().to_string();
     let forward = target_addr.clone();
@@ -385,8 +400,8 @@ fn cancel_keeps_the_vm_running_here() {
     let cmdline = digest_cmdline(400, 64);
     let (want, _) = reference(2, &cmdline);
     let key = secret_file("cancel", "k");
-    let listen = format!("127.0.0.1:{}", port());
-    let mut target = Vmm::receive("cancel-target", &listen, &key);
+    let mut target = Vmm::receive("cancel-target", &key);
+    let listen = target.listen_address();
     let mut source = Vmm::run("cancel-source", 2, &cmdline);
     source.wait_for_round(2);
     // A 1 ms budget the busy guest cannot meet: the migration is still copying
@@ -409,8 +424,8 @@ fn migrate_between_two_hosts_over_their_own_network() {
     let cmdline = digest_cmdline(1500, 8);
     let (want, _) = reference(2, &cmdline);
     let key = secret_file("netns", "netns secret");
-    let listen = format!("{}:{}", hosts.addresses[1], port());
-    let mut target = Vmm::receive_in(Some(&hosts.names[1]), "netns-target", &listen, &key);
+    let mut target = Vmm::receive_in(Some(&hosts.names[1]), "netns-target", &hosts.addresses[1], &key);
+    let listen = target.listen_address();
     let mut source = Vmm::run_in(Some(&hosts.names[0]), "netns-source", 2, &cmdline);
     source.wait_for_round(3);
     let (code, body) = source.migrate_within(&listen, &key, 250);
@@ -430,14 +445,12 @@ fn a_target_expecting_another_shape_refuses_the_vm() {
     let key = secret_file("shape", "k");
     let expected = tmp("shape-expected.json");
     std::fs::write(&expected, format!(r#"{{"vcpus": 4, "memoryMib": 96, "kernel": "{GUEST}"}}"#)).unwrap();
-    let listen = format!("127.0.0.1:{}", port());
     let mut target = {
         let mut cmd = Command::new(VMM);
-        cmd.args(["receive", "--listen", &listen, "--secret-file", key.to_str().unwrap(), "--config", expected.to_str().unwrap()]);
-        let vmm = Vmm::spawn(cmd, "shape-target");
-        wait_until(|| vmm.log().contains("waiting for the migration source"), "target listening");
-        vmm
+        cmd.args(["receive", "--listen", "127.0.0.1:0", "--secret-file", key.to_str().unwrap(), "--config", expected.to_str().unwrap()]);
+        Vmm::spawn(cmd, "shape-target").listening()
     };
+    let listen = target.listen_address();
     let mut source = Vmm::run("shape-source", 2, &cmdline);
     source.wait_for_round(2);
     assert_eq!(source.migrate(&listen, &key).0, 204);
