@@ -68,7 +68,7 @@ fn tsc_khz() -> u64 {
     ((t1 - t0) as f64 / start.elapsed().as_secs_f64() / 1000.0) as u64
 }
 
-fn drover_run(vmm: &Path, guest: &Path, case: &Case, key: &Path, port: u16) -> Figures {
+fn drover_run(vmm: &Path, guest: &Path, case: &Case, key: &Path) -> Figures {
     let (serial, log, socket) = (tmp("d-src.serial"), tmp("d-src.log"), tmp("d-src.sock"));
     let _ = std::fs::remove_file(&serial);
     // The target knows the VM it expects and faults its memory in before it
@@ -76,7 +76,7 @@ fn drover_run(vmm: &Path, guest: &Path, case: &Case, key: &Path, port: u16) -> F
     let (expected, target_log) = (tmp("d-expected.json"), tmp("d-dst.log"));
     std::fs::write(&expected, serde_json::json!({"vcpus": 1, "memoryMib": case.memory_mib, "kernel": guest}).to_string()).unwrap();
     let target = Command::new(vmm)
-        .args(["receive", "--listen", &format!("127.0.0.1:{port}"), "--serial", "null", "--prefault", "--config"])
+        .args(["receive", "--listen", "127.0.0.1:0", "--serial", "null", "--prefault", "--config"])
         .arg(&expected)
         .arg("--secret-file")
         .arg(key)
@@ -96,7 +96,11 @@ fn drover_run(vmm: &Path, guest: &Path, case: &Case, key: &Path, port: u16) -> F
     wait_for(&serial, case.ready);
     std::thread::sleep(Duration::from_millis(300));
     wait_for(&target_log, "waiting for the migration source");
-    let body = format!(r#"{{"destination": "127.0.0.1:{port}", "secretFile": "{}"}}"#, key.display());
+    // The port the kernel gave the target, from its log.
+    let listening = std::fs::read_to_string(&target_log).unwrap();
+    let at = listening.find("address=").unwrap() + "address=".len();
+    let destination: String = listening[at..].chars().take_while(|c| !c.is_whitespace()).collect();
+    let body = format!(r#"{{"destination": "{destination}", "secretFile": "{}"}}"#, key.display());
     let (code, reply) = drover_hypervisor::api::request(&socket, "PUT", "/vm/migrate", Some(&body)).unwrap();
     assert_eq!(code, 204, "{reply}");
     wait_for(&log, "migration completed");
@@ -201,18 +205,19 @@ fn channel_gib_per_s() -> f64 {
     let addr = listener.local_addr().unwrap();
     let total = 1usize << 30;
     let target = std::thread::spawn(move || {
-        let mut s = SecureStream::accept(listener.accept().unwrap().0, b"k").unwrap();
+        let mut s = SecureStream::accept(listener.accept().unwrap().0, b"k", b"bench").unwrap();
         let mut buf = vec![0u8; 1 << 20];
         let mut got = 0;
         while got < total {
             got += s.read(&mut buf).unwrap();
         }
     });
-    let mut s = SecureStream::initiate(std::net::TcpStream::connect(addr).unwrap(), b"k").unwrap();
-    let chunk = vec![7u8; 1 << 20];
+    let mut s = SecureStream::initiate(std::net::TcpStream::connect(addr).unwrap(), b"k", b"bench").unwrap();
+    // As a migration sends pages: 1 MiB runs, each sealed in place.
+    let mut chunk = vec![7u8; 1 << 20];
     let start = Instant::now();
     for _ in 0..total >> 20 {
-        s.write_all(&chunk).unwrap();
+        s.write_in_place(&mut chunk).unwrap();
     }
     s.flush().unwrap();
     target.join().unwrap();
@@ -248,8 +253,7 @@ fn main() {
     for case in &cases {
         let (mut d, mut q) = (Vec::new(), Vec::new());
         for _ in 0..runs {
-            port += 1;
-            d.push(drover_run(&vmm, &guest, case, &key, port));
+            d.push(drover_run(&vmm, &guest, case, &key));
             port += 1;
             q.push(qemu_run(&guest, case, cpu, port));
         }

@@ -4,7 +4,7 @@
 //! touches, the first included, follows the policy.
 
 use drover_topology::CpuSet;
-use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::Error;
 use crate::config::NumaPolicy;
@@ -139,6 +139,62 @@ pub fn prefault(memory: &GuestMemoryMmap) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Copies the guest page at host address `src` into `dest`; true when the page is
+/// all zero. The copy and the zero test read the page once, with SSE2 moves: a
+/// `memcpy` of a page (or of anything smaller than the L2 cache) takes its
+/// `rep movsb` path on AMD hosts, and that ran at a fifth of the speed here. The
+/// stores are volatile so that the compiler does not turn the loop back into a
+/// `memcpy` call.
+///
+/// # Safety
+///
+/// `src` must point to 4096 readable bytes inside a mapping that outlives the
+/// call. A running guest may write them meanwhile, as with any copy of live guest
+/// memory (vm-memory's included): the copy may then be torn, and the dirty log has
+/// the page sent again.
+pub unsafe fn copy_page(src: *const u8, dest: &mut [u8; 4096]) -> bool {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_cmpeq_epi8, _mm_setzero_si128};
+    let src = src.cast::<__m128i>();
+    let out = dest.as_mut_ptr().cast::<__m128i>();
+    // SAFETY: SSE2 is part of x86-64; every access below is one of the 256
+    // 16-byte blocks of the two pages (in bounds by the caller's promise and
+    // `dest`'s type), and the unaligned forms are used for both.
+    unsafe {
+        let mut any = _mm_setzero_si128();
+        for i in (0..256).step_by(4) {
+            let (a, b, c, d) = (_mm_loadu_si128(src.add(i)), _mm_loadu_si128(src.add(i + 1)), _mm_loadu_si128(src.add(i + 2)), _mm_loadu_si128(src.add(i + 3)));
+            out.add(i).write_volatile(a);
+            out.add(i + 1).write_volatile(b);
+            out.add(i + 2).write_volatile(c);
+            out.add(i + 3).write_volatile(d);
+            any = _mm_or_si128(any, _mm_or_si128(_mm_or_si128(a, b), _mm_or_si128(c, d)));
+        }
+        _mm_movemask_epi8(_mm_cmpeq_epi8(any, _mm_setzero_si128())) == 0xffff
+    }
+}
+
+/// `count` guest pages from page `first`, as one mutable byte slice.
+///
+/// # Safety
+///
+/// Nothing else may read or write these pages while the slice lives: no vCPU
+/// runs, no other thread touches them, and no other reference to them exists.
+// The bytes are the guest's, not the `GuestMemoryMmap` value's: a shared borrow of
+// the mapping's handle says nothing about them, and exclusivity is the caller's
+// promise.
+#[allow(clippy::mut_from_ref)]
+pub unsafe fn pages_mut(memory: &GuestMemoryMmap, first: u64, count: usize) -> Result<&mut [u8], Error> {
+    let len = count * 4096;
+    let slice = memory
+        .get_slice(GuestAddress(first << 12), len)
+        .map_err(|e| Error::Memory(format!("pages {first}+{count}: {e}")))?;
+    let ptr = slice.ptr_guard_mut().as_ptr();
+    // SAFETY: `get_slice` checked that the `len` bytes at `ptr` are mapped in one
+    // region, which lives as long as `memory`; exclusive access is the caller's
+    // promise.
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
 }
 
 #[cfg(test)]

@@ -37,8 +37,9 @@ pub fn accept(listen: &str, secret: &[u8], expected: Option<&VmConfig>) -> Resul
     let peer = peer.to_string();
     // A source that stalls for this long is gone; the VM here never ran.
     tcp.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| Error::Io(e.to_string()))?;
-    let mut stream = SecureStream::accept(tcp, secret).map_err(|e| Error::Migration(format!("refused {peer}: {e}")))?;
-    wire::read_preamble(&mut stream).map_err(wire_err)?;
+    let mut tcp = tcp;
+    wire::read_preamble(&mut tcp).map_err(|e| Error::Migration(format!("refused {peer}: {e}")))?;
+    let mut stream = SecureStream::accept(tcp, secret, &wire::preamble()).map_err(|e| Error::Migration(format!("refused {peer}: {e}")))?;
     let hello = match wire::read_frame(&mut stream).map_err(wire_err)? {
         Frame::Hello(h) => h,
         other => return Err(wire_err(WireError::Unexpected { got: other.name(), want: "Hello" })),
@@ -74,17 +75,23 @@ impl Incoming {
     fn receive_memory(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error> {
         let zero = [0u8; PAGE_SIZE];
         let mut scratch = Vec::new();
+        let from = |e: WireError| Error::Migration(format!("from {}: {e}", self.peer));
         loop {
-            let (kind, payload) =
-                wire::read_raw(&mut self.stream, &mut scratch).map_err(|e| Error::Migration(format!("from {}: {e}", self.peer)))?;
-            // Pages go straight from the frame buffer into guest memory.
-            if kind == 2 {
-                let (first, data) = wire::pages(payload).map_err(wire_err)?;
-                check_pages(memory, first, (data.len() / PAGE_SIZE) as u64)?;
-                memory.write_slice(data, GuestAddress(first << 12)).map_err(|e| Error::Memory(format!("page {first}: {e}")))?;
+            let mut head = wire::read_head(&mut self.stream).map_err(from)?;
+            if head.kind == wire::PAGES {
+                let (first, count) = head.pages(&mut self.stream).map_err(from)?;
+                check_pages(memory, first, count as u64)?;
+                // SAFETY: the pages lie in one region of guest memory (checked just
+                // above), and nothing else reads or writes them meanwhile: this VM's
+                // vCPUs run only after `Go`, and this thread is the only writer.
+                let dest = unsafe { crate::memory::pages_mut(memory, first, count)? };
+                // Decrypted straight into guest memory. Should the frame prove bad,
+                // the error ends the migration and this VM never runs.
+                head.page_data(&mut self.stream, dest).map_err(from)?;
                 continue;
             }
-            match wire::decode(kind, payload.to_vec()).map_err(wire_err)? {
+            let kind = head.kind;
+            match wire::decode(kind, head.payload(&mut self.stream, &mut scratch).map_err(from)?.to_vec()).map_err(wire_err)? {
                 Frame::Zero(pages) => {
                     for page in pages {
                         check_pages(memory, page, 1)?;

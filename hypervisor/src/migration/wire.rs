@@ -3,6 +3,13 @@
 //! Every way a stream can be wrong has its own error, and a decoder never trusts a
 //! length before checking it against the limit.
 //!
+//! The preamble travels in clear, before the channel's handshake (which binds it),
+//! so that a peer of another version gets a clear error rather than a failed
+//! handshake; the frames travel through the encrypted channel. A Pages frame's data
+//! can be written and read in place ([`FrameSink`], [`Head::page_data`]): the
+//! channel then carries it as a message of its own, sealed where it lies and opened
+//! where it belongs.
+//!
 //! ```text
 //! preamble  "DROVERMG" | version: u16 LE
 //! Hello     postcard(Hello): protocol version, the VM's configuration
@@ -24,8 +31,9 @@ use crate::config::VmConfig;
 
 /// The preamble's magic.
 pub const MAGIC: &[u8; 8] = b"DROVERMG";
-/// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// The protocol version this build speaks (2: the channel's transport messages
+/// carry up to 4 MiB, the preamble travels in clear).
+pub const VERSION: u16 = 2;
 /// Guest page size.
 pub const PAGE_SIZE: usize = 4096;
 /// The largest frame payload accepted (a Pages frame of 1024 pages, or a VmState).
@@ -119,9 +127,17 @@ fn io(e: std::io::Error, what: &'static str) -> WireError {
     if e.kind() == std::io::ErrorKind::UnexpectedEof { WireError::Truncated(what) } else { WireError::Io(e.to_string()) }
 }
 
+/// The preamble's bytes (also the channel handshake's prologue).
+pub fn preamble() -> [u8; 10] {
+    let mut bytes = [0u8; 10];
+    bytes[..8].copy_from_slice(MAGIC);
+    bytes[8..].copy_from_slice(&VERSION.to_le_bytes());
+    bytes
+}
+
 /// Writes the preamble.
 pub fn write_preamble(w: &mut impl Write) -> Result<(), WireError> {
-    w.write_all(MAGIC).and_then(|_| w.write_all(&VERSION.to_le_bytes())).map_err(|e| io(e, "the preamble"))
+    w.write_all(&preamble()).map_err(|e| io(e, "the preamble"))
 }
 
 /// Reads and checks the preamble.
@@ -138,19 +154,45 @@ pub fn read_preamble(r: &mut impl Read) -> Result<(), WireError> {
     Ok(())
 }
 
-/// Writes one Pages frame without copying the page data into a frame first.
-pub fn write_pages(w: &mut impl Write, first: u64, data: &[u8]) -> Result<(), WireError> {
+/// Where frames are written. Page data may be handed over whole, to be consumed:
+/// the encrypted channel seals it where it lies.
+pub trait FrameSink: Write {
+    /// Writes `data`; its contents may be overwritten in the process.
+    fn write_consuming(&mut self, data: &mut [u8]) -> std::io::Result<()> {
+        self.write_all(data)
+    }
+}
+
+impl FrameSink for Vec<u8> {}
+
+/// Writes one Pages frame, its data straight from `data` (which the sink may
+/// overwrite: the checksum is taken first).
+pub fn write_pages(w: &mut impl FrameSink, first: u64, data: &mut [u8]) -> Result<(), WireError> {
     let count = (data.len() / PAGE_SIZE) as u32;
-    let mut head = [0u8; 12];
-    head[..8].copy_from_slice(&first.to_le_bytes());
-    head[8..].copy_from_slice(&count.to_le_bytes());
-    write_parts(w, 2, &[&head, data])
+    let len = 12 + data.len();
+    if len > MAX_PAYLOAD as usize {
+        return Err(WireError::TooLarge(len as u32));
+    }
+    let mut head = [0u8; 17];
+    head[0] = 2;
+    head[1..5].copy_from_slice(&(len as u32).to_le_bytes());
+    head[5..13].copy_from_slice(&first.to_le_bytes());
+    head[13..].copy_from_slice(&count.to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head);
+    crc.update(data);
+    let result = (|| {
+        w.write_all(&head)?;
+        w.write_consuming(data)?;
+        w.write_all(&crc.finalize().to_le_bytes())
+    })();
+    result.map_err(|e| io(e, "a frame"))
 }
 
 /// Writes a frame.
 pub fn write_frame(w: &mut impl Write, frame: &Frame) -> Result<(), WireError> {
     match frame {
-        Frame::Pages { first, data } => write_pages(w, *first, data),
+        Frame::Pages { first, data } => write_parts(w, 2, &[&first.to_le_bytes(), &((data.len() / PAGE_SIZE) as u32).to_le_bytes(), data]),
         Frame::Hello(h) => {
             let bytes = postcard::to_allocvec(h).map_err(|e| WireError::Malformed { kind: "Hello", why: e.to_string() })?;
             write_parts(w, 1, &[&bytes])
@@ -190,34 +232,30 @@ fn write_parts(w: &mut impl Write, kind: u8, parts: &[&[u8]]) -> Result<(), Wire
 
 /// Reads one frame, checking length, checksum and contents.
 pub fn read_frame(r: &mut impl Read) -> Result<Frame, WireError> {
+    let mut head = read_head(r)?;
+    if head.kind == PAGES {
+        let (first, count) = head.pages(r)?;
+        let mut data = vec![0u8; count * PAGE_SIZE];
+        head.page_data(r, &mut data)?;
+        return Ok(Frame::Pages { first, data });
+    }
     let mut scratch = Vec::new();
-    match read_raw(r, &mut scratch)? {
-        (2, payload) => {
-            let (first, data) = pages(payload)?;
-            Ok(Frame::Pages { first, data: data.to_vec() })
-        }
-        (kind, payload) => decode(kind, payload.to_vec()),
-    }
+    let kind = head.kind;
+    decode(kind, head.payload(r, &mut scratch)?.to_vec())
 }
 
-/// A Pages frame's first page number and data, without copying.
-pub fn pages(payload: &[u8]) -> Result<(u64, &[u8]), WireError> {
-    let bad = |why: String| WireError::Malformed { kind: "Pages", why };
-    if payload.len() < 12 {
-        return Err(bad("shorter than its header".into()));
-    }
-    let first = u64::from_le_bytes(payload[..8].try_into().map_err(|_| bad("header".into()))?);
-    let count = u32::from_le_bytes(payload[8..12].try_into().map_err(|_| bad("header".into()))?) as usize;
-    if payload.len() - 12 != count * PAGE_SIZE {
-        return Err(bad(format!("{count} pages announced, {} bytes of data", payload.len() - 12)));
-    }
-    Ok((first, &payload[12..]))
+/// The kind of a Pages frame.
+pub const PAGES: u8 = 2;
+
+/// A frame's header, read and checked: its payload comes next on the stream.
+pub struct Head {
+    pub kind: u8,
+    len: u32,
+    crc: crc32fast::Hasher,
 }
 
-/// Reads one frame into `scratch` (reused between frames: a migration reads
-/// thousands of 1 MiB frames) and checks its length and checksum; returns the
-/// kind and the payload. `decode` or `pages` make sense of the payload.
-pub fn read_raw<'a>(r: &mut impl Read, scratch: &'a mut Vec<u8>) -> Result<(u8, &'a [u8]), WireError> {
+/// Reads a frame's header and checks its kind and length.
+pub fn read_head(r: &mut impl Read) -> Result<Head, WireError> {
     let mut head = [0u8; 5];
     r.read_exact(&mut head).map_err(|e| io(e, "a frame header"))?;
     let kind = head[0];
@@ -228,17 +266,69 @@ pub fn read_raw<'a>(r: &mut impl Read, scratch: &'a mut Vec<u8>) -> Result<(u8, 
     if !(1..=9).contains(&kind) {
         return Err(WireError::UnknownKind(kind));
     }
-    scratch.resize(len as usize, 0);
-    r.read_exact(scratch).map_err(|e| io(e, "a frame payload"))?;
-    let mut crc_bytes = [0u8; 4];
-    r.read_exact(&mut crc_bytes).map_err(|e| io(e, "a frame checksum"))?;
     let mut crc = crc32fast::Hasher::new();
     crc.update(&head);
-    crc.update(scratch);
-    if crc.finalize() != u32::from_le_bytes(crc_bytes) {
-        return Err(WireError::BadChecksum { kind });
+    Ok(Head { kind, len, crc })
+}
+
+impl Head {
+    /// Reads the payload into `scratch` (reused between frames) and checks the
+    /// checksum. `decode` makes sense of it.
+    pub fn payload<'a>(mut self, r: &mut impl Read, scratch: &'a mut Vec<u8>) -> Result<&'a [u8], WireError> {
+        scratch.resize(self.len as usize, 0);
+        r.read_exact(scratch).map_err(|e| io(e, "a frame payload"))?;
+        self.crc.update(scratch);
+        self.check(r)?;
+        Ok(scratch.as_slice())
     }
-    Ok((kind, scratch.as_slice()))
+
+    /// A Pages frame's first page number and page count; its data comes next.
+    pub fn pages(&mut self, r: &mut impl Read) -> Result<(u64, usize), WireError> {
+        let bad = |why: String| WireError::Malformed { kind: "Pages", why };
+        if self.len < 12 {
+            return Err(bad("shorter than its header".into()));
+        }
+        let mut numbers = [0u8; 12];
+        r.read_exact(&mut numbers).map_err(|e| io(e, "a frame payload"))?;
+        self.crc.update(&numbers);
+        let first = u64::from_le_bytes([numbers[0], numbers[1], numbers[2], numbers[3], numbers[4], numbers[5], numbers[6], numbers[7]]);
+        let count = u32::from_le_bytes([numbers[8], numbers[9], numbers[10], numbers[11]]) as usize;
+        let data = self.len as usize - 12;
+        if data != count * PAGE_SIZE {
+            return Err(bad(format!("{count} pages announced, {data} bytes of data")));
+        }
+        Ok((first, count))
+    }
+
+    /// Reads a Pages frame's data into `dest` (as many bytes as [`Head::pages`]
+    /// announced) and checks the checksum. On an error `dest` holds garbage.
+    pub fn page_data(mut self, r: &mut impl Read, dest: &mut [u8]) -> Result<(), WireError> {
+        debug_assert_eq!(dest.len() + 12, self.len as usize);
+        r.read_exact(dest).map_err(|e| io(e, "a frame payload"))?;
+        self.crc.update(dest);
+        self.check(r)
+    }
+
+    fn check(self, r: &mut impl Read) -> Result<(), WireError> {
+        let mut crc_bytes = [0u8; 4];
+        r.read_exact(&mut crc_bytes).map_err(|e| io(e, "a frame checksum"))?;
+        if self.crc.finalize() != u32::from_le_bytes(crc_bytes) {
+            return Err(WireError::BadChecksum { kind: self.kind });
+        }
+        Ok(())
+    }
+}
+
+/// A Pages payload's first page number and data.
+fn pages(payload: &[u8]) -> Result<(u64, &[u8]), WireError> {
+    let bad = |why: String| WireError::Malformed { kind: "Pages", why };
+    let (numbers, data) = payload.split_at_checked(12).ok_or_else(|| bad("shorter than its header".into()))?;
+    let first = u64::from_le_bytes(numbers[..8].try_into().map_err(|_| bad("header".into()))?);
+    let count = u32::from_le_bytes(numbers[8..].try_into().map_err(|_| bad("header".into()))?) as usize;
+    if data.len() != count * PAGE_SIZE {
+        return Err(bad(format!("{count} pages announced, {} bytes of data", data.len())));
+    }
+    Ok((first, data))
 }
 
 /// Makes a frame of a checked payload.
