@@ -65,7 +65,7 @@ pub struct VmControl {
     migration: Mutex<MigrationStatus>,
     migrating: AtomicBool,
     migration_cancel: AtomicBool,
-    migration_socket: Mutex<Option<std::net::TcpStream>>,
+    migration_sockets: Mutex<Vec<std::net::TcpStream>>,
     /// Set once a migration passed its point of no return: this VMM must never run
     /// the guest again, whatever else happens.
     handed_over: AtomicBool,
@@ -111,7 +111,7 @@ impl VmControl {
             migration: Mutex::new(MigrationStatus::default()),
             migrating: AtomicBool::new(false),
             migration_cancel: AtomicBool::new(false),
-            migration_socket: Mutex::new(None),
+            migration_sockets: Mutex::new(Vec::new()),
             handed_over: AtomicBool::new(false),
         }
     }
@@ -137,8 +137,9 @@ impl VmControl {
     }
 
     /// Records the migration's socket, so that a cancel can cut it.
-    pub fn set_migration_socket(&self, socket: Option<std::net::TcpStream>) {
-        *lock(&self.migration_socket) = socket;
+    /// Records a connection of the running migration (cancelling shuts them all down).
+    pub fn add_migration_socket(&self, socket: std::net::TcpStream) {
+        lock(&self.migration_sockets).push(socket);
     }
 
     /// Asks the running migration to stop; the VM keeps running here. Refused past
@@ -151,7 +152,7 @@ impl VmControl {
             return Err(Error::Migration("no migration is running".into()));
         }
         self.migration_cancel.store(true, Ordering::Release);
-        if let Some(socket) = lock(&self.migration_socket).as_ref() {
+        for socket in lock(&self.migration_sockets).iter() {
             let _ = socket.shutdown(std::net::Shutdown::Both);
         }
         Ok(())
@@ -169,7 +170,7 @@ impl VmControl {
 
     /// The migration thread is done (whatever the outcome).
     pub fn finish_migration(&self) {
-        *lock(&self.migration_socket) = None;
+        lock(&self.migration_sockets).clear();
         self.migrating.store(false, Ordering::Release);
     }
 

@@ -145,7 +145,13 @@ impl Vmm {
     }
 
     fn migrate_within(&self, destination: &str, key: &std::path::Path, max_downtime_ms: u64) -> (u16, String) {
-        let body = format!(r#"{{"destination": "{destination}", "secretFile": "{}", "maxDowntimeMs": {max_downtime_ms}}}"#, key.display());
+        self.migrate_on(destination, key, max_downtime_ms, None)
+    }
+
+    /// A migration on `lanes` connections (the VMM's default when `None`).
+    fn migrate_on(&self, destination: &str, key: &std::path::Path, max_downtime_ms: u64, lanes: Option<u32>) -> (u16, String) {
+        let lanes = lanes.map(|n| format!(r#", "lanes": {n}"#)).unwrap_or_default();
+        let body = format!(r#"{{"destination": "{destination}", "secretFile": "{}", "maxDowntimeMs": {max_downtime_ms}{lanes}}}"#, key.display());
         request(&self.socket, "PUT", "/vm/migrate", Some(&body)).unwrap()
     }
 
@@ -236,10 +242,9 @@ fn reference(vcpus: u32, cmdline: &str) -> (String, u64) {
     result(&stdout(&out))
 }
 
-/// Migrates a running digest workload `hops` times between fresh VMMs.
-/// Moves a running digest workload `hops` times; targets fault their memory in
-/// first when `prefault`.
-fn migrate_hops(vcpus: u32, hops: usize, prefault: bool) {
+/// Moves a running digest workload `hops` times between fresh VMMs, on `lanes`
+/// connections; targets fault their memory in first when `prefault`.
+fn migrate_hops(vcpus: u32, hops: usize, prefault: bool, lanes: Option<u32>) {
     let _one = serialize();
     // 8 MiB rewritten per round: with a 250 ms budget the migration converges
     // without throttling, so the clock check below means something.
@@ -253,9 +258,12 @@ fn migrate_hops(vcpus: u32, hops: usize, prefault: bool) {
         let name = format!("hops{vcpus}-{hop}");
         let mut target = if prefault { Vmm::receive_prefaulted(&name, &key, vcpus) } else { Vmm::receive(&name, &key) };
         let listen = target.listen_address();
-        let (code, body) = current.migrate_within(&listen, &key, 250);
+        let (code, body) = current.migrate_on(&listen, &key, 250, lanes);
         assert_eq!(code, 204, "{body}");
         assert_eq!(current.wait(), Some(6), "source exit status (6 = migrated away):\n{}", current.log());
+        if let Some(n) = lanes {
+            assert!(target.log().contains(&format!("lanes={n}")), "{}", target.log());
+        }
         let log = current.log();
         assert_eq!(figure(&log, "throttle_percent"), 0, "the guest was throttled: {log}");
         max_downtime_ms = max_downtime_ms.max(figure(&log, "downtime_ms"));
@@ -279,17 +287,17 @@ fn migrate_hops(vcpus: u32, hops: usize, prefault: bool) {
 
 #[test]
 fn migrate_once_one_vcpu() {
-    migrate_hops(1, 1, false);
+    migrate_hops(1, 1, false, Some(1));
 }
 
 #[test]
-fn migrate_once_four_vcpus_to_a_prefaulted_target() {
-    migrate_hops(4, 1, true);
+fn migrate_once_four_vcpus_to_a_prefaulted_target_on_four_lanes() {
+    migrate_hops(4, 1, true, Some(4));
 }
 
 #[test]
-fn migrate_back_and_forth() {
-    migrate_hops(2, 3, false);
+fn migrate_back_and_forth_on_two_lanes() {
+    migrate_hops(2, 3, false, Some(2));
 }
 
 #[test]
@@ -347,6 +355,32 @@ fn source_killed_mid_transfer_never_starts_a_partial_vm() {
     assert!(target.serial().is_empty(), "the target ran a partial VM:\n{}", target.serial());
 }
 
+/// Copies `from` to `forward` and back; with `damage`, flips one bit after 1 MiB.
+fn relay_one(mut from: std::net::TcpStream, forward: &str, damage: bool) {
+    use std::io::{Read, Write};
+    let mut to = std::net::TcpStream::connect(forward).unwrap();
+    let mut back = to.try_clone().unwrap();
+    let mut from_back = from.try_clone().unwrap();
+    std::thread::spawn(move || std::io::copy(&mut back, &mut from_back));
+    let mut buf = vec![0u8; 65536];
+    let mut total = 0usize;
+    let mut flipped = !damage;
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        if !flipped && total + n > 1 << 20 {
+            buf[(1 << 20) - total.min(1 << 20)] ^= 0x40;
+            flipped = true;
+        }
+        total += n;
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
 #[test]
 fn corrupt_stream_is_refused_and_the_source_keeps_running() {
     let _one = serialize();
@@ -358,29 +392,12 @@ fn corrupt_stream_is_refused_and_the_source_keeps_running() {
     let target_addr = target.listen_address();
     let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let relay_addr = relay.local_addr().unwrap().to_string();
-    let forward = target_addr.clone();
+    // It forwards every connection (the source opens one per lane) and damages
+    // the first, lane 0.
     std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let (mut from, _) = relay.accept().unwrap();
-        let mut to = std::net::TcpStream::connect(forward).unwrap();
-        let mut back = to.try_clone().unwrap();
-        let mut from_back = from.try_clone().unwrap();
-        std::thread::spawn(move || std::io::copy(&mut back, &mut from_back));
-        let mut buf = vec![0u8; 65536];
-        let mut total = 0usize;
-        let mut flipped = false;
-        while let Ok(n) = from.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            if !flipped && total + n > 1 << 20 {
-                buf[(1 << 20) - total.min(1 << 20)] ^= 0x40;
-                flipped = true;
-            }
-            total += n;
-            if to.write_all(&buf[..n]).is_err() {
-                break;
-            }
+        for (index, from) in relay.incoming().enumerate() {
+            let (from, forward) = (from.unwrap(), target_addr.clone());
+            std::thread::spawn(move || relay_one(from, &forward, index == 0));
         }
     });
     let mut source = Vmm::run("corrupt-source", 1, &cmdline);

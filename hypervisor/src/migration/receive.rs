@@ -2,9 +2,9 @@
 //! a new VM, and start it only when the source says it never will again (`Go`).
 //! Whatever goes wrong before then, this VM never runs: a partial VM is never resumed.
 
-use std::io::Write;
-use std::net::TcpListener;
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -18,6 +18,8 @@ use crate::vmm::RestoreSource;
 /// A source that has authenticated and said what VM it sends.
 pub struct Incoming {
     stream: SecureStream,
+    /// The other lanes, in order (lane 1 first).
+    lanes: Vec<SecureStream>,
     /// The VM's configuration, as the source runs it.
     pub config: VmConfig,
     peer: String,
@@ -27,6 +29,9 @@ fn wire_err(e: WireError) -> Error {
     Error::Migration(e.to_string())
 }
 
+/// How long the source has to open its other lanes once welcomed.
+const LANE_WAIT: Duration = Duration::from_secs(10);
+
 /// Listens on `listen` (`host:port`) for one source with the same secret. When
 /// `expected` is given (the agent knows what it asked for), the source's VM must
 /// have its shape.
@@ -35,9 +40,7 @@ pub fn accept(listen: &str, secret: &[u8], expected: Option<&VmConfig>) -> Resul
     tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "waiting for the migration source");
     let (tcp, peer) = listener.accept().map_err(|e| Error::Migration(format!("accepting on {listen}: {e}")))?;
     let peer = peer.to_string();
-    // A source that stalls for this long is gone; the VM here never ran.
-    tcp.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| Error::Io(e.to_string()))?;
-    let mut tcp = tcp;
+    let mut tcp = prepare(tcp)?;
     wire::read_preamble(&mut tcp).map_err(|e| Error::Migration(format!("refused {peer}: {e}")))?;
     let mut stream = SecureStream::accept(tcp, secret, &wire::preamble()).map_err(|e| Error::Migration(format!("refused {peer}: {e}")))?;
     let hello = match wire::read_frame(&mut stream).map_err(wire_err)? {
@@ -57,8 +60,63 @@ pub fn accept(listen: &str, secret: &[u8], expected: Option<&VmConfig>) -> Resul
             return Err(wire_err(WireError::WrongShape(why)));
         }
     }
-    tracing::info!(%peer, vcpus = hello.config.vcpus, memory_mib = hello.config.memory_mib, "migration source authenticated");
-    Ok(Incoming { stream, config: hello.config, peer })
+    if !(1..=wire::MAX_LANES).contains(&hello.lanes) {
+        let why = format!("{} lanes announced (1 to {} allowed)", hello.lanes, wire::MAX_LANES);
+        let _ = wire::write_frame(&mut stream, &Frame::Abort(why.clone()));
+        let _ = stream.flush();
+        return Err(wire_err(WireError::Malformed { kind: "Hello", why }));
+    }
+    tracing::info!(%peer, vcpus = hello.config.vcpus, memory_mib = hello.config.memory_mib, lanes = hello.lanes, "migration source authenticated");
+    wire::write_frame(&mut stream, &Frame::Welcome).map_err(wire_err)?;
+    stream.flush().map_err(|e| Error::Migration(format!("to {peer}: {e}")))?;
+    let lanes = accept_lanes(&listener, secret, &hello).map_err(|e| Error::Migration(format!("from {peer}: {e}")))?;
+    Ok(Incoming { stream, lanes, config: hello.config, peer })
+}
+
+/// A connection from the source: blocking, with a read timeout (a source that
+/// stalls this long is gone; the VM here never ran).
+fn prepare(tcp: TcpStream) -> Result<TcpStream, Error> {
+    tcp.set_nonblocking(false).map_err(|e| Error::Io(e.to_string()))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| Error::Io(e.to_string()))?;
+    Ok(tcp)
+}
+
+/// Accepts the source's other lanes: each names its index in clear and proves in
+/// its handshake that it knows the secret and this migration's session.
+fn accept_lanes(listener: &TcpListener, secret: &[u8], hello: &wire::Hello) -> Result<Vec<SecureStream>, Error> {
+    let wanted = hello.lanes as usize - 1;
+    let mut lanes: Vec<Option<SecureStream>> = (0..wanted).map(|_| None).collect();
+    if wanted == 0 {
+        return Ok(Vec::new());
+    }
+    listener.set_nonblocking(true).map_err(|e| Error::Io(e.to_string()))?;
+    let deadline = Instant::now() + LANE_WAIT;
+    let mut opened = 0;
+    while opened < wanted {
+        let tcp = match listener.accept() {
+            Ok((tcp, _)) => tcp,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(Error::Migration(format!("only {opened} of {wanted} more lanes opened within {} s", LANE_WAIT.as_secs())));
+            }
+            Err(e) => return Err(Error::Migration(format!("accepting a lane: {e}"))),
+        };
+        let mut tcp = prepare(tcp)?;
+        wire::read_preamble(&mut tcp).map_err(wire_err)?;
+        let mut index = [0u8; 4];
+        tcp.read_exact(&mut index).map_err(|e| Error::Migration(format!("a lane's index: {e}")))?;
+        let index = u32::from_le_bytes(index);
+        let slot = lanes
+            .get_mut((index as usize).wrapping_sub(1))
+            .filter(|slot| slot.is_none())
+            .ok_or_else(|| Error::Migration(format!("lane {index} is not one of the {} announced, or opened twice", hello.lanes)))?;
+        *slot = Some(SecureStream::accept(tcp, secret, &wire::lane_prologue(&hello.session, index)).map_err(|e| Error::Migration(format!("lane {index} refused: {e}")))?);
+        opened += 1;
+    }
+    Ok(lanes.into_iter().flatten().collect())
 }
 
 impl Incoming {
@@ -71,43 +129,93 @@ impl Incoming {
         self.stream.flush().map_err(|e| Error::Migration(format!("to {}: {e}", self.peer)))
     }
 
-    /// Receives pages until the VM state arrives; returns it.
+    /// Receives pages on every lane until the VM state arrives on lane 0 and the
+    /// other lanes are done; returns the state.
     fn receive_memory(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error> {
-        let zero = [0u8; PAGE_SIZE];
-        let mut scratch = Vec::new();
-        let from = |e: WireError| Error::Migration(format!("from {}: {e}", self.peer));
-        loop {
-            let mut head = wire::read_head(&mut self.stream).map_err(from)?;
-            if head.kind == wire::PAGES {
-                let (first, count) = head.pages(&mut self.stream).map_err(from)?;
-                check_pages(memory, first, count as u64)?;
-                // SAFETY: the pages lie in one region of guest memory (checked just
-                // above), and nothing else reads or writes them meanwhile: this VM's
-                // vCPUs run only after `Go`, and this thread is the only writer.
-                let dest = unsafe { crate::memory::pages_mut(memory, first, count)? };
-                // Decrypted straight into guest memory. Should the frame prove bad,
-                // the error ends the migration and this VM never runs.
-                head.page_data(&mut self.stream, dest).map_err(from)?;
-                continue;
+        let count = self.lanes.len() as u32 + 1;
+        // Every socket, to stop all lanes when one fails.
+        let sockets: Vec<TcpStream> =
+            std::iter::once(&self.stream).chain(&self.lanes).filter_map(|s| s.socket().try_clone().ok()).collect();
+        // The first failure is the cause; the lanes it stops fail after it.
+        let first_error: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+        let fail = |e: Error| {
+            first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+            sockets.iter().for_each(|s| drop(s.shutdown(std::net::Shutdown::Both)));
+        };
+        let peer = self.peer.as_str();
+        let state = std::thread::scope(|scope| {
+            for (i, stream) in self.lanes.iter_mut().enumerate() {
+                let fail = &fail;
+                scope.spawn(move || match receive_lane(stream, memory, i as u32 + 1, count, peer) {
+                    Ok(_) => {}
+                    Err(e) => fail(e),
+                });
             }
-            let kind = head.kind;
-            match wire::decode(kind, head.payload(&mut self.stream, &mut scratch).map_err(from)?.to_vec()).map_err(wire_err)? {
-                Frame::Zero(pages) => {
-                    for page in pages {
-                        check_pages(memory, page, 1)?;
-                        memory.write_slice(&zero, GuestAddress(page << 12)).map_err(|e| Error::Memory(format!("page {page}: {e}")))?;
-                    }
+            match receive_lane(&mut self.stream, memory, 0, count, peer) {
+                Ok(state) => state,
+                Err(e) => {
+                    fail(e);
+                    None
                 }
-                Frame::State(bytes) => {
-                    let state = VmState::decode(&bytes)?;
-                    return match self.frame()? {
-                        Frame::Done => Ok(state),
-                        other => Err(wire_err(WireError::Unexpected { got: other.name(), want: "Done" })),
-                    };
-                }
-                Frame::Abort(why) => return Err(Error::Migration(format!("the source gave up: {why}"))),
-                other => return Err(wire_err(WireError::Unexpected { got: other.name(), want: "Pages, Zero or State" })),
             }
+        });
+        // Every lane has ended here (the scope joined them).
+        if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        state.ok_or_else(|| wire_err(WireError::Unexpected { got: "Done", want: "State" }))
+    }
+}
+
+/// Receives lane `lane`'s frames (of `lanes`) into guest memory, until the VM
+/// state (lane 0: returned) or Done (the other lanes). Pages outside the lane's
+/// blocks are refused: lanes write guest memory at once, never the same pages.
+fn receive_lane(stream: &mut SecureStream, memory: &GuestMemoryMmap, lane: u32, lanes: u32, peer: &str) -> Result<Option<VmState>, Error> {
+    let zero = [0u8; PAGE_SIZE];
+    let mut scratch = Vec::new();
+    let from = |e: WireError| Error::Migration(format!("from {peer}, lane {lane}: {e}"));
+    let owned = |first: u64, count: u64| {
+        let last = first.saturating_add(count.saturating_sub(1));
+        if wire::lane_of(first, lanes) != lane || first / wire::BLOCK_PAGES != last / wire::BLOCK_PAGES {
+            return Err(from(WireError::Malformed { kind: "Pages", why: format!("pages {first}+{count} are not all in a block of lane {lane} of {lanes}") }));
+        }
+        Ok(())
+    };
+    loop {
+        let mut head = wire::read_head(stream).map_err(from)?;
+        if head.kind == wire::PAGES {
+            let (first, count) = head.pages(stream).map_err(from)?;
+            check_pages(memory, first, count as u64)?;
+            owned(first, count as u64)?;
+            // SAFETY: the pages lie in one region of guest memory and in one block
+            // of this lane (both checked just above); nothing else reads or writes
+            // them meanwhile: this VM's vCPUs run only after `Go`, and each lane
+            // writes only its own blocks.
+            let dest = unsafe { crate::memory::pages_mut(memory, first, count)? };
+            // Decrypted straight into guest memory. Should the frame prove bad, the
+            // error ends the migration and this VM never runs.
+            head.page_data(stream, dest).map_err(from)?;
+            continue;
+        }
+        let kind = head.kind;
+        match wire::decode(kind, head.payload(stream, &mut scratch).map_err(from)?.to_vec()).map_err(from)? {
+            Frame::Zero(pages) => {
+                for page in pages {
+                    check_pages(memory, page, 1)?;
+                    owned(page, 1)?;
+                    memory.write_slice(&zero, GuestAddress(page << 12)).map_err(|e| Error::Memory(format!("page {page}: {e}")))?;
+                }
+            }
+            Frame::State(bytes) if lane == 0 => {
+                let state = VmState::decode(&bytes)?;
+                return match wire::read_frame(stream).map_err(from)? {
+                    Frame::Done => Ok(Some(state)),
+                    other => Err(from(WireError::Unexpected { got: other.name(), want: "Done" })),
+                };
+            }
+            Frame::Done if lane != 0 => return Ok(None),
+            Frame::Abort(why) => return Err(Error::Migration(format!("the source gave up: {why}"))),
+            other => return Err(from(WireError::Unexpected { got: other.name(), want: if lane == 0 { "Pages, Zero or State" } else { "Pages, Zero or Done" } })),
         }
     }
 }

@@ -10,17 +10,26 @@
 //! channel then carries it as a message of its own, sealed where it lies and opened
 //! where it belongs.
 //!
+//! Pages may travel on more than one connection ("lanes", one thread each end, so
+//! that encryption and copies use more than one core): the source says how many
+//! in Hello, then opens the others, each sending the preamble and its index
+//! (`u32 LE`) in clear and running its handshake with [`lane_prologue`]. Lane `k`
+//! carries the Pages and Zero frames of the blocks [`lane_of`] gives it, then Done
+//! at switch-over; lane 0, the first connection, carries everything else.
+//!
 //! ```text
 //! preamble  "DROVERMG" | version: u16 LE
-//! Hello     postcard(Hello): protocol version, the VM's configuration
+//! Hello     postcard(Hello): protocol version, the VM's configuration, lanes, session
 //! Pages     first page number: u64 | count: u32 | count × 4096 bytes
 //! Zero      count: u32 | count × page number: u64   (pages now all zero)
 //! State     postcard(VmState)
-//! Done      (source) everything is sent, the source is paused
+//! Done      (source) everything is sent, the source is paused; on a lane: this
+//!           lane is done
 //! Ready     (target) the VM is built and restored, waiting for Go
 //! Go        (source) the source will not run the VM again: start it
 //! Resumed   (target) the VM runs on the target
 //! Abort     UTF-8 reason
+//! Welcome   (target) the VM in Hello can come here: open the other lanes
 //! ```
 
 use std::io::{Read, Write};
@@ -44,6 +53,32 @@ pub const MAX_PAYLOAD: u32 = 16 << 20;
 pub struct Hello {
     pub version: u16,
     pub config: VmConfig,
+    /// Connections the pages travel on, this one included (see [`lane_of`]).
+    pub lanes: u32,
+    /// Binds the other connections to this migration (their handshakes' prologue).
+    pub session: [u8; 16],
+}
+
+/// The most connections a migration may use.
+pub const MAX_LANES: u32 = 16;
+
+/// Pages travel in blocks of this many (1 MiB), each block always on the same
+/// connection: a page's newer copy never overtakes its older one.
+pub const BLOCK_PAGES: u64 = 256;
+
+/// The connection ("lane") page `page` travels on, out of `lanes`. Lane 0 is the
+/// first connection, which also carries everything else.
+pub fn lane_of(page: u64, lanes: u32) -> u32 {
+    ((page / BLOCK_PAGES) % u64::from(lanes.max(1))) as u32
+}
+
+/// The prologue of lane `index`'s handshake: the preamble, the session, the index.
+/// A connection that is not part of this migration fails its handshake.
+pub fn lane_prologue(session: &[u8; 16], index: u32) -> Vec<u8> {
+    let mut prologue = preamble().to_vec();
+    prologue.extend_from_slice(session);
+    prologue.extend_from_slice(&index.to_le_bytes());
+    prologue
 }
 
 /// One frame.
@@ -58,6 +93,7 @@ pub enum Frame {
     Go,
     Resumed,
     Abort(String),
+    Welcome,
 }
 
 /// Everything that can be wrong with a stream.
@@ -99,6 +135,7 @@ impl Frame {
             Frame::Go => 7,
             Frame::Resumed => 8,
             Frame::Abort(_) => 9,
+            Frame::Welcome => 10,
         }
     }
 
@@ -119,6 +156,7 @@ fn kind_name(kind: u8) -> &'static str {
         7 => "Go",
         8 => "Resumed",
         9 => "Abort",
+        10 => "Welcome",
         _ => "unknown",
     }
 }
@@ -205,7 +243,7 @@ pub fn write_frame(w: &mut impl Write, frame: &Frame) -> Result<(), WireError> {
         }
         Frame::State(bytes) => write_parts(w, 4, &[bytes]),
         Frame::Abort(why) => write_parts(w, 9, &[why.as_bytes()]),
-        Frame::Done | Frame::Ready | Frame::Go | Frame::Resumed => write_parts(w, frame.kind(), &[]),
+        Frame::Done | Frame::Ready | Frame::Go | Frame::Resumed | Frame::Welcome => write_parts(w, frame.kind(), &[]),
     }
 }
 
@@ -263,7 +301,7 @@ pub fn read_head(r: &mut impl Read) -> Result<Head, WireError> {
     if len > MAX_PAYLOAD {
         return Err(WireError::TooLarge(len));
     }
-    if !(1..=9).contains(&kind) {
+    if !(1..=10).contains(&kind) {
         return Err(WireError::UnknownKind(kind));
     }
     let mut crc = crc32fast::Hasher::new();
@@ -355,6 +393,7 @@ pub fn decode(kind: u8, payload: Vec<u8>) -> Result<Frame, WireError> {
         7 => empty(Frame::Go),
         8 => empty(Frame::Resumed),
         9 => String::from_utf8(payload).map(Frame::Abort).map_err(|_| bad("reason is not UTF-8".into())),
+        10 => empty(Frame::Welcome),
         other => Err(WireError::UnknownKind(other)),
     }
 }
@@ -375,14 +414,26 @@ mod tests {
 
     #[test]
     fn every_frame_roundtrips() {
-        roundtrip(Frame::Hello(Box::new(Hello { version: VERSION, config: config() })));
+        roundtrip(Frame::Hello(Box::new(Hello { version: VERSION, config: config(), lanes: 2, session: [7; 16] })));
         roundtrip(Frame::Pages { first: 7, data: vec![0xab; 2 * PAGE_SIZE] });
         roundtrip(Frame::Zero(vec![1, 5, 1 << 40]));
         roundtrip(Frame::State(vec![1, 2, 3]));
-        for f in [Frame::Done, Frame::Ready, Frame::Go, Frame::Resumed] {
+        for f in [Frame::Done, Frame::Ready, Frame::Go, Frame::Resumed, Frame::Welcome] {
             roundtrip(f);
         }
         roundtrip(Frame::Abort("target out of memory".into()));
+    }
+
+    #[test]
+    fn a_block_always_travels_on_the_same_lane() {
+        assert_eq!(lane_of(0, 1), 0);
+        assert_eq!(lane_of(u64::MAX, 1), 0);
+        assert_eq!((0..4).map(|b| lane_of(b * BLOCK_PAGES, 2)).collect::<Vec<_>>(), vec![0, 1, 0, 1]);
+        assert_eq!(lane_of(BLOCK_PAGES - 1, 3), 0, "the last page of block 0");
+        assert_eq!(lane_of(BLOCK_PAGES, 3), 1);
+        assert_eq!(lane_of(5, 0), 0, "no lanes is read as one");
+        assert_ne!(lane_prologue(&[1; 16], 1), lane_prologue(&[1; 16], 2));
+        assert_ne!(lane_prologue(&[1; 16], 1), lane_prologue(&[2; 16], 1));
     }
 
     #[test]
@@ -435,7 +486,7 @@ mod tests {
         let mut stream = Vec::new();
         write_preamble(&mut stream).unwrap();
         for frame in [
-            Frame::Hello(Box::new(Hello { version: VERSION, config: config() })),
+            Frame::Hello(Box::new(Hello { version: VERSION, config: config(), lanes: 2, session: [7; 16] })),
             Frame::Pages { first: 3, data: vec![0x5a; 2 * PAGE_SIZE] },
             Frame::Zero(vec![9, 10, 11]),
             Frame::State(vec![7; 300]),
