@@ -47,7 +47,9 @@ pub struct VmControl {
     paused: AtomicBool,
     /// Raised to ask parked vCPU threads for their state; answers land in `saved`.
     save_generation: std::sync::atomic::AtomicU64,
-    saved: Mutex<Vec<Option<Result<VcpuState, String>>>>,
+    /// The save request `pause_and_save` made for the current pause (0: none).
+    saved_on_pause: std::sync::atomic::AtomicU64,
+    saved: Mutex<Vec<Saved>>,
     parked: Mutex<u32>,
     parked_changed: Condvar,
     resumed: Condvar,
@@ -69,6 +71,15 @@ pub struct VmControl {
     /// Set once a migration passed its point of no return: this VMM must never run
     /// the guest again, whatever else happens.
     handed_over: AtomicBool,
+}
+
+/// A vCPU's answer to the latest save request it saw.
+#[derive(Default)]
+struct Saved {
+    /// The request (`save_generation`) answered.
+    generation: u64,
+    /// The state, taken while this pause lasts (cleared when the vCPUs run again).
+    state: Option<Result<VcpuState, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -95,7 +106,8 @@ impl VmControl {
             handles: Mutex::new(Vec::with_capacity(vcpus)),
             paused: AtomicBool::new(false),
             save_generation: std::sync::atomic::AtomicU64::new(0),
-            saved: Mutex::new((0..vcpus).map(|_| None).collect()),
+            saved_on_pause: std::sync::atomic::AtomicU64::new(0),
+            saved: Mutex::new((0..vcpus).map(|_| Saved::default()).collect()),
             parked: Mutex::new(0),
             parked_changed: Condvar::new(),
             resumed: Condvar::new(),
@@ -224,8 +236,8 @@ impl VmControl {
     }
 
     /// Called by a vCPU thread before each KVM_RUN: parks it while the VM is paused.
-    /// While parked, a vCPU thread answers requests to save its state (`save_vcpus`):
-    /// only the thread that runs a vCPU may touch its fd.
+    /// While parked, a vCPU thread answers requests to save its state (`save_vcpus`,
+    /// `pause_and_save`): only the thread that runs a vCPU may touch its fd.
     pub fn pause_point(&self, index: u32, save: &dyn Fn() -> Result<VcpuState, Error>) {
         if !self.paused.load(Ordering::Acquire) {
             return;
@@ -233,16 +245,21 @@ impl VmControl {
         let mut parked = lock(&self.parked);
         *parked += 1;
         self.parked_changed.notify_all();
-        let mut answered = 0u64;
         while self.paused.load(Ordering::Acquire) {
             let wanted = self.save_generation.load(Ordering::Acquire);
+            let answered = lock(&self.saved).get(index as usize).map_or(u64::MAX, |s| s.generation);
             if wanted > answered {
-                answered = wanted;
                 // Save without holding the lock: every vCPU saves at once.
                 drop(parked);
                 let state = save().map_err(|e| e.to_string());
-                if let Some(slot) = lock(&self.saved).get_mut(index as usize) {
-                    *slot = Some(state);
+                {
+                    let mut saved = lock(&self.saved);
+                    // `resume` clears states under this lock: a state is kept only
+                    // while the pause it was taken in lasts.
+                    if let Some(slot) = saved.get_mut(index as usize) {
+                        slot.generation = wanted;
+                        slot.state = self.paused.load(Ordering::Acquire).then_some(state);
+                    }
                 }
                 parked = lock(&self.parked);
                 self.parked_changed.notify_all();
@@ -253,17 +270,24 @@ impl VmControl {
         *parked -= 1;
     }
 
-    /// The state of every vCPU; the VM must be paused.
+    /// The state of every vCPU; the VM must be paused. States the vCPUs saved as
+    /// they parked (`pause_and_save`) are used as they are.
     pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, Error> {
         if !self.paused.load(Ordering::Acquire) {
             return Err(Error::State("the VM must be paused to save vCPU state".into()));
         }
-        lock(&self.saved).iter_mut().for_each(|s| *s = None);
         let mut parked = lock(&self.parked);
-        self.save_generation.fetch_add(1, Ordering::AcqRel);
-        self.resumed.notify_all();
+        let ready = |generation: u64| lock(&self.saved).iter().all(|s| s.generation >= generation && s.state.is_some());
+        let on_pause = self.saved_on_pause.swap(0, Ordering::AcqRel);
+        let generation = if on_pause != 0 && on_pause == self.save_generation.load(Ordering::Acquire) {
+            // Asked for as this pause began: taken, or being taken.
+            on_pause
+        } else {
+            self.resumed.notify_all();
+            self.save_generation.fetch_add(1, Ordering::AcqRel) + 1
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while lock(&self.saved).iter().any(Option::is_none) {
+        while !ready(generation) {
             if Instant::now() > deadline {
                 return Err(Error::State("vCPUs did not save their state within 10 s".into()));
             }
@@ -273,12 +297,27 @@ impl VmControl {
         lock(&self.saved)
             .iter_mut()
             .enumerate()
-            .map(|(i, s)| match s.take() {
+            .map(|(i, s)| match s.state.take() {
                 Some(Ok(state)) => Ok(state),
                 Some(Err(e)) => Err(Error::State(format!("vCPU {i}: {e}"))),
                 None => Err(Error::State(format!("vCPU {i}: no state"))),
             })
             .collect()
+    }
+
+    /// `pause`, with each vCPU saving its state as it parks, in the same wake-up:
+    /// `save_vcpus` then finds the states ready. A switch-over saves a round of
+    /// vCPU wake-ups from the guest's pause (on a busy host, each is up to a
+    /// scheduler tick).
+    pub fn pause_and_save(&self) -> Result<(), Error> {
+        {
+            let _parked = lock(&self.parked);
+            let generation = self.save_generation.fetch_add(1, Ordering::AcqRel) + 1;
+            self.saved_on_pause.store(generation, Ordering::Release);
+            // Threads parked already (a throttle's pause) answer too.
+            self.resumed.notify_all();
+        }
+        self.pause()
     }
 
     /// Whether the vCPUs are paused.
@@ -318,7 +357,13 @@ impl VmControl {
             return;
         }
         let _parked = lock(&self.parked);
-        self.paused.store(false, Ordering::Release);
+        {
+            // States saved during this pause are stale once the vCPUs run.
+            let mut saved = lock(&self.saved);
+            saved.iter_mut().for_each(|s| s.state = None);
+            self.saved_on_pause.store(0, Ordering::Release);
+            self.paused.store(false, Ordering::Release);
+        }
         self.resumed.notify_all();
     }
 

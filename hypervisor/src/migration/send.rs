@@ -56,8 +56,10 @@ pub struct MigrateRequest {
 /// QEMU's 300 ms default while letting most guests converge without throttling.
 pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 30;
 
-/// Below this estimated pause, pre-copy stops even while passes still shrink.
-const DOWNTIME_FLOOR_MS: u64 = 2;
+/// Below this estimated pause (µs), pre-copy stops even while passes still shrink.
+/// The pages of the last pass go while the guest is paused: a pass of 2 ms left
+/// 2 ms of pages to send paused, where one more short pass leaves a tenth of that.
+const DOWNTIME_FLOOR_US: u64 = 500;
 
 fn default_downtime() -> u64 {
     DEFAULT_MAX_DOWNTIME_MS
@@ -311,8 +313,9 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, lanes: &mu
         let count: u64 = dirty.iter().map(|(_, b)| b.iter().map(|w| u64::from(w.count_ones())).sum::<u64>()).sum();
         let dirty_rate = rate(count * PAGE_SIZE as u64, logged_at.elapsed());
         logged_at = pass_start;
-        let estimate_ms = (count * PAGE_SIZE as u64 * 1000).checked_div(bandwidth.max(1)).unwrap_or(u64::MAX);
-        tracing::debug!(pass, dirty_pages = count, estimate_ms, bandwidth, "migration pass");
+        let estimate_us = (count * PAGE_SIZE as u64 * 1_000_000).checked_div(bandwidth.max(1)).unwrap_or(u64::MAX);
+        let estimate_ms = estimate_us.div_ceil(1000);
+        tracing::debug!(pass, dirty_pages = count, estimate_us, bandwidth, "migration pass");
         control.update_migration(|s| {
             s.dirty_pages = count;
             s.estimated_downtime_ms = estimate_ms;
@@ -323,7 +326,7 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, lanes: &mu
         // left, down to the floor: a pass that small costs the running guest
         // nothing, and every page sent now is one less to send while it is paused.
         let shrinking = count * 2 <= last_dirty;
-        if estimate_ms <= req.max_downtime_ms && (estimate_ms <= DOWNTIME_FLOOR_MS || !shrinking || pass + 1 >= req.max_passes) {
+        if estimate_ms <= req.max_downtime_ms && (estimate_us <= DOWNTIME_FLOOR_US || !shrinking || pass + 1 >= req.max_passes) {
             break dirty;
         }
         pass += 1;
@@ -360,11 +363,13 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, lanes: &mu
     // Switch-over: pause, last pages, state; then the handshake that hands the VM over.
     control.update_migration(|s| s.phase = Phase::Switchover);
     let paused_at = Instant::now();
-    control.pause()?;
+    // The vCPUs save their state as they park, while the last pages go.
+    control.pause_and_save()?;
     let step = |what: &str| tracing::debug!(us = paused_at.elapsed().as_micros() as u64, "switch-over: {what}");
     step("paused");
     let handover = (|| -> Result<(), Error> {
         let mut dirty = vm.take_dirty_pages()?;
+        step("dirty log read");
         for ((_, last), (_, earlier)) in dirty.iter_mut().zip(&pending) {
             last.iter_mut().zip(earlier).for_each(|(a, b)| *a |= *b);
         }
