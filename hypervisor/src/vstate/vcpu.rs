@@ -33,6 +33,12 @@ impl Vcpu {
 
     /// Runs until the VM ends; the outcome goes to the control.
     fn run(mut self) {
+        crate::control::set_immediate_exit(&mut self.fd.get_kvm_run().immediate_exit);
+        self.run_loop();
+        crate::control::set_immediate_exit(std::ptr::null_mut());
+    }
+
+    fn run_loop(&mut self) {
         loop {
             self.control.pause_point(self.index, &|| crate::state::save_vcpu(&self.fd, &self.msrs));
             match self.fd.run() {
@@ -61,7 +67,9 @@ impl Vcpu {
                     let why = format!("unexpected exit on vCPU {}: {other:?}", self.index);
                     return self.stop(VmExit::Fault(why));
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                // Kicked (the handler set immediate_exit): clear it, then the loop's
+                // pause check.
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => self.fd.set_kvm_immediate_exit(0),
                 Err(e) => return self.stop(VmExit::VmmError(format!("KVM_RUN on vCPU {}: {e}", self.index))),
             }
         }
