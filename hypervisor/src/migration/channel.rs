@@ -98,6 +98,21 @@ impl Direction {
         self.counter += 1;
         Nonce::assume_unique_for_key(bytes)
     }
+
+    /// Encrypts the next message, `body` (announced as `length`), in place.
+    fn seal(&mut self, length: [u8; 4], body: &mut [u8]) -> std::io::Result<Tag> {
+        let nonce = self.nonce();
+        self.key.seal_in_place_separate_tag(nonce, Aad::from(length), body).map_err(|_| std::io::Error::other("encrypting failed"))
+    }
+
+    /// Decrypts the next message, `body` (announced as `length`), in place.
+    fn open(&mut self, length: [u8; 4], tag: [u8; TAG], body: &mut [u8]) -> std::io::Result<()> {
+        let nonce = self.nonce();
+        self.key
+            .open_in_place_separate_tag(nonce, Aad::from(length), Tag::from(tag), body, 0..)
+            .map(|_| ())
+            .map_err(|_| damaged("a message fails authentication"))
+    }
 }
 
 fn damaged(why: impl Into<String>) -> std::io::Error {
@@ -195,12 +210,12 @@ impl SecureStream {
     /// Sends `data` after everything written before it, encrypting it in place:
     /// `data` holds ciphertext afterwards. Saves the copy `Write` makes.
     pub fn write_in_place(&mut self, data: &mut [u8]) -> std::io::Result<()> {
-        self.seal_pending();
+        self.seal_pending()?;
         // One message per run of pages: sealing and sending 64 KiB pieces (to keep
         // them in cache for the kernel's copy) measured slower, by the extra calls.
         for chunk in data.chunks_mut(MAX_MESSAGE) {
             let length = (chunk.len() as u32).to_le_bytes();
-            let tag = self.seal(length, chunk)?;
+            let tag = self.send.seal(length, chunk)?;
             // What waits in `sealed` goes in the same system call: one write, and
             // one segment train, per run of pages rather than two.
             let mut parts = [IoSlice::new(&self.sealed), IoSlice::new(&length), IoSlice::new(chunk), IoSlice::new(tag.as_ref())];
@@ -211,33 +226,23 @@ impl SecureStream {
     }
 
     /// Seals what `Write` buffered into `sealed`, to go out with the next write.
-    fn seal_pending(&mut self) {
+    fn seal_pending(&mut self) -> std::io::Result<()> {
         if self.pending.is_empty() {
-            return;
+            return Ok(());
         }
         let length = (self.pending.len() as u32).to_le_bytes();
         let at = self.sealed.len() + 4;
         self.sealed.extend_from_slice(&length);
         self.sealed.extend_from_slice(&self.pending);
         self.pending.clear();
-        let nonce = self.send.nonce();
-        match self.send.key.seal_in_place_separate_tag(nonce, Aad::from(length), &mut self.sealed[at..]) {
-            Ok(tag) => self.sealed.extend_from_slice(tag.as_ref()),
-            // Never happens (ring refuses only messages over 64 GiB); a message
-            // without its tag would be refused by the peer.
-            Err(_) => tracing::error!("encrypting a message failed"),
-        }
-    }
-
-    /// Encrypts `body` in place; returns its tag.
-    fn seal(&mut self, length: [u8; 4], body: &mut [u8]) -> std::io::Result<Tag> {
-        let nonce = self.send.nonce();
-        self.send.key.seal_in_place_separate_tag(nonce, Aad::from(length), body).map_err(|_| std::io::Error::other("encrypting failed"))
+        let tag = self.send.seal(length, &mut self.sealed[at..])?;
+        self.sealed.extend_from_slice(tag.as_ref());
+        Ok(())
     }
 
     /// Writes out everything sealed.
     fn send_sealed(&mut self) -> std::io::Result<()> {
-        self.seal_pending();
+        self.seal_pending()?;
         let result = self.stream.write_all(&self.sealed);
         self.sealed.clear();
         result
@@ -262,12 +267,7 @@ impl SecureStream {
         self.reader.read_exact(dest)?;
         let mut tag = [0u8; TAG];
         self.reader.read_exact(&mut tag)?;
-        let nonce = self.recv.nonce();
-        self.recv
-            .key
-            .open_in_place_separate_tag(nonce, Aad::from(length), Tag::from(tag), dest, 0..)
-            .map_err(|_| damaged("a message fails authentication"))?;
-        Ok(())
+        self.recv.open(length, tag, dest)
     }
 }
 
@@ -282,7 +282,7 @@ impl Write for SecureStream {
         let take = buf.len().min(STREAM_CHUNK - self.pending.len());
         self.pending.extend_from_slice(&buf[..take]);
         if self.pending.len() == STREAM_CHUNK {
-            self.seal_pending();
+            self.seal_pending()?;
             if self.sealed.len() >= SEALED_LIMIT {
                 self.send_sealed()?;
             }
