@@ -85,25 +85,41 @@ impl Vmm {
     /// A target listening on a port of 127.0.0.1 the kernel picks; its address is
     /// `listen_address()`. (A fixed port can collide with a client's ephemeral port.)
     fn receive(name: &str, key: &std::path::Path) -> Vmm {
-        Vmm::receive_in(None, name, "127.0.0.1", key)
+        Vmm::receive_with(None, name, "127.0.0.1", key, &[])
     }
 
-    fn receive_in(netns: Option<&str>, name: &str, host: &str, key: &std::path::Path) -> Vmm {
+    /// A target listening on `host` (inside `netns` when given), with `extra`
+    /// arguments to `drover-vmm receive`.
+    fn receive_with(netns: Option<&str>, name: &str, host: &str, key: &std::path::Path, extra: &[&str]) -> Vmm {
         let mut cmd = in_netns(netns);
-        cmd.args(["receive", "--listen", &format!("{host}:0"), "--secret-file", key.to_str().unwrap()]);
+        cmd.args(["receive", "--listen", &format!("{host}:0"), "--secret-file", key.to_str().unwrap()]).args(extra);
         Vmm::spawn(cmd, name).listening()
     }
 
-    /// A target that expects a 96 MiB VM with `vcpus` and faults its memory in
-    /// before it listens.
-    fn receive_prefaulted(name: &str, key: &std::path::Path, vcpus: u32) -> Vmm {
+    /// A target that expects a 96 MiB VM with `vcpus` and refuses another shape;
+    /// with `prefault`, it faults its memory in before it listens.
+    fn receive_expecting(name: &str, key: &std::path::Path, vcpus: u32, prefault: bool) -> Vmm {
         let expected = tmp(&format!("{name}.json"));
         std::fs::write(&expected, format!(r#"{{"vcpus": {vcpus}, "memoryMib": 96, "kernel": "{GUEST}"}}"#)).unwrap();
-        let mut cmd = in_netns(None);
-        cmd.args(["receive", "--listen", "127.0.0.1:0", "--secret-file", key.to_str().unwrap(), "--prefault", "--config", expected.to_str().unwrap()]);
-        let vmm = Vmm::spawn(cmd, name).listening();
-        assert!(vmm.log().contains("guest memory faulted in"), "{}", vmm.log());
+        let config = expected.to_str().unwrap();
+        let args = ["--config", config, "--prefault"];
+        let vmm = Vmm::receive_with(None, name, "127.0.0.1", key, if prefault { &args } else { &args[..2] });
+        if prefault {
+            assert!(vmm.log().contains("guest memory faulted in"), "{}", vmm.log());
+        }
         vmm
+    }
+
+    /// A target must end with status 1 and never have run the guest.
+    fn assert_refused(&mut self) {
+        assert_eq!(self.wait(), Some(1), "the target must refuse:\n{}", self.log());
+        assert!(self.serial().is_empty(), "the target ran something:\n{}", self.serial());
+    }
+
+    /// A source must finish the workload itself, with the digest of an unmoved run.
+    fn assert_finishes_with(&mut self, want: &str) {
+        assert_eq!(self.wait(), Some(0), "{}", self.log());
+        assert_eq!(result(&self.serial()).0, want, "the source lost work");
     }
 
     /// Waits until a receiving VMM listens; fails at once, with its log, if it ended.
@@ -256,7 +272,7 @@ fn migrate_hops(vcpus: u32, hops: usize, prefault: bool, lanes: Option<u32>) {
     let mut max_downtime_ms = 0;
     for hop in 1..=hops {
         let name = format!("hops{vcpus}-{hop}");
-        let mut target = if prefault { Vmm::receive_prefaulted(&name, &key, vcpus) } else { Vmm::receive(&name, &key) };
+        let mut target = if prefault { Vmm::receive_expecting(&name, &key, vcpus, true) } else { Vmm::receive(&name, &key) };
         let listen = target.listen_address();
         let (code, body) = current.migrate_on(&listen, &key, 250, lanes);
         assert_eq!(code, 204, "{body}");
@@ -313,11 +329,9 @@ fn wrong_secret_is_refused_and_the_source_keeps_running() {
     assert_eq!(code, 204, "{body}");
     wait_until(|| source.migration()["phase"] == "Failed", "the migration to fail");
     assert!(source.migration()["error"].as_str().unwrap().contains("authentication"), "{}", source.migration());
-    assert_eq!(target.wait(), Some(1), "target must refuse");
+    target.assert_refused();
     assert!(target.log().contains("refused"), "{}", target.log());
-    assert!(target.serial().is_empty(), "the target ran something");
-    assert_eq!(source.wait(), Some(0), "{}", source.log());
-    assert_eq!(result(&source.serial()).0, want);
+    source.assert_finishes_with(&want);
 }
 
 #[test]
@@ -335,8 +349,7 @@ fn target_killed_mid_transfer_leaves_the_vm_running_on_the_source() {
     target.child.kill().unwrap();
     target.child.wait().unwrap();
     wait_until(|| source.migration()["phase"] == "Failed", "the migration to fail");
-    assert_eq!(source.wait(), Some(0), "{}", source.log());
-    assert_eq!(result(&source.serial()).0, want, "the source lost work");
+    source.assert_finishes_with(&want);
 }
 
 #[test]
@@ -351,8 +364,8 @@ fn source_killed_mid_transfer_never_starts_a_partial_vm() {
     assert_eq!(source.migrate(&listen, &key).0, 204);
     wait_until(|| source.migration()["phase"] == "PreCopy", "pre-copy");
     source.child.kill().unwrap();
-    assert_eq!(target.wait(), Some(1), "the target must give up:\n{}", target.log());
-    assert!(target.serial().is_empty(), "the target ran a partial VM:\n{}", target.serial());
+    // It gives up, and never runs the partial VM.
+    target.assert_refused();
 }
 
 /// Copies `from` to `forward` and back; with `damage`, flips one bit after 1 MiB.
@@ -403,12 +416,10 @@ fn corrupt_stream_is_refused_and_the_source_keeps_running() {
     let mut source = Vmm::run("corrupt-source", 1, &cmdline);
     source.wait_for_round(2);
     assert_eq!(source.migrate(&relay_addr, &key).0, 204);
-    assert_eq!(target.wait(), Some(1), "the target must refuse a corrupt stream");
+    target.assert_refused();
     assert!(target.log().contains("damaged") || target.log().contains("checksum"), "{}", target.log());
-    assert!(target.serial().is_empty(), "the target ran something");
     wait_until(|| source.migration()["phase"] == "Failed", "the migration to fail");
-    assert_eq!(source.wait(), Some(0), "{}", source.log());
-    assert_eq!(result(&source.serial()).0, want);
+    source.assert_finishes_with(&want);
 }
 
 #[test]
@@ -428,10 +439,8 @@ fn cancel_keeps_the_vm_running_here() {
     let (code, body) = request(&source.socket, "PUT", "/vm/migration/cancel", None).unwrap();
     assert_eq!(code, 204, "cancel: {body}");
     wait_until(|| source.migration()["phase"] == "Cancelled", "the migration to stop");
-    assert_eq!(target.wait(), Some(1), "{}", target.log());
-    assert!(target.serial().is_empty(), "the target ran something");
-    assert_eq!(source.wait(), Some(0), "{}", source.log());
-    assert_eq!(result(&source.serial()).0, want);
+    target.assert_refused();
+    source.assert_finishes_with(&want);
 }
 
 #[test]
@@ -441,7 +450,7 @@ fn migrate_between_two_hosts_over_their_own_network() {
     let cmdline = digest_cmdline(1500, 8);
     let (want, _) = reference(2, &cmdline);
     let key = secret_file("netns", "netns secret");
-    let mut target = Vmm::receive_in(Some(&hosts.names[1]), "netns-target", &hosts.addresses[1], &key);
+    let mut target = Vmm::receive_with(Some(&hosts.names[1]), "netns-target", &hosts.addresses[1], &key, &[]);
     let listen = target.listen_address();
     let mut source = Vmm::run_in(Some(&hosts.names[0]), "netns-source", 2, &cmdline);
     source.wait_for_round(3);
@@ -460,20 +469,13 @@ fn a_target_expecting_another_shape_refuses_the_vm() {
     let cmdline = digest_cmdline(150, 16);
     let (want, _) = reference(2, &cmdline);
     let key = secret_file("shape", "k");
-    let expected = tmp("shape-expected.json");
-    std::fs::write(&expected, format!(r#"{{"vcpus": 4, "memoryMib": 96, "kernel": "{GUEST}"}}"#)).unwrap();
-    let mut target = {
-        let mut cmd = Command::new(VMM);
-        cmd.args(["receive", "--listen", "127.0.0.1:0", "--secret-file", key.to_str().unwrap(), "--config", expected.to_str().unwrap()]);
-        Vmm::spawn(cmd, "shape-target").listening()
-    };
+    let mut target = Vmm::receive_expecting("shape-target", &key, 4, false);
     let listen = target.listen_address();
     let mut source = Vmm::run("shape-source", 2, &cmdline);
     source.wait_for_round(2);
     assert_eq!(source.migrate(&listen, &key).0, 204);
-    assert_eq!(target.wait(), Some(1), "{}", target.log());
+    target.assert_refused();
     assert!(target.log().contains("wrong VM shape: the source sends 2 vCPUs"), "{}", target.log());
     wait_until(|| source.migration()["phase"] == "Failed", "the migration to fail");
-    assert_eq!(source.wait(), Some(0), "{}", source.log());
-    assert_eq!(result(&source.serial()).0, want);
+    source.assert_finishes_with(&want);
 }

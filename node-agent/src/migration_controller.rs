@@ -413,11 +413,7 @@ fn local_ports(table: &str, only_listening: bool) -> impl Iterator<Item = u16> +
 }
 
 pub fn error_policy(migration: Arc<VirtualMachineMigration>, error: &Error, _ctx: Arc<Context>) -> Action {
-    if status::is_conflict(error) {
-        return Action::requeue(Duration::from_millis(100));
-    }
-    tracing::warn!(migration = %migration.name_any(), "{error}");
-    Action::requeue(Duration::from_secs(1))
+    status::retry(migration.as_ref(), error, Duration::from_secs(1))
 }
 
 #[cfg(test)]

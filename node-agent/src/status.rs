@@ -84,6 +84,17 @@ pub fn is_conflict(e: &Error) -> bool {
     matches!(e, Error::Kube(kube::Error::Api(s)) if s.code == 409)
 }
 
+/// What a controller does with an error about `object`: a conflict is retried at
+/// once; anything else is logged and tried again after `after`.
+pub fn retry<K: kube::Resource<DynamicType = ()>>(object: &K, error: &Error, after: std::time::Duration) -> kube::runtime::controller::Action {
+    use kube::runtime::controller::Action;
+    if is_conflict(error) {
+        return Action::requeue(std::time::Duration::from_millis(100));
+    }
+    tracing::warn!(kind = %K::kind(&()), name = %object.name_any(), "{error}");
+    Action::requeue(after)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

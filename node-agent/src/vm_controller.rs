@@ -389,11 +389,7 @@ async fn set_finalizers(api: &Api<VirtualMachine>, vm: &VirtualMachine, finalize
 /// What the controller does with an error: log it and look again soon. Conflicts
 /// are routine (someone wrote first) and retried at once.
 pub fn error_policy(vm: Arc<VirtualMachine>, error: &Error, _ctx: Arc<Context>) -> Action {
-    if status::is_conflict(error) {
-        return Action::requeue(Duration::from_millis(100));
-    }
-    tracing::warn!(vm = %vm.name_any(), "{error}");
-    Action::requeue(Duration::from_secs(2))
+    status::retry(vm.as_ref(), error, Duration::from_secs(2))
 }
 
 #[cfg(test)]

@@ -85,10 +85,10 @@ fn prepare(tcp: TcpStream) -> Result<TcpStream, Error> {
 /// its handshake that it knows the secret and this migration's session.
 fn accept_lanes(listener: &TcpListener, secret: &[u8], hello: &wire::Hello) -> Result<Vec<SecureStream>, Error> {
     let wanted = hello.lanes as usize - 1;
-    let mut lanes: Vec<Option<SecureStream>> = (0..wanted).map(|_| None).collect();
     if wanted == 0 {
         return Ok(Vec::new());
     }
+    let mut lanes: Vec<Option<SecureStream>> = (0..wanted).map(|_| None).collect();
     listener.set_nonblocking(true).map_err(|e| Error::Io(e.to_string()))?;
     let deadline = Instant::now() + LANE_WAIT;
     let mut opened = 0;

@@ -108,7 +108,7 @@ const RUN: usize = wire::BLOCK_PAGES as usize;
 /// migration status. Refused if one is under way.
 pub fn start(control: Arc<VmControl>, request: MigrateRequest) -> Result<(), Error> {
     let secret = request.secret()?;
-    request.lanes()?;
+    let lanes = request.lanes()?;
     if !control.begin_migration(&request.destination) {
         return Err(Error::Config("a migration is already under way".into()));
     }
@@ -116,7 +116,7 @@ pub fn start(control: Arc<VmControl>, request: MigrateRequest) -> Result<(), Err
         .name("migration".into())
         .spawn(move || {
             let started = Instant::now();
-            let result = migrate(&control, &request, &secret, started);
+            let result = migrate(&control, &request, &secret, lanes, started);
             control.update_migration(|s| s.total_ms = started.elapsed().as_millis() as u64);
             match result {
                 Ok(()) => {
@@ -189,7 +189,7 @@ fn wire_err(e: wire::WireError) -> Error {
     Error::Migration(e.to_string())
 }
 
-fn migrate(control: &Arc<VmControl>, req: &MigrateRequest, secret: &[u8], started: Instant) -> Result<(), Outcome> {
+fn migrate(control: &Arc<VmControl>, req: &MigrateRequest, secret: &[u8], lanes: u32, started: Instant) -> Result<(), Outcome> {
     let deadline = started + Duration::from_secs(req.timeout_seconds);
     let addr = req
         .destination
@@ -209,7 +209,6 @@ fn migrate(control: &Arc<VmControl>, req: &MigrateRequest, secret: &[u8], starte
     let mut tcp = connect()?;
     wire::write_preamble(&mut tcp).map_err(wire_err)?;
     let mut main = SecureStream::initiate(tcp, secret, &wire::preamble()).map_err(|e| Error::Migration(e.to_string()))?;
-    let lanes = req.lanes()?;
     let mut session = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut session).map_err(|_| Error::Io("no random numbers".into()))?;
     let hello = Hello { version: wire::VERSION, config: control.config().clone(), lanes, session };
@@ -493,7 +492,7 @@ impl Sender {
         let base = source.ptr_guard().as_ptr();
         let mut start = None;
         for i in 0..count as usize {
-            let page: &mut [u8; PAGE_SIZE] = (&mut self.buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]).try_into().map_err(|_| Error::Memory("page buffer".into()))?;
+            let page = &mut self.buf.as_chunks_mut::<PAGE_SIZE>().0[i];
             // SAFETY: `get_slice` checked that the run lies in one mapped region,
             // which `vm` keeps alive; pages are 4096-byte aligned there.
             let zero = unsafe { crate::memory::copy_page(base.add(i * PAGE_SIZE), page) };

@@ -322,20 +322,11 @@ impl Head {
 
     /// A Pages frame's first page number and page count; its data comes next.
     pub fn pages(&mut self, r: &mut impl Read) -> Result<(u64, usize), WireError> {
-        let bad = |why: String| WireError::Malformed { kind: "Pages", why };
-        if self.len < 12 {
-            return Err(bad("shorter than its header".into()));
-        }
+        let data = (self.len as usize).checked_sub(12).ok_or_else(short_pages)?;
         let mut numbers = [0u8; 12];
         r.read_exact(&mut numbers).map_err(|e| io(e, "a frame payload"))?;
         self.crc.update(&numbers);
-        let first = u64::from_le_bytes([numbers[0], numbers[1], numbers[2], numbers[3], numbers[4], numbers[5], numbers[6], numbers[7]]);
-        let count = u32::from_le_bytes([numbers[8], numbers[9], numbers[10], numbers[11]]) as usize;
-        let data = self.len as usize - 12;
-        if data != count * PAGE_SIZE {
-            return Err(bad(format!("{count} pages announced, {data} bytes of data")));
-        }
-        Ok((first, count))
+        page_numbers(&numbers, data)
     }
 
     /// Reads a Pages frame's data into `dest` (as many bytes as [`Head::pages`]
@@ -359,14 +350,24 @@ impl Head {
 
 /// A Pages payload's first page number and data.
 fn pages(payload: &[u8]) -> Result<(u64, &[u8]), WireError> {
-    let bad = |why: String| WireError::Malformed { kind: "Pages", why };
-    let (numbers, data) = payload.split_at_checked(12).ok_or_else(|| bad("shorter than its header".into()))?;
-    let first = u64::from_le_bytes(numbers[..8].try_into().map_err(|_| bad("header".into()))?);
-    let count = u32::from_le_bytes(numbers[8..].try_into().map_err(|_| bad("header".into()))?) as usize;
-    if data.len() != count * PAGE_SIZE {
-        return Err(bad(format!("{count} pages announced, {} bytes of data", data.len())));
+    let (numbers, data) = payload.split_first_chunk::<12>().ok_or_else(short_pages)?;
+    page_numbers(numbers, data.len()).map(|(first, _)| (first, data))
+}
+
+fn short_pages() -> WireError {
+    WireError::Malformed { kind: "Pages", why: "shorter than its header".into() }
+}
+
+/// A Pages frame's first page and page count, from its 12 header bytes, checked
+/// against the `data` bytes that follow them.
+fn page_numbers(numbers: &[u8; 12], data: usize) -> Result<(u64, usize), WireError> {
+    let [a, b, c, d, e, f, g, h, i, j, k, l] = *numbers;
+    let first = u64::from_le_bytes([a, b, c, d, e, f, g, h]);
+    let count = u32::from_le_bytes([i, j, k, l]) as usize;
+    if data != count * PAGE_SIZE {
+        return Err(WireError::Malformed { kind: "Pages", why: format!("{count} pages announced, {data} bytes of data") });
     }
-    Ok((first, data))
+    Ok((first, count))
 }
 
 /// Makes a frame of a checked payload.
