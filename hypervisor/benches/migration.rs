@@ -16,7 +16,8 @@
 //! (a row each) instead of its default; DROVER_BENCH_CASES="written,1 GiB/s" keeps
 //! only the cases whose names contain one of the comma-separated words;
 //! DROVER_BENCH_QEMU_MULTIFD=N gives QEMU N multifd channels (its own parallel
-//! migration) in place of its default single stream.
+//! migration) in place of its default single stream; DROVER_BENCH_QEMU_TLS=1
+//! encrypts QEMU's stream too (TLS with a pre-shared key, as drover's always is).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: a failed unwrap is a failed run
 
@@ -52,10 +53,7 @@ fn tmp(name: &str) -> PathBuf {
 
 fn wait_for(path: &Path, text: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .contains(text)
-    {
+    while !std::fs::read_to_string(path).unwrap_or_default().contains(text) {
         assert!(Instant::now() < deadline, "guest never printed {text:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -83,21 +81,9 @@ fn drover_run(vmm: &Path, guest: &Path, case: &Case, key: &Path, lanes: Option<u
     // The target knows the VM it expects and faults its memory in before it
     // listens (as the agent runs it); QEMU's target gets -mem-prealloc to match.
     let (expected, target_log) = (tmp("d-expected.json"), tmp("d-dst.log"));
-    std::fs::write(
-        &expected,
-        serde_json::json!({"vcpus": 1, "memoryMib": case.memory_mib, "kernel": guest}).to_string(),
-    )
-    .unwrap();
+    std::fs::write(&expected, serde_json::json!({"vcpus": 1, "memoryMib": case.memory_mib, "kernel": guest}).to_string()).unwrap();
     let target = Command::new(vmm)
-        .args([
-            "receive",
-            "--listen",
-            "127.0.0.1:0",
-            "--serial",
-            "null",
-            "--prefault",
-            "--config",
-        ])
+        .args(["receive", "--listen", "127.0.0.1:0", "--serial", "null", "--prefault", "--config"])
         .arg(&expected)
         .arg("--secret-file")
         .arg(key)
@@ -105,16 +91,7 @@ fn drover_run(vmm: &Path, guest: &Path, case: &Case, key: &Path, lanes: Option<u
         .spawn()
         .unwrap();
     let source = Command::new(vmm)
-        .args([
-            "run",
-            "--vcpus",
-            "1",
-            "--memory-mib",
-            &case.memory_mib.to_string(),
-            "--cmdline",
-            &case.cmdline,
-            "--kernel",
-        ])
+        .args(["run", "--vcpus", "1", "--memory-mib", &case.memory_mib.to_string(), "--cmdline", &case.cmdline, "--kernel"])
         .arg(guest)
         .arg("--serial")
         .arg(&serial)
@@ -129,40 +106,21 @@ fn drover_run(vmm: &Path, guest: &Path, case: &Case, key: &Path, lanes: Option<u
     // The port the kernel gave the target, from its log.
     let listening = std::fs::read_to_string(&target_log).unwrap();
     let at = listening.find("address=").unwrap() + "address=".len();
-    let destination: String = listening[at..]
-        .chars()
-        .take_while(|c| !c.is_whitespace())
-        .collect();
+    let destination: String = listening[at..].chars().take_while(|c| !c.is_whitespace()).collect();
     let mut body = serde_json::json!({"destination": destination, "secretFile": key});
     if let Some(lanes) = lanes {
         body["lanes"] = lanes.into();
     }
     let body = body.to_string();
-    let (code, reply) =
-        drover_hypervisor::api::request(&socket, "PUT", "/vm/migrate", Some(&body)).unwrap();
+    let (code, reply) = drover_hypervisor::api::request(&socket, "PUT", "/vm/migrate", Some(&body)).unwrap();
     assert_eq!(code, 204, "{reply}");
     wait_for(&log, "migration completed");
-    let line = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .find(|l| l.contains("migration completed"))
-        .unwrap()
-        .to_string();
+    let line = std::fs::read_to_string(&log).unwrap().lines().find(|l| l.contains("migration completed")).unwrap().to_string();
     let figure = |name: &str| -> f64 {
         let at = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-        line[at..]
-            .chars()
-            .take_while(|c| c.is_ascii_digit())
-            .collect::<String>()
-            .parse()
-            .unwrap()
+        line[at..].chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().unwrap()
     };
-    let f = Figures {
-        total_ms: figure("total_ms"),
-        downtime_ms: figure("downtime_ms"),
-        bytes: figure("bytes_sent"),
-        passes: figure("passes"),
-    };
+    let f = Figures { total_ms: figure("total_ms"), downtime_ms: figure("downtime_ms"), bytes: figure("bytes_sent"), passes: figure("passes") };
     kill(source);
     kill(target);
     f
@@ -177,9 +135,7 @@ impl Qmp {
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
                 Err(e) => panic!("QMP {}: {e}", path.display()),
             }
         };
@@ -203,60 +159,60 @@ impl Qmp {
     }
 }
 
-fn qemu_run(guest: &Path, case: &Case, cpu: &str, port: u16, multifd: u32) -> Figures {
+/// How QEMU migrates: its default single stream, or multifd channels; in the
+/// clear, or over TLS with a pre-shared key (the directory holding `keys.psk`).
+struct QemuMode {
+    multifd: u32,
+    tls: Option<PathBuf>,
+}
+
+fn qemu_run(guest: &Path, case: &Case, cpu: &str, mode: &QemuMode) -> Figures {
     let (serial, src_qmp, dst_qmp) = (tmp("q-src.serial"), tmp("q-src.qmp"), tmp("q-dst.qmp"));
     for p in [&serial, &src_qmp, &dst_qmp] {
         let _ = std::fs::remove_file(p);
     }
     let base = |serial: &str, qmp: &Path| {
         let mut c = Command::new("qemu-system-x86_64");
-        c.args([
-            "-M",
-            "microvm",
-            "-enable-kvm",
-            "-cpu",
-            cpu,
-            "-smp",
-            "1",
-            "-m",
-            &format!("{}M", case.memory_mib),
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-device",
-            "isa-debug-exit",
-            "-kernel",
-        ])
-        .arg(guest)
-        .args(["-append", &case.cmdline, "-serial", serial, "-qmp"])
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        c.args(["-M", "microvm", "-enable-kvm", "-cpu", cpu, "-smp", "1", "-m", &format!("{}M", case.memory_mib)])
+            .args(["-nodefaults", "-no-user-config", "-nographic", "-device", "isa-debug-exit", "-kernel"])
+            .arg(guest)
+            .args(["-append", &case.cmdline, "-serial", serial, "-qmp"])
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         c
     };
+    // The server looks the client's username up in the same file.
+    let tls = |endpoint: &str| match &mode.tls {
+        Some(dir) => {
+            let user = if endpoint == "client" { ",username=drover" } else { "" };
+            vec!["-object".to_string(), format!("tls-creds-psk,id=tls0,endpoint={endpoint},dir={}{user}", dir.display())]
+        }
+        None => Vec::new(),
+    };
     // The target listens once told to, after its capabilities are set.
-    let target = base("null", &dst_qmp)
-        .args(["-mem-prealloc", "-incoming", "defer"])
-        .spawn()
-        .unwrap();
-    let source = base(&format!("file:{}", serial.display()), &src_qmp)
-        .spawn()
-        .unwrap();
+    let target = base("null", &dst_qmp).args(tls("server")).args(["-mem-prealloc", "-incoming", "defer"]).spawn().unwrap();
+    let source = base(&format!("file:{}", serial.display()), &src_qmp).args(tls("client")).spawn().unwrap();
     let mut qmp = Qmp::connect(&src_qmp);
     wait_for(&serial, case.ready);
     std::thread::sleep(Duration::from_millis(300));
     // Its QMP answers once its memory is allocated.
     let mut target_qmp = Qmp::connect(&dst_qmp);
-    if multifd > 0 {
-        for q in [&mut qmp, &mut target_qmp] {
+    for q in [&mut qmp, &mut target_qmp] {
+        if mode.multifd > 0 {
             q.call(serde_json::json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "multifd", "state": true}]}}));
-            q.call(serde_json::json!({"execute": "migrate-set-parameters", "arguments": {"multifd-channels": multifd}}));
+            q.call(serde_json::json!({"execute": "migrate-set-parameters", "arguments": {"multifd-channels": mode.multifd}}));
+        }
+        if mode.tls.is_some() {
+            q.call(serde_json::json!({"execute": "migrate-set-parameters", "arguments": {"tls-creds": "tls0"}}));
         }
     }
-    let incoming = target_qmp.call(serde_json::json!({"execute": "migrate-incoming", "arguments": {"uri": format!("tcp:127.0.0.1:{port}")}}));
+    // Port 0: the kernel picks a free one, which the target then reports.
+    let incoming = target_qmp.call(serde_json::json!({"execute": "migrate-incoming", "arguments": {"uri": "tcp:127.0.0.1:0"}}));
     assert!(incoming.get("error").is_none(), "QEMU target: {incoming}");
+    let listening = target_qmp.call(serde_json::json!({"execute": "query-migrate"}));
+    let port = &listening["return"]["socket-address"][0]["port"];
+    let port = port.as_str().map(str::to_string).unwrap_or_else(|| port.to_string());
     // Lift QEMU 7.2's 32 MiB/s default cap, as measured in the issue.
     qmp.call(serde_json::json!({"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 100u64 << 30}}));
     qmp.call(serde_json::json!({"execute": "migrate", "arguments": {"uri": format!("tcp:127.0.0.1:{port}")}}));
@@ -272,12 +228,7 @@ fn qemu_run(guest: &Path, case: &Case, cpu: &str, port: u16, multifd: u32) -> Fi
     kill(source);
     kill(target);
     if info["status"] != "completed" {
-        return Figures {
-            total_ms: f64::NAN,
-            downtime_ms: f64::NAN,
-            bytes: f64::NAN,
-            passes: f64::NAN,
-        };
+        return Figures { total_ms: f64::NAN, downtime_ms: f64::NAN, bytes: f64::NAN, passes: f64::NAN };
     }
     Figures {
         total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
@@ -303,8 +254,7 @@ fn channel_gib_per_s() -> f64 {
             got += s.read(&mut buf).unwrap();
         }
     });
-    let mut s = SecureStream::initiate(std::net::TcpStream::connect(addr).unwrap(), b"k", b"bench")
-        .unwrap();
+    let mut s = SecureStream::initiate(std::net::TcpStream::connect(addr).unwrap(), b"k", b"bench").unwrap();
     // As a migration sends pages: 1 MiB runs, each sealed in place.
     let mut chunk = vec![7u8; 1 << 20];
     let start = Instant::now();
@@ -320,114 +270,49 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let runs = std::env::var("DROVER_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3usize)
-        .clamp(1, 5);
+    let runs = std::env::var("DROVER_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3usize).clamp(1, 5);
     let (vmm, guest) = common::setup("migration");
     let cpu = qemu_cpu(&guest);
     let key = tmp("key");
     std::fs::write(&key, "benchmark secret").unwrap();
     let khz = tsc_khz();
-    let dirty = |mem: u64, rate: u64| {
-        format!("drover.mode=dirty drover.mem={mem} drover.rate={rate} drover.tsc_khz={khz}")
-    };
+    let dirty = |mem: u64, rate: u64| format!("drover.mode=dirty drover.mem={mem} drover.rate={rate} drover.tsc_khz={khz}");
     let cases = [
-        Case {
-            name: "idle 1 GiB",
-            memory_mib: 1024,
-            cmdline: "drover.mode=dirty drover.mem=0 drover.once=1".into(),
-            ready: "filled",
-        },
-        Case {
-            name: "idle 4 GiB",
-            memory_mib: 4096,
-            cmdline: "drover.mode=dirty drover.mem=0 drover.once=1".into(),
-            ready: "filled",
-        },
-        Case {
-            name: "1 GiB fully written, idle",
-            memory_mib: 1024,
-            cmdline: "drover.mode=dirty drover.mem=990 drover.once=1".into(),
-            ready: "filled",
-        },
-        Case {
-            name: "1 GiB dirtying 100 MiB/s",
-            memory_mib: 1024,
-            cmdline: dirty(512, 100),
-            ready: "dirtying",
-        },
-        Case {
-            name: "4 GiB dirtying 100 MiB/s",
-            memory_mib: 4096,
-            cmdline: dirty(2048, 100),
-            ready: "dirtying",
-        },
-        Case {
-            name: "1 GiB dirtying 1 GiB/s",
-            memory_mib: 1024,
-            cmdline: dirty(512, 1024),
-            ready: "dirtying",
-        },
+        Case { name: "idle 1 GiB", memory_mib: 1024, cmdline: "drover.mode=dirty drover.mem=0 drover.once=1".into(), ready: "filled" },
+        Case { name: "idle 4 GiB", memory_mib: 4096, cmdline: "drover.mode=dirty drover.mem=0 drover.once=1".into(), ready: "filled" },
+        Case { name: "1 GiB fully written, idle", memory_mib: 1024, cmdline: "drover.mode=dirty drover.mem=990 drover.once=1".into(), ready: "filled" },
+        Case { name: "1 GiB dirtying 100 MiB/s", memory_mib: 1024, cmdline: dirty(512, 100), ready: "dirtying" },
+        Case { name: "4 GiB dirtying 100 MiB/s", memory_mib: 4096, cmdline: dirty(2048, 100), ready: "dirtying" },
+        Case { name: "1 GiB dirtying 1 GiB/s", memory_mib: 1024, cmdline: dirty(512, 1024), ready: "dirtying" },
     ];
     let list = |name: &str| -> Vec<String> {
-        std::env::var(name)
-            .unwrap_or_default()
-            .split(',')
-            .map(|w| w.trim().to_string())
-            .filter(|w| !w.is_empty())
-            .collect()
+        std::env::var(name).unwrap_or_default().split(',').map(|w| w.trim().to_string()).filter(|w| !w.is_empty()).collect()
     };
     let wanted = list("DROVER_BENCH_CASES");
     let lanes: Vec<Option<u32>> = match list("DROVER_BENCH_LANES") {
         l if l.is_empty() => vec![None],
-        l => l
-            .iter()
-            .map(|n| {
-                Some(
-                    n.parse()
-                        .expect("DROVER_BENCH_LANES: a comma-separated list of lane counts"),
-                )
-            })
-            .collect(),
+        l => l.iter().map(|n| Some(n.parse().expect("DROVER_BENCH_LANES: a comma-separated list of lane counts"))).collect(),
     };
-    let multifd: u32 = std::env::var("DROVER_BENCH_QEMU_MULTIFD").map_or(0, |v| {
-        v.parse()
-            .expect("DROVER_BENCH_QEMU_MULTIFD: a channel count")
+    let multifd = std::env::var("DROVER_BENCH_QEMU_MULTIFD").map_or(0, |v| v.parse().expect("DROVER_BENCH_QEMU_MULTIFD: a channel count"));
+    let tls = std::env::var("DROVER_BENCH_QEMU_TLS").is_ok_and(|v| v == "1").then(|| {
+        // QEMU's PSK file: `username:key in hex`, one per line.
+        let dir = tmp("qemu-psk");
+        std::fs::create_dir_all(&dir).unwrap();
+        let hex: String = b"benchmark secret".iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(dir.join("keys.psk"), format!("drover:{hex}\n")).unwrap();
+        dir
     });
+    let qemu_mode = QemuMode { multifd, tls };
     let host = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let qemu_streams = if multifd > 0 {
-        format!("{multifd} multifd channels")
-    } else {
-        "one stream".into()
-    };
-    println!(
-        "live migration on loopback, drover-vmm vs QEMU microvm (-cpu {cpu}, {qemu_streams}), 1 vCPU, {host} host CPUs, median of {runs} runs"
-    );
-    println!(
-        "(drover's encrypted channel alone carries {:.2} GiB/s here)\n",
-        channel_gib_per_s()
-    );
+    let streams = if multifd > 0 { format!("{multifd} multifd channels") } else { "one stream".into() };
+    let clear = if qemu_mode.tls.is_some() { "TLS-PSK" } else { "in the clear" };
+    println!("live migration on loopback, drover-vmm vs QEMU microvm (-cpu {cpu}, {streams}, {clear}), 1 vCPU, {host} host CPUs, median of {runs} runs");
+    println!("(drover's encrypted channel alone carries {:.2} GiB/s here)\n", channel_gib_per_s());
     println!(
         "{:<36} {:>10} {:>10} {:>7} | {:>9} {:>9} {:>7} | {:>8} {:>8} | {:>6} {:>6}",
-        "",
-        "total ms",
-        "qemu",
-        "ratio",
-        "down ms",
-        "qemu",
-        "ratio",
-        "MB sent",
-        "qemu",
-        "passes",
-        "qemu"
+        "", "total ms", "qemu", "ratio", "down ms", "qemu", "ratio", "MB sent", "qemu", "passes", "qemu"
     );
-    let mut port = 40000 + (std::process::id() % 1000) as u16 * 10;
-    for case in cases
-        .iter()
-        .filter(|c| wanted.is_empty() || wanted.iter().any(|w| c.name.contains(w.as_str())))
-    {
+    for case in cases.iter().filter(|c| wanted.is_empty() || wanted.iter().any(|w| c.name.contains(w.as_str()))) {
         // Runs alternate between the VMMs (and lane counts), so that a slow
         // moment of the host falls on both.
         let (mut d, mut q) = (vec![Vec::new(); lanes.len()], Vec::new());
@@ -435,15 +320,11 @@ fn main() {
             for (figures, lanes) in d.iter_mut().zip(&lanes) {
                 figures.push(drover_run(&vmm, &guest, case, &key, *lanes));
             }
-            port += 1;
-            q.push(qemu_run(&guest, case, cpu, port, multifd));
+            q.push(qemu_run(&guest, case, cpu, &qemu_mode));
         }
         let m = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
         for (d, lanes) in d.iter().zip(&lanes) {
-            let name = lanes.map_or_else(
-                || case.name.to_string(),
-                |n| format!("{}, {n} lane{}", case.name, if n == 1 { "" } else { "s" }),
-            );
+            let name = lanes.map_or_else(|| case.name.to_string(), |n| format!("{}, {n} lane{}", case.name, if n == 1 { "" } else { "s" }));
             let (dt, qt) = (m(d, |f| f.total_ms), m(&q, |f| f.total_ms));
             let (dd, qd) = (m(d, |f| f.downtime_ms), m(&q, |f| f.downtime_ms));
             println!(

@@ -76,10 +76,7 @@ impl MigrateRequest {
     fn lanes(&self) -> Result<u32, Error> {
         match self.lanes {
             Some(n) if (1..=wire::MAX_LANES).contains(&n) => Ok(n),
-            Some(n) => Err(Error::Config(format!(
-                "lanes is {n}: give 1 to {}",
-                wire::MAX_LANES
-            ))),
+            Some(n) => Err(Error::Config(format!("lanes is {n}: give 1 to {}", wire::MAX_LANES))),
             // A lane keeps one CPU busy at each end while pages flow (AES-GCM,
             // the kernel's TCP copies, CRC) and carries 2.5-3 GiB/s; lanes add up
             // until the host's memory or link is the limit. The work is the same
@@ -88,10 +85,7 @@ impl MigrateRequest {
             // takes. Fully written 1 GiB guest on a 16-CPU host, 1/2/4/8 lanes:
             // 405/214/166/95 ms (QEMU 313 ms). On a 2-CPU host, which source and
             // target share, 2 lanes were no faster than 1.
-            None => Ok(
-                (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).clamp(1, 8)
-                    as u32,
-            ),
+            None => Ok((std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).clamp(1, 8) as u32),
         }
     }
 
@@ -99,21 +93,11 @@ impl MigrateRequest {
         match (&self.secret, &self.secret_file) {
             (Some(s), None) if !s.is_empty() => Ok(s.as_bytes().to_vec()),
             (None, Some(path)) => {
-                let bytes = std::fs::read(path)
-                    .map_err(|e| Error::Config(format!("secretFile {}: {e}", path.display())))?;
+                let bytes = std::fs::read(path).map_err(|e| Error::Config(format!("secretFile {}: {e}", path.display())))?;
                 let trimmed = bytes.trim_ascii().to_vec();
-                if trimmed.is_empty() {
-                    Err(Error::Config(format!(
-                        "secretFile {} is empty",
-                        path.display()
-                    )))
-                } else {
-                    Ok(trimmed)
-                }
+                if trimmed.is_empty() { Err(Error::Config(format!("secretFile {} is empty", path.display()))) } else { Ok(trimmed) }
             }
-            _ => Err(Error::Config(
-                "give exactly one of secret and secretFile".into(),
-            )),
+            _ => Err(Error::Config("give exactly one of secret and secretFile".into())),
         }
     }
 }
@@ -180,19 +164,14 @@ pub fn start(control: Arc<VmControl>, request: MigrateRequest) -> Result<(), Err
 /// Writes the final figures where the request asked, as a whole file (temporary
 /// file renamed) so that a reader never sees half.
 fn write_status_file(control: &VmControl, request: &MigrateRequest) {
-    let Some(path) = &request.status_file else {
-        return;
-    };
+    let Some(path) = &request.status_file else { return };
     let tmp = path.with_extension("tmp");
     let result = serde_json::to_vec(&control.migration_status())
         .map_err(std::io::Error::other)
         .and_then(|json| std::fs::write(&tmp, json))
         .and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = result {
-        tracing::warn!(
-            "cannot write the migration figures to {}: {e}",
-            path.display()
-        );
+        tracing::warn!("cannot write the migration figures to {}: {e}", path.display());
     }
 }
 
@@ -213,30 +192,18 @@ fn wire_err(e: wire::WireError) -> Error {
     Error::Migration(e.to_string())
 }
 
-fn migrate(
-    control: &Arc<VmControl>,
-    req: &MigrateRequest,
-    secret: &[u8],
-    lanes: u32,
-    started: Instant,
-) -> Result<(), Outcome> {
+fn migrate(control: &Arc<VmControl>, req: &MigrateRequest, secret: &[u8], lanes: u32, started: Instant) -> Result<(), Outcome> {
     let deadline = started + Duration::from_secs(req.timeout_seconds);
     let addr = req
         .destination
         .to_socket_addrs()
         .map_err(|e| Error::Config(format!("destination {}: {e}", req.destination)))?
         .next()
-        .ok_or_else(|| {
-            Error::Config(format!(
-                "destination {} resolves to nothing",
-                req.destination
-            ))
-        })?;
+        .ok_or_else(|| Error::Config(format!("destination {} resolves to nothing", req.destination)))?;
     let connect = || -> Result<TcpStream, Error> {
         let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
             .map_err(|e| Error::Migration(format!("connecting to {}: {e}", req.destination)))?;
-        tcp.set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| Error::Io(e.to_string()))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| Error::Io(e.to_string()))?;
         if let Ok(clone) = tcp.try_clone() {
             control.add_migration_socket(clone);
         }
@@ -244,40 +211,25 @@ fn migrate(
     };
     let mut tcp = connect()?;
     wire::write_preamble(&mut tcp).map_err(wire_err)?;
-    let mut main = SecureStream::initiate(tcp, secret, &wire::preamble())
-        .map_err(|e| Error::Migration(e.to_string()))?;
+    let mut main = SecureStream::initiate(tcp, secret, &wire::preamble()).map_err(|e| Error::Migration(e.to_string()))?;
     let mut session = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut session)
-        .map_err(|_| Error::Io("no random numbers".into()))?;
-    let hello = Hello {
-        version: wire::VERSION,
-        config: control.config().clone(),
-        lanes,
-        session,
-    };
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut session).map_err(|_| Error::Io("no random numbers".into()))?;
+    let hello = Hello { version: wire::VERSION, config: control.config().clone(), lanes, session };
     wire::write_frame(&mut main, &Frame::Hello(Box::new(hello))).map_err(wire_err)?;
-    main.flush()
-        .map_err(|e| Error::Migration(format!("sending to the target: {e}")))?;
+    main.flush().map_err(|e| Error::Migration(format!("sending to the target: {e}")))?;
     // The target says whether it takes this VM before the other lanes connect.
     expect(&mut main, "Welcome")?;
     let mut outs = vec![main];
     for index in 1..lanes {
         let mut tcp = connect()?;
         wire::write_preamble(&mut tcp).map_err(wire_err)?;
-        tcp.write_all(&index.to_le_bytes())
-            .map_err(|e| Error::Migration(format!("opening lane {index}: {e}")))?;
+        tcp.write_all(&index.to_le_bytes()).map_err(|e| Error::Migration(format!("opening lane {index}: {e}")))?;
         outs.push(
             SecureStream::initiate(tcp, secret, &wire::lane_prologue(&session, index))
                 .map_err(|e| Error::Migration(format!("lane {index}: {e}")))?,
         );
     }
-    let mut lanes: Vec<Lane> = outs
-        .into_iter()
-        .map(|out| Lane {
-            out,
-            sender: Sender::default(),
-        })
-        .collect();
+    let mut lanes: Vec<Lane> = outs.into_iter().map(|out| Lane { out, sender: Sender::default() }).collect();
 
     let vm = control.vm();
     vm.set_dirty_logging(true)?;
@@ -302,40 +254,18 @@ struct Lane {
 }
 
 /// Sends the pages whose bits are set, each lane its blocks, lanes in parallel.
-fn send_pages(
-    control: &VmControl,
-    lanes: &mut [Lane],
-    pages: &[(u64, Vec<u64>)],
-    skip_zero: bool,
-) -> Result<(), Error> {
+fn send_pages(control: &VmControl, lanes: &mut [Lane], pages: &[(u64, Vec<u64>)], skip_zero: bool) -> Result<(), Error> {
     let count = lanes.len() as u32;
-    let Some((main, others)) = lanes.split_first_mut() else {
-        return Ok(());
-    };
+    let Some((main, others)) = lanes.split_first_mut() else { return Ok(()) };
     std::thread::scope(|scope| {
         let workers: Vec<_> = others
             .iter_mut()
             .enumerate()
-            .map(|(i, lane)| {
-                scope.spawn(move || {
-                    lane.sender.send_bitmaps(
-                        control,
-                        &mut lane.out,
-                        pages,
-                        skip_zero,
-                        i as u32 + 1,
-                        count,
-                    )
-                })
-            })
+            .map(|(i, lane)| scope.spawn(move || lane.sender.send_bitmaps(control, &mut lane.out, pages, skip_zero, i as u32 + 1, count)))
             .collect();
-        let mut result =
-            main.sender
-                .send_bitmaps(control, &mut main.out, pages, skip_zero, 0, count);
+        let mut result = main.sender.send_bitmaps(control, &mut main.out, pages, skip_zero, 0, count);
         for worker in workers {
-            let outcome = worker
-                .join()
-                .unwrap_or_else(|_| Err(Error::Migration("a lane's thread panicked".into())));
+            let outcome = worker.join().unwrap_or_else(|_| Err(Error::Migration("a lane's thread panicked".into())));
             if result.is_ok() {
                 result = outcome;
             }
@@ -346,18 +276,10 @@ fn send_pages(
 
 /// Bytes and pages sent on all lanes.
 fn sent(lanes: &[Lane]) -> (u64, u64) {
-    lanes
-        .iter()
-        .fold((0, 0), |(b, p), l| (b + l.sender.bytes, p + l.sender.pages))
+    lanes.iter().fold((0, 0), |(b, p), l| (b + l.sender.bytes, p + l.sender.pages))
 }
 
-fn precopy_and_switch(
-    control: &Arc<VmControl>,
-    req: &MigrateRequest,
-    lanes: &mut [Lane],
-    started: Instant,
-    deadline: Instant,
-) -> Result<(), Outcome> {
+fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, lanes: &mut [Lane], started: Instant, deadline: Instant) -> Result<(), Outcome> {
     let vm = control.vm();
     control.update_migration(|s| s.phase = Phase::PreCopy);
     // Pass 1: every page that is not zero (the target starts with zeroed memory).
@@ -366,15 +288,7 @@ fn precopy_and_switch(
     let pass_start = Instant::now();
     let candidates = crate::memory::populated_pages(&vm.memory).unwrap_or_else(|e| {
         tracing::warn!("reading every guest page ({e})");
-        vm.memory
-            .iter()
-            .map(|r| {
-                (
-                    r.start_addr().0 >> 12,
-                    vec![u64::MAX; (r.len() / PAGE_SIZE as u64).div_ceil(64) as usize],
-                )
-            })
-            .collect()
+        vm.memory.iter().map(|r| (r.start_addr().0 >> 12, vec![u64::MAX; (r.len() / PAGE_SIZE as u64).div_ceil(64) as usize])).collect()
     });
     send_pages(control, lanes, &candidates, true)?;
     let (bytes, pages) = sent(lanes);
@@ -398,23 +312,12 @@ fn precopy_and_switch(
         check(control, deadline)?;
         let pass_start = Instant::now();
         let dirty = vm.take_dirty_pages()?;
-        let count: u64 = dirty
-            .iter()
-            .map(|(_, b)| b.iter().map(|w| u64::from(w.count_ones())).sum::<u64>())
-            .sum();
+        let count: u64 = dirty.iter().map(|(_, b)| b.iter().map(|w| u64::from(w.count_ones())).sum::<u64>()).sum();
         let dirty_rate = rate(count * PAGE_SIZE as u64, logged_at.elapsed());
         logged_at = pass_start;
-        let estimate_us = (count * PAGE_SIZE as u64 * 1_000_000)
-            .checked_div(bandwidth.max(1))
-            .unwrap_or(u64::MAX);
+        let estimate_us = (count * PAGE_SIZE as u64 * 1_000_000).checked_div(bandwidth.max(1)).unwrap_or(u64::MAX);
         let estimate_ms = estimate_us.div_ceil(1000);
-        tracing::debug!(
-            pass,
-            dirty_pages = count,
-            estimate_us,
-            bandwidth,
-            "migration pass"
-        );
+        tracing::debug!(pass, dirty_pages = count, estimate_us, bandwidth, "migration pass");
         control.update_migration(|s| {
             s.dirty_pages = count;
             s.estimated_downtime_ms = estimate_ms;
@@ -425,9 +328,7 @@ fn precopy_and_switch(
         // left, down to the floor: a pass that small costs the running guest
         // nothing, and every page sent now is one less to send while it is paused.
         let shrinking = count * 2 <= last_dirty;
-        if estimate_ms <= req.max_downtime_ms
-            && (estimate_us <= DOWNTIME_FLOOR_US || !shrinking || pass + 1 >= req.max_passes)
-        {
+        if estimate_ms <= req.max_downtime_ms && (estimate_us <= DOWNTIME_FLOOR_US || !shrinking || pass + 1 >= req.max_passes) {
             break dirty;
         }
         pass += 1;
@@ -466,12 +367,7 @@ fn precopy_and_switch(
     let paused_at = Instant::now();
     // The vCPUs save their state as they park, while the last pages go.
     control.pause_and_save()?;
-    let step = |what: &str| {
-        tracing::debug!(
-            us = paused_at.elapsed().as_micros() as u64,
-            "switch-over: {what}"
-        )
-    };
+    let step = |what: &str| tracing::debug!(us = paused_at.elapsed().as_micros() as u64, "switch-over: {what}");
     step("paused");
     let handover = (|| -> Result<(), Error> {
         let mut dirty = vm.take_dirty_pages()?;
@@ -482,9 +378,7 @@ fn precopy_and_switch(
         send_pages(control, lanes, &dirty, false)?;
         for lane in lanes.iter_mut().skip(1) {
             wire::write_frame(&mut lane.out, &Frame::Done).map_err(wire_err)?;
-            lane.out
-                .flush()
-                .map_err(|e| Error::Migration(format!("sending: {e}")))?;
+            lane.out.flush().map_err(|e| Error::Migration(format!("sending: {e}")))?;
         }
         step("last pages sent");
         let state = crate::snapshot::capture(control)?.encode()?;
@@ -492,8 +386,7 @@ fn precopy_and_switch(
         let out = &mut lanes[0].out;
         wire::write_frame(out, &Frame::State(state)).map_err(wire_err)?;
         wire::write_frame(out, &Frame::Done).map_err(wire_err)?;
-        out.flush()
-            .map_err(|e| Error::Migration(format!("sending: {e}")))?;
+        out.flush().map_err(|e| Error::Migration(format!("sending: {e}")))?;
         expect(out, "Ready")?;
         step("target ready");
         Ok(())
@@ -507,8 +400,7 @@ fn precopy_and_switch(
     let out = &mut lanes[0].out;
     let confirmed = (|| -> Result<(), Error> {
         wire::write_frame(out, &Frame::Go).map_err(wire_err)?;
-        out.flush()
-            .map_err(|e| Error::Migration(format!("sending Go: {e}")))?;
+        out.flush().map_err(|e| Error::Migration(format!("sending Go: {e}")))?;
         expect(out, "Resumed")
     })();
     let downtime = paused_at.elapsed().as_millis() as u64;
@@ -527,13 +419,8 @@ fn expect(out: &mut SecureStream, want: &'static str) -> Result<(), Error> {
     match wire::read_frame(out) {
         Ok(f) if f.name() == want => Ok(()),
         Ok(Frame::Abort(why)) => Err(Error::Migration(format!("the target gave up: {why}"))),
-        Ok(f) => Err(wire_err(wire::WireError::Unexpected {
-            got: f.name(),
-            want,
-        })),
-        Err(e) => Err(Error::Migration(format!(
-            "waiting for {want} from the target: {e}"
-        ))),
+        Ok(f) => Err(wire_err(wire::WireError::Unexpected { got: f.name(), want })),
+        Err(e) => Err(Error::Migration(format!("waiting for {want} from the target: {e}"))),
     }
 }
 
@@ -563,12 +450,7 @@ struct Sender {
 
 impl Default for Sender {
     fn default() -> Self {
-        Self {
-            bytes: 0,
-            pages: 0,
-            zero: Vec::new(),
-            buf: vec![0; RUN * PAGE_SIZE],
-        }
+        Self { bytes: 0, pages: 0, zero: Vec::new(), buf: vec![0; RUN * PAGE_SIZE] }
     }
 }
 
@@ -576,34 +458,20 @@ impl Sender {
     /// Sends the pages whose bits are set and whose blocks are lane `lane`'s (of
     /// `lanes`); with `skip_zero`, zero pages are not sent at all (only right when
     /// the target's copy is known to be zero).
-    fn send_bitmaps(
-        &mut self,
-        control: &VmControl,
-        out: &mut SecureStream,
-        pages: &[(u64, Vec<u64>)],
-        skip_zero: bool,
-        lane: u32,
-        lanes: u32,
-    ) -> Result<(), Error> {
+    fn send_bitmaps(&mut self, control: &VmControl, out: &mut SecureStream, pages: &[(u64, Vec<u64>)], skip_zero: bool, lane: u32, lanes: u32) -> Result<(), Error> {
         for (first_page, bitmap) in pages {
             // Walk set bits, folding consecutive pages of one block into runs.
             let mut run: Option<(u64, u64)> = None;
             for (word_index, word) in bitmap.iter().enumerate() {
                 let mut bits = *word;
                 while bits != 0 {
-                    let page =
-                        first_page + word_index as u64 * 64 + u64::from(bits.trailing_zeros());
+                    let page = first_page + word_index as u64 * 64 + u64::from(bits.trailing_zeros());
                     bits &= bits - 1;
                     if wire::lane_of(page, lanes) != lane {
                         continue;
                     }
                     run = match run {
-                        Some((start, n))
-                            if start + n == page
-                                && start / wire::BLOCK_PAGES == page / wire::BLOCK_PAGES =>
-                        {
-                            Some((start, n + 1))
-                        }
+                        Some((start, n)) if start + n == page && start / wire::BLOCK_PAGES == page / wire::BLOCK_PAGES => Some((start, n + 1)),
                         Some((start, n)) => {
                             self.send_run(control, out, start, n, skip_zero)?;
                             Some((page, 1))
@@ -620,20 +488,10 @@ impl Sender {
     }
 
     /// Sends `count` (at most RUN) contiguous pages from `first`.
-    fn send_run(
-        &mut self,
-        control: &VmControl,
-        out: &mut SecureStream,
-        first: u64,
-        count: u64,
-        skip_zero: bool,
-    ) -> Result<(), Error> {
+    fn send_run(&mut self, control: &VmControl, out: &mut SecureStream, first: u64, count: u64, skip_zero: bool) -> Result<(), Error> {
         let len = count as usize * PAGE_SIZE;
         let vm = control.vm();
-        let source = vm
-            .memory
-            .get_slice(GuestAddress(first << 12), len)
-            .map_err(|e| Error::Memory(format!("reading pages {first}+{count}: {e}")))?;
+        let source = vm.memory.get_slice(GuestAddress(first << 12), len).map_err(|e| Error::Memory(format!("reading pages {first}+{count}: {e}")))?;
         let base = source.ptr_guard().as_ptr();
         let mut start = None;
         for i in 0..count as usize {
@@ -664,15 +522,8 @@ impl Sender {
 
     /// Sends pages `from..to` of the run in `buf` (encrypted in place: `buf` is
     /// spent afterwards).
-    fn write_pages(
-        &mut self,
-        out: &mut SecureStream,
-        page: u64,
-        from: usize,
-        to: usize,
-    ) -> Result<(), Error> {
-        wire::write_pages(out, page, &mut self.buf[from * PAGE_SIZE..to * PAGE_SIZE])
-            .map_err(wire_err)?;
+    fn write_pages(&mut self, out: &mut SecureStream, page: u64, from: usize, to: usize) -> Result<(), Error> {
+        wire::write_pages(out, page, &mut self.buf[from * PAGE_SIZE..to * PAGE_SIZE]).map_err(wire_err)?;
         self.pages += (to - from) as u64;
         self.bytes += ((to - from) * PAGE_SIZE) as u64 + 21;
         Ok(())
@@ -681,16 +532,14 @@ impl Sender {
     fn flush_zero(&mut self, out: &mut SecureStream) -> Result<(), Error> {
         if !self.zero.is_empty() {
             self.bytes += self.zero.len() as u64 * 8 + 13;
-            wire::write_frame(out, &Frame::Zero(std::mem::take(&mut self.zero)))
-                .map_err(wire_err)?;
+            wire::write_frame(out, &Frame::Zero(std::mem::take(&mut self.zero))).map_err(wire_err)?;
         }
         Ok(())
     }
 
     fn flush(&mut self, out: &mut SecureStream) -> Result<(), Error> {
         self.flush_zero(out)?;
-        out.flush()
-            .map_err(|e| Error::Migration(format!("sending to the target: {e}")))
+        out.flush().map_err(|e| Error::Migration(format!("sending to the target: {e}")))
     }
 }
 
@@ -704,9 +553,7 @@ fn needed_throttle(dirty_rate: u64, bandwidth: u64) -> u32 {
         return 0;
     }
     let allowed = bandwidth as f64 / 4.0;
-    (((1.0 - allowed / dirty_rate as f64) * 100.0)
-        .ceil()
-        .clamp(0.0, 99.0)) as u32
+    (((1.0 - allowed / dirty_rate as f64) * 100.0).ceil().clamp(0.0, 99.0)) as u32
 }
 
 struct Throttle {
@@ -720,12 +567,7 @@ const THROTTLE_STEPS: [u32; 6] = [30, 50, 70, 85, 95, 99];
 
 impl Throttle {
     fn new(control: Arc<VmControl>) -> Self {
-        Self {
-            percent: Arc::new(AtomicU32::new(0)),
-            stop: Arc::new(AtomicBool::new(false)),
-            thread: std::sync::Mutex::new(None),
-            control,
-        }
+        Self { percent: Arc::new(AtomicU32::new(0)), stop: Arc::new(AtomicBool::new(false)), thread: std::sync::Mutex::new(None), control }
     }
 
     fn percent(&self) -> u32 {
@@ -735,21 +577,13 @@ impl Throttle {
     /// One step up, or straight to `at_least` percent when that is more.
     fn raise(&self, at_least: u32) {
         let now = self.percent();
-        let step = THROTTLE_STEPS
-            .iter()
-            .copied()
-            .find(|p| *p > now)
-            .unwrap_or(99);
+        let step = THROTTLE_STEPS.iter().copied().find(|p| *p > now).unwrap_or(99);
         let next = step.max(at_least.min(99));
         self.percent.store(next, Ordering::Relaxed);
         tracing::info!(percent = next, "migration: throttling vCPUs to converge");
         let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
         if thread.is_none() {
-            let (percent, stop, control) = (
-                self.percent.clone(),
-                self.stop.clone(),
-                self.control.clone(),
-            );
+            let (percent, stop, control) = (self.percent.clone(), self.stop.clone(), self.control.clone());
             *thread = std::thread::Builder::new()
                 .name("throttle".into())
                 .spawn(move || {
@@ -779,6 +613,7 @@ impl Drop for Throttle {
         self.stop();
     }
 }
+
 
 #[cfg(test)]
 mod tests {
