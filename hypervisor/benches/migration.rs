@@ -90,6 +90,10 @@ fn drover_run(vmm: &Path, guest: &Path, case: &Case, key: &Path, lanes: Option<u
         .stderr(std::fs::File::create(&target_log).unwrap())
         .spawn()
         .unwrap();
+    // The guest starts once the target is ready, so that it has run (and
+    // dirtied memory) as long as QEMU's guest has when the migration starts,
+    // whatever either target's memory took to fault in.
+    wait_for(&target_log, "waiting for the migration source");
     let source = Command::new(vmm)
         .args(["run", "--vcpus", "1", "--memory-mib", &case.memory_mib.to_string(), "--cmdline", &case.cmdline, "--kernel"])
         .arg(guest)
@@ -102,7 +106,6 @@ fn drover_run(vmm: &Path, guest: &Path, case: &Case, key: &Path, lanes: Option<u
         .unwrap();
     wait_for(&serial, case.ready);
     std::thread::sleep(Duration::from_millis(300));
-    wait_for(&target_log, "waiting for the migration source");
     // The port the kernel gave the target, from its log.
     let listening = std::fs::read_to_string(&target_log).unwrap();
     let at = listening.find("address=").unwrap() + "address=".len();
@@ -120,7 +123,7 @@ fn drover_run(vmm: &Path, guest: &Path, case: &Case, key: &Path, lanes: Option<u
         let at = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
         line[at..].chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().unwrap()
     };
-    let f = Figures { total_ms: figure("total_ms"), downtime_ms: figure("downtime_ms"), bytes: figure("bytes_sent"), passes: figure("passes") };
+    let f = Figures { total_ms: figure("total_ms"), downtime_ms: figure("downtime_us") / 1000.0, bytes: figure("bytes_sent"), passes: figure("passes") };
     kill(source);
     kill(target);
     f
@@ -192,12 +195,13 @@ fn qemu_run(guest: &Path, case: &Case, cpu: &str, mode: &QemuMode) -> Figures {
     };
     // The target listens once told to, after its capabilities are set.
     let target = base("null", &dst_qmp).args(tls("server")).args(["-mem-prealloc", "-incoming", "defer"]).spawn().unwrap();
+    // Its QMP answers once its memory is allocated; the guest starts then (as
+    // drover's does).
+    let mut target_qmp = Qmp::connect(&dst_qmp);
     let source = base(&format!("file:{}", serial.display()), &src_qmp).args(tls("client")).spawn().unwrap();
     let mut qmp = Qmp::connect(&src_qmp);
     wait_for(&serial, case.ready);
     std::thread::sleep(Duration::from_millis(300));
-    // Its QMP answers once its memory is allocated.
-    let mut target_qmp = Qmp::connect(&dst_qmp);
     for q in [&mut qmp, &mut target_qmp] {
         if mode.multifd > 0 {
             q.call(serde_json::json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "multifd", "state": true}]}}));
@@ -327,15 +331,17 @@ fn main() {
             let name = lanes.map_or_else(|| case.name.to_string(), |n| format!("{}, {n} lane{}", case.name, if n == 1 { "" } else { "s" }));
             let (dt, qt) = (m(d, |f| f.total_ms), m(&q, |f| f.total_ms));
             let (dd, qd) = (m(d, |f| f.downtime_ms), m(&q, |f| f.downtime_ms));
+            // QEMU reports whole milliseconds: 0 there means under one.
+            let down_ratio = if qd > 0.0 { format!("{:.2}x", dd / qd) } else { "-".into() };
             println!(
-                "{:<36} {:>10.0} {:>10.0} {:>6.2}x | {:>9.0} {:>9.0} {:>6.2}x | {:>8.0} {:>8.0} | {:>6.0} {:>6.0}",
+                "{:<36} {:>10.0} {:>10.0} {:>6.2}x | {:>9.1} {:>9.0} {:>7} | {:>8.0} {:>8.0} | {:>6.0} {:>6.0}",
                 name,
                 dt,
                 qt,
                 dt / qt,
                 dd,
                 qd,
-                dd / qd,
+                down_ratio,
                 m(d, |f| f.bytes) / 1e6,
                 m(&q, |f| f.bytes) / 1e6,
                 m(d, |f| f.passes),

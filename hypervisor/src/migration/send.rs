@@ -127,6 +127,7 @@ pub fn start(control: Arc<VmControl>, request: MigrateRequest) -> Result<(), Err
                     tracing::info!(
                         destination = %request.destination,
                         downtime_ms = s.downtime_ms.unwrap_or(0),
+                        downtime_us = s.downtime_us.unwrap_or(0),
                         total_ms = s.total_ms,
                         bytes_sent = s.bytes_sent,
                         passes = s.pass,
@@ -403,10 +404,11 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, lanes: &mu
         out.flush().map_err(|e| Error::Migration(format!("sending Go: {e}")))?;
         expect(out, "Resumed")
     })();
-    let downtime = paused_at.elapsed().as_millis() as u64;
+    let downtime = paused_at.elapsed();
     let (bytes, pages) = sent(lanes);
     control.update_migration(|s| {
-        s.downtime_ms = Some(downtime);
+        s.downtime_ms = Some(downtime.as_millis() as u64);
+        s.downtime_us = Some(downtime.as_micros() as u64);
         s.bytes_sent = bytes;
         s.pages_sent = pages;
     });

@@ -46,6 +46,8 @@ pub struct MigrationStatus {
     pub throttle_percent: u32,
     /// How long the guest was paused at switch-over.
     pub downtime_ms: Option<u64>,
+    /// The same in microseconds: most switch-overs take under a millisecond.
+    pub downtime_us: Option<u64>,
     pub total_ms: u64,
     pub error: Option<String>,
 }
