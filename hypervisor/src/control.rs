@@ -376,6 +376,12 @@ impl VmControl {
         Ok(())
     }
 
+    /// Holds vCPU threads that have yet to start at their first pause point: a
+    /// restored VM's threads start held, and run on `resume`.
+    pub fn hold(&self) {
+        self.paused.store(true, Ordering::Release);
+    }
+
     /// Lets paused vCPUs run again, unless the VM was handed over to a migration
     /// target (then it must never run here again).
     pub fn resume(&self) {

@@ -18,10 +18,18 @@ use crate::boot::BootEntry;
 use crate::{Error, affinity, api, boot, memory};
 
 /// Where a restored VM comes from: a snapshot, or a migration source.
+///
+/// The VMM calls, in order: `load`; `restored` once every vCPU and device holds
+/// its state; `before_run` once the vCPU threads are up but held; `running` once
+/// they run. For a migration target everything after `load` is downtime.
 pub trait RestoreSource {
     /// Fills guest memory and returns the rest of the VM's state.
     fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error>;
-    /// Called when the VM is restored and about to run; an error keeps it from ever running.
+    /// The VM is restored; its vCPU threads start (held) after this returns.
+    fn restored(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    /// The last word before the vCPUs run; an error keeps them from ever running.
     fn before_run(&mut self) -> Result<(), Error> {
         Ok(())
     }
@@ -64,16 +72,23 @@ pub fn launch(config: &VmConfig, origin: Origin) -> Result<VmExit, Error> {
 
     let (vcpus, mut source) = prepare(config, &vm, &control, &apic_ids, origin)?;
     tracing::debug!(us = started.elapsed().as_micros() as u64, "guest loaded, vCPUs created");
-    if let Some(source) = source.as_mut() {
-        source.before_run()?;
-    }
     control::install_kick_handler()?;
-    for vcpu in vcpus {
-        let handle = vcpu.spawn().map_err(|e| Error::Io(format!("starting a vCPU thread: {e}")))?;
-        control.register(handle);
-    }
-    if let Some(source) = source.as_mut() {
-        source.running();
+    match source.as_mut() {
+        None => spawn_vcpus(vcpus, &control)?,
+        Some(source) => {
+            // A restored VM's vCPU threads start held: for a migration target they
+            // come up while `Ready` and `Go` cross the network, and run only if
+            // `before_run` allows it.
+            let at = Instant::now();
+            control.hold();
+            source.restored()?;
+            spawn_vcpus(vcpus, &control)?;
+            let spawned = at.elapsed().as_micros() as u64;
+            source.before_run()?;
+            control.resume();
+            tracing::debug!(spawned_us = spawned, resumed_us = at.elapsed().as_micros() as u64, "vCPU threads up, then running");
+            source.running();
+        }
     }
     control.clone().apply_priority_in_background();
     if let Some(socket) = &config.api_socket {
@@ -89,10 +104,23 @@ pub fn launch(config: &VmConfig, origin: Origin) -> Result<VmExit, Error> {
     Ok(exit)
 }
 
+/// Starts a thread for each vCPU.
+fn spawn_vcpus(vcpus: Vec<Vcpu>, control: &VmControl) -> Result<(), Error> {
+    for vcpu in vcpus {
+        let handle = vcpu.spawn().map_err(|e| Error::Io(format!("starting a vCPU thread: {e}")))?;
+        control.register(handle);
+    }
+    Ok(())
+}
+
 /// The vCPUs ready to run, and the restore source to tell when they do.
 type Prepared = (Vec<Vcpu>, Option<Box<dyn RestoreSource>>);
 
 /// Loads the guest (or restores it), sets up devices, creates the vCPUs.
+///
+/// What does not depend on the guest's state (the vCPUs themselves, the serial
+/// port's interrupt and output) is set up before the state is loaded: a migration
+/// target loads it while the guest is paused, and does the rest beforehand.
 fn prepare(
     config: &VmConfig,
     vm: &Vm,
@@ -100,72 +128,84 @@ fn prepare(
     apic_ids: &[u32],
     origin: Origin,
 ) -> Result<Prepared, Error> {
-    let topology = config.topology();
-    let ram = layout::ram_regions(config.memory_mib << 20);
-    let (entry, restore, source) = match origin {
-        Origin::Boot => (Some(boot::load(config, &vm.memory, apic_ids, &ram)?), None, None),
-        Origin::Restore(mut source) => {
-            let state = source.load(&vm.memory)?;
-            if state.vcpus.len() != config.vcpus as usize {
-                return Err(Error::State(format!("state holds {} vCPUs, the VM has {}", state.vcpus.len(), config.vcpus)));
-            }
-            crate::state::restore_vm(&vm.fd, &state.kvm)?;
-            (None, Some(state), Some(source))
-        }
-    };
-
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(format!("eventfd: {e}")))?;
     vm.fd
         .register_irqfd(&irq, serial::COM1_GSI)
         .map_err(|source| Error::Kvm { what: "KVM_IRQFD", source })?;
     let trigger = serial::IrqTrigger(irq);
     let out = serial_output(&config.serial)?;
-    let serial = match &restore {
-        None => vm_superio::Serial::new(trigger, out),
-        Some(state) => vm_superio::Serial::from_state(&(&state.serial).into(), trigger, vm_superio::serial::NoEvents, out)
-            .map_err(|e| Error::State(format!("serial port: {e:?}")))?,
+    let fds = (0..config.vcpus)
+        .map(|index| vm.fd.create_vcpu(u64::from(index)).map_err(|source| Error::Kvm { what: "KVM_CREATE_VCPU", source }))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let (serial, msrs, source) = match origin {
+        Origin::Boot => {
+            let ram = layout::ram_regions(config.memory_mib << 20);
+            let entry = boot::load(config, &vm.memory, apic_ids, &ram)?;
+            set_up_for_boot(vm, &fds, config, entry)?;
+            // The MSRs this host can save, probed on the first vCPU once it is set up.
+            let msrs = match fds.first() {
+                Some(fd) => crate::state::saveable_msrs(&vm.kvm, fd)?,
+                None => Vec::new(),
+            };
+            (vm_superio::Serial::new(trigger, out), msrs, None)
+        }
+        Origin::Restore(mut source) => {
+            let state = source.load(&vm.memory)?;
+            let loaded = Instant::now();
+            if state.vcpus.len() != fds.len() {
+                return Err(Error::State(format!("state holds {} vCPUs, the VM has {}", state.vcpus.len(), fds.len())));
+            }
+            crate::state::restore_vm(&vm.fd, &state.kvm)?;
+            for (fd, saved) in fds.iter().zip(&state.vcpus) {
+                crate::state::restore_vcpu(fd, saved)?;
+            }
+            // The VM saves the MSRs it was restored with: every one of them was
+            // just written here, and the guest's CPUID (the source's) advertises no
+            // others. Probing this host's list would cost the switch-over 0.1 ms
+            // or more of KVM calls.
+            let msrs = state.vcpus.first().map(|v| v.msrs.iter().map(|m| m.index).collect()).unwrap_or_default();
+            let serial = vm_superio::Serial::from_state(&(&state.serial).into(), trigger, vm_superio::serial::NoEvents, out)
+                .map_err(|e| Error::State(format!("serial port: {e:?}")))?;
+            tracing::debug!(us = loaded.elapsed().as_micros() as u64, "state restored into the VM and its vCPUs");
+            (serial, msrs, Some(source))
+        }
     };
     let bus = Arc::new(PioBus::new(serial, control.clone()));
     control.set_bus(bus.clone());
+    let msrs = Arc::new(msrs);
+    let vcpus = (0..config.vcpus)
+        .zip(fds)
+        .map(|(index, fd)| Vcpu { index, fd, bus: bus.clone(), control: control.clone(), msrs: msrs.clone() })
+        .collect();
+    Ok((vcpus, source))
+}
 
+/// Sets each new vCPU up to boot: CPUID and topology, FPU, LAPIC lines; the first
+/// one also gets the registers of the kernel's entry point.
+fn set_up_for_boot(vm: &Vm, fds: &[kvm_ioctls::VcpuFd], config: &VmConfig, entry: BootEntry) -> Result<(), Error> {
+    let topology = config.topology();
     let supported = vm
         .kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|source| Error::Kvm { what: "KVM_GET_SUPPORTED_CPUID", source })?;
-    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-    let mut msrs = None;
-    for index in 0..config.vcpus {
-        let fd = vm.fd.create_vcpu(u64::from(index)).map_err(|source| Error::Kvm { what: "KVM_CREATE_VCPU", source })?;
-        match (&restore, entry) {
-            (Some(state), _) => {
-                let saved = state.vcpus.get(index as usize).ok_or_else(|| Error::State(format!("no state for vCPU {index}")))?;
-                crate::state::restore_vcpu(&fd, saved)?;
-            }
-            (None, entry) => {
-                let mut cpuid = supported.clone();
-                cpuid::configure(&mut cpuid, index, topology);
-                fd.set_cpuid2(&cpuid).map_err(|source| Error::Kvm { what: "KVM_SET_CPUID2", source })?;
-                fd.set_fpu(&regs::reset_fpu()).map_err(|source| Error::Kvm { what: "KVM_SET_FPU", source })?;
-                set_lint(&fd)?;
-                if let (0, Some(entry)) = (index, entry) {
-                    let sregs = fd.get_sregs().map_err(|source| Error::Kvm { what: "KVM_GET_SREGS", source })?;
-                    let (sregs, regs) = match entry {
-                        BootEntry::Pvh { entry, start_info } => (regs::pvh_sregs(sregs), regs::pvh_regs(entry, start_info)),
-                        BootEntry::Linux { entry } => (regs::linux_sregs(sregs), regs::linux_regs(entry)),
-                    };
-                    fd.set_sregs(&sregs).map_err(|source| Error::Kvm { what: "KVM_SET_SREGS", source })?;
-                    fd.set_regs(&regs).map_err(|source| Error::Kvm { what: "KVM_SET_REGS", source })?;
-                }
-            }
+    for (index, fd) in (0..).zip(fds) {
+        let mut cpuid = supported.clone();
+        cpuid::configure(&mut cpuid, index, topology);
+        fd.set_cpuid2(&cpuid).map_err(|source| Error::Kvm { what: "KVM_SET_CPUID2", source })?;
+        fd.set_fpu(&regs::reset_fpu()).map_err(|source| Error::Kvm { what: "KVM_SET_FPU", source })?;
+        set_lint(fd)?;
+        if index == 0 {
+            let sregs = fd.get_sregs().map_err(|source| Error::Kvm { what: "KVM_GET_SREGS", source })?;
+            let (sregs, regs) = match entry {
+                BootEntry::Pvh { entry, start_info } => (regs::pvh_sregs(sregs), regs::pvh_regs(entry, start_info)),
+                BootEntry::Linux { entry } => (regs::linux_sregs(sregs), regs::linux_regs(entry)),
+            };
+            fd.set_sregs(&sregs).map_err(|source| Error::Kvm { what: "KVM_SET_SREGS", source })?;
+            fd.set_regs(&regs).map_err(|source| Error::Kvm { what: "KVM_SET_REGS", source })?;
         }
-        // The MSRs this host can save, probed on the first vCPU once it is set up.
-        let msrs = match &msrs {
-            Some(m) => Arc::clone(m),
-            None => msrs.insert(Arc::new(crate::state::saveable_msrs(&vm.kvm, &fd)?)).clone(),
-        };
-        vcpus.push(Vcpu { index, fd, bus: bus.clone(), control: control.clone(), msrs });
     }
-    Ok((vcpus, source))
+    Ok(())
 }
 
 /// Local APIC LINT0 as ExtINT (the 8259 PIC's output) and LINT1 as NMI, as a PC

@@ -246,6 +246,10 @@ impl RestoreSource for Prefaulted {
         incoming.load(memory)
     }
 
+    fn restored(&mut self) -> Result<(), Error> {
+        self.incoming.as_mut().map_or(Ok(()), |i| i.restored())
+    }
+
     fn before_run(&mut self) -> Result<(), Error> {
         self.incoming.as_mut().map_or(Ok(()), |i| i.before_run())
     }
@@ -278,8 +282,11 @@ impl RestoreSource for Incoming {
         self.receive_memory(memory)
     }
 
+    fn restored(&mut self) -> Result<(), Error> {
+        self.send(Frame::Ready)
+    }
+
     fn before_run(&mut self) -> Result<(), Error> {
-        self.send(Frame::Ready)?;
         match self.frame()? {
             Frame::Go => Ok(()),
             Frame::Abort(why) => Err(Error::Migration(format!("the source gave up: {why}"))),
