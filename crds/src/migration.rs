@@ -56,6 +56,13 @@ pub struct VirtualMachineMigrationSpec {
     #[schemars(range(min = 10, max = 86400))]
     pub timeout_seconds: Option<u32>,
 
+    /// Connections that carry the guest's memory at once (1 to 16), each with a CPU
+    /// busy at both ends while memory flows. Defaults to one per two CPUs of the
+    /// source host, up to 8; fewer leave more CPU to the hosts' other VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 16))]
+    pub lanes: Option<u32>,
+
     /// Who asked for the migration: User (default), DRS or Maintenance.
     #[serde(default)]
     pub trigger: MigrationTrigger,

@@ -384,7 +384,7 @@ fn bad_references_give_a_clear_condition_and_no_crash_loop() {
 
     // A migration whose Secret does not exist fails, saying so; the VM stays put.
     let target = Host::add(&unique_name("bad-target"));
-    apply(&migration_yaml(&ns, "m", "nokernel"));
+    apply(&migration_yaml(&ns, "m", "nokernel", ""));
     approve(&ns, "m", &host, &target, "no-such-secret");
     let status = wait_for("the migration to fail", Duration::from_secs(20), || {
         let s = get(&ns, "vmim", "m")["status"].clone();
@@ -397,8 +397,9 @@ fn bad_references_give_a_clear_condition_and_no_crash_loop() {
     assert_eq!(vm["nodeName"], host.name());
 }
 
-fn migration_yaml(ns: &str, name: &str, vm: &str) -> String {
-    format!("apiVersion: drover.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{vmName: {vm}}}\n")
+/// A migration of `vm`; `more` adds spec fields (", lanes: 2").
+fn migration_yaml(ns: &str, name: &str, vm: &str, more: &str) -> String {
+    format!("apiVersion: drover.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{vmName: {vm}{more}}}\n")
 }
 
 /// Approves a migration as the operator will: source, target, and the Secret.
@@ -443,7 +444,8 @@ fn a_vm_migrates_between_hosts_and_its_workload_result_is_intact() {
     wait_for("the workload to be under way", Duration::from_secs(30), || console(&a, &ns, "busy").contains("round 100").then_some(()));
     let secret = format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: vmotion-key, namespace: {ns}}}\nstringData: {{key: correct-horse-battery-staple}}\n");
     apply(&secret);
-    apply(&migration_yaml(&ns, "move", "busy"));
+    // Two lanes, whatever the host's CPUs: the spec's setting reaches both VMMs.
+    apply(&migration_yaml(&ns, "move", "busy", ", lanes: 2"));
     let asked = Instant::now();
     approve(&ns, "move", &a, &b, "vmotion-key");
     let status = wait_for("the migration to end", Duration::from_secs(60), || {
@@ -464,6 +466,8 @@ fn a_vm_migrates_between_hosts_and_its_workload_result_is_intact() {
     assert!(status["iterations"].as_i64().is_some_and(|n| n >= 1), "{status}");
     assert!(status["totalMillis"].as_i64().is_some_and(|ms| ms > 0), "{status}");
     assert!(status["targetAddress"].as_str().unwrap().starts_with(&b.ip().to_string()), "{status}");
+    let target_log = std::fs::read_to_string(b.runtime_dir().join("vms").join(uid(&ns, "busy")).join("vmm.log")).unwrap_or_default();
+    assert!(target_log.contains("lanes=2"), "the target's VMM log says nothing of 2 lanes:\n{target_log}");
 
     let vm = wait_for("the VM to be reported from the target", Duration::from_secs(20), || {
         let s = vm_status(&ns, "busy");

@@ -125,6 +125,8 @@ fn create_cases() -> Vec<Case> {
         case("migration VM name not a name", MIG, vec![("spec.vmName", json!("Web_01"))], "spec.vmName", "should match"),
         case("migration downtime budget zero", MIG, vec![("spec.maxDowntimeMillis", json!(0))], "spec.maxDowntimeMillis", "greater than or equal to 1"),
         case("migration timeout too short", MIG, vec![("spec.timeoutSeconds", json!(5))], "spec.timeoutSeconds", "greater than or equal to 10"),
+        case("migration without lanes", MIG, vec![("spec.lanes", json!(0))], "spec.lanes", "greater than or equal to 1"),
+        case("migration with too many lanes", MIG, vec![("spec.lanes", json!(17))], "spec.lanes", "less than or equal to 16"),
         case("unknown migration trigger", MIG, vec![("spec.trigger", json!("Cron"))], "spec.trigger", "Unsupported value"),
         case("host policy without node selector", HP, vec![("spec.nodeSelector", Value::Null)], "spec.nodeSelector", "Required value"),
         case("CPU overcommit below 1", HP, vec![("spec.capacity.cpuOvercommitRatio", json!(0.5))], "spec.capacity.cpuOvercommitRatio", "between 1"),

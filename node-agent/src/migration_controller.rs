@@ -222,7 +222,7 @@ async fn drive_source(
         status::write_migration(api, migration, &status, &ctx.manager()).await?;
         let figures = local.as_ref().map(|l| l.dir.migration_figures()).unwrap_or_default();
         let _ = std::fs::remove_file(&figures);
-        if let Err(e) = client.migrate(&address, secret.trim(), migration.spec.max_downtime_millis, migration.spec.timeout_seconds, &figures).await {
+        if let Err(e) = client.migrate(&address, secret.trim(), &migration.spec, &figures).await {
             let fresh = api.get_status(&name).await?;
             let mut status = fresh.status.clone().unwrap_or_default();
             fail(&mut status, e.to_string());

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 use crate::Error;
+use drover_crds::VirtualMachineMigrationSpec;
 
 pub use drover_hypervisor::control::VmStatus;
 pub use drover_hypervisor::migration::status::{MigrationStatus, Phase};
@@ -70,15 +71,18 @@ impl VmmClient {
         self.call("PUT", "/vm/shutdown", None).await.map(drop)
     }
 
-    /// Starts a live migration to `destination`.
+    /// Starts a live migration to `destination`, with the limits `spec` sets.
     /// The VMM writes the final figures to `status_file` before it exits.
-    pub async fn migrate(&self, destination: &str, secret: &str, max_downtime_ms: Option<u32>, timeout_seconds: Option<u32>, status_file: &Path) -> Result<(), Error> {
+    pub async fn migrate(&self, destination: &str, secret: &str, spec: &VirtualMachineMigrationSpec, status_file: &Path) -> Result<(), Error> {
         let mut body = serde_json::json!({ "destination": destination, "secret": secret, "statusFile": status_file });
-        if let Some(ms) = max_downtime_ms {
+        if let Some(ms) = spec.max_downtime_millis {
             body["maxDowntimeMs"] = ms.into();
         }
-        if let Some(s) = timeout_seconds {
+        if let Some(s) = spec.timeout_seconds {
             body["timeoutSeconds"] = s.into();
+        }
+        if let Some(n) = spec.lanes {
+            body["lanes"] = n.into();
         }
         self.call("PUT", "/vm/migrate", Some(body.to_string())).await.map(drop)
     }
