@@ -287,10 +287,11 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, lanes: &mu
     // Pages the host never gave the guest are zero without reading them; the rest
     // are read and their zero pages skipped.
     let pass_start = Instant::now();
-    let candidates = crate::memory::populated_pages(&vm.memory).unwrap_or_else(|e| {
+    let candidates = crate::memory::populated_pages(&vm.memory, lanes.len()).unwrap_or_else(|e| {
         tracing::warn!("reading every guest page ({e})");
         vm.memory.iter().map(|r| (r.start_addr().0 >> 12, vec![u64::MAX; (r.len() / PAGE_SIZE as u64).div_ceil(64) as usize])).collect()
     });
+    tracing::debug!(us = pass_start.elapsed().as_micros() as u64, "pass 1: pages the host has, read from pagemap");
     send_pages(control, lanes, &candidates, true)?;
     let (bytes, pages) = sent(lanes);
     let mut bandwidth = rate(bytes, pass_start.elapsed());
