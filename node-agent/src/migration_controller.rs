@@ -259,6 +259,7 @@ async fn drive_source(
         status.bytes_transferred = Some(p.bytes_sent as i64);
         status.dirty_rate_bytes_per_second = Some(p.dirty_rate_bps as i64);
         status.downtime_millis = p.downtime_ms.map(|ms| ms as i64);
+        status.downtime_micros = p.downtime_us.map(|us| us as i64);
         status.total_millis = Some(p.total_ms as i64);
         if p.phase == Phase::Switchover {
             status.phase = Some(MigrationPhase::Switchover);
@@ -287,11 +288,11 @@ async fn drive_source(
             status.completion_time = Some(now());
             status.conditions.set(condition("Succeeded", true, "Migrated", format!("the VM runs on {target}"), generation));
             status::write_migration(api, migration, &status, &ctx.manager()).await?;
-            tracing::info!(migration = %name, to = %target, downtime_ms = ?status.downtime_millis, total_ms = ?status.total_millis, bytes = ?status.bytes_transferred, passes = ?status.iterations, "migration succeeded");
+            tracing::info!(migration = %name, to = %target, downtime_us = ?status.downtime_micros, total_ms = ?status.total_millis, bytes = ?status.bytes_transferred, passes = ?status.iterations, "migration succeeded");
             let figures = format!(
-                "from {} to {target}: downtime {} ms, total {} ms, {} bytes, {} passes",
+                "from {} to {target}: downtime {:.1} ms, total {} ms, {} bytes, {} passes",
                 ctx.node(),
-                status.downtime_millis.unwrap_or(0),
+                status.downtime_micros.unwrap_or(0) as f64 / 1000.0,
                 status.total_millis.unwrap_or(0),
                 status.bytes_transferred.unwrap_or(0),
                 status.iterations.unwrap_or(0)
