@@ -350,4 +350,7 @@ fn main() {
         }
     }
     let _ = std::fs::remove_file(&guest);
+    if let Some(dir) = &qemu_mode.tls {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
