@@ -214,6 +214,11 @@ fn receive_lane(stream: &mut SecureStream, memory: &GuestMemoryMmap, lane: u32, 
                 };
             }
             Frame::Done if lane != 0 => return Ok(None),
+            // Everything before it is in guest memory now: say so.
+            Frame::Sync => {
+                wire::write_frame(stream, &Frame::Synced).map_err(from)?;
+                stream.flush().map_err(|e| from(WireError::Io(e.to_string())))?;
+            }
             Frame::Abort(why) => return Err(Error::Migration(format!("the source gave up: {why}"))),
             other => return Err(from(WireError::Unexpected { got: other.name(), want: if lane == 0 { "Pages, Zero or State" } else { "Pages, Zero or Done" } })),
         }

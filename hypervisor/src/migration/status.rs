@@ -40,7 +40,9 @@ pub struct MigrationStatus {
     pub dirty_rate_bps: u64,
     /// Measured link bandwidth, bytes/s.
     pub bandwidth_bps: u64,
-    /// How long sending the remaining dirty pages would pause the guest now.
+    /// How long the guest would be paused if the switch-over came now: the
+    /// remaining dirty pages at the measured bandwidth, plus the switch-over's
+    /// fixed cost (about 1 ms).
     pub estimated_downtime_ms: u64,
     /// vCPU throttle (auto-converge), percent of time paused.
     pub throttle_percent: u32,

@@ -30,6 +30,10 @@
 //! Resumed   (target) the VM runs on the target
 //! Abort     UTF-8 reason
 //! Welcome   (target) the VM in Hello can come here: open the other lanes
+//! Sync      (source, on every lane after a pre-copy pass) answer once all before
+//!           this is in guest memory
+//! Synced    (target) the answer: the pass's time then counts until the target
+//!           has the pages, not until the sockets' buffers took them
 //! ```
 
 use std::io::{Read, Write};
@@ -41,8 +45,8 @@ use crate::config::VmConfig;
 /// The preamble's magic.
 pub const MAGIC: &[u8; 8] = b"DROVERMG";
 /// The protocol version this build speaks (2: the channel's transport messages
-/// carry up to 4 MiB, the preamble travels in clear).
-pub const VERSION: u16 = 2;
+/// carry up to 4 MiB, the preamble travels in clear; 3: Sync and Synced).
+pub const VERSION: u16 = 3;
 /// Guest page size.
 pub const PAGE_SIZE: usize = 4096;
 /// The largest frame payload accepted (a Pages frame of 1024 pages, or a VmState).
@@ -94,6 +98,8 @@ pub enum Frame {
     Resumed,
     Abort(String),
     Welcome,
+    Sync,
+    Synced,
 }
 
 /// Everything that can be wrong with a stream.
@@ -136,6 +142,8 @@ impl Frame {
             Frame::Resumed => 8,
             Frame::Abort(_) => 9,
             Frame::Welcome => 10,
+            Frame::Sync => 11,
+            Frame::Synced => 12,
         }
     }
 
@@ -157,6 +165,8 @@ fn kind_name(kind: u8) -> &'static str {
         8 => "Resumed",
         9 => "Abort",
         10 => "Welcome",
+        11 => "Sync",
+        12 => "Synced",
         _ => "unknown",
     }
 }
@@ -243,7 +253,7 @@ pub fn write_frame(w: &mut impl Write, frame: &Frame) -> Result<(), WireError> {
         }
         Frame::State(bytes) => write_parts(w, 4, &[bytes]),
         Frame::Abort(why) => write_parts(w, 9, &[why.as_bytes()]),
-        Frame::Done | Frame::Ready | Frame::Go | Frame::Resumed | Frame::Welcome => write_parts(w, frame.kind(), &[]),
+        Frame::Done | Frame::Ready | Frame::Go | Frame::Resumed | Frame::Welcome | Frame::Sync | Frame::Synced => write_parts(w, frame.kind(), &[]),
     }
 }
 
@@ -301,7 +311,7 @@ pub fn read_head(r: &mut impl Read) -> Result<Head, WireError> {
     if len > MAX_PAYLOAD {
         return Err(WireError::TooLarge(len));
     }
-    if !(1..=10).contains(&kind) {
+    if kind_name(kind) == "unknown" {
         return Err(WireError::UnknownKind(kind));
     }
     let mut crc = crc32fast::Hasher::new();
@@ -395,6 +405,8 @@ pub fn decode(kind: u8, payload: Vec<u8>) -> Result<Frame, WireError> {
         8 => empty(Frame::Resumed),
         9 => String::from_utf8(payload).map(Frame::Abort).map_err(|_| bad("reason is not UTF-8".into())),
         10 => empty(Frame::Welcome),
+        11 => empty(Frame::Sync),
+        12 => empty(Frame::Synced),
         other => Err(WireError::UnknownKind(other)),
     }
 }
@@ -419,7 +431,7 @@ mod tests {
         roundtrip(Frame::Pages { first: 7, data: vec![0xab; 2 * PAGE_SIZE] });
         roundtrip(Frame::Zero(vec![1, 5, 1 << 40]));
         roundtrip(Frame::State(vec![1, 2, 3]));
-        for f in [Frame::Done, Frame::Ready, Frame::Go, Frame::Resumed, Frame::Welcome] {
+        for f in [Frame::Done, Frame::Ready, Frame::Go, Frame::Resumed, Frame::Welcome, Frame::Sync, Frame::Synced] {
             roundtrip(f);
         }
         roundtrip(Frame::Abort("target out of memory".into()));
