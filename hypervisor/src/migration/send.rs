@@ -269,10 +269,15 @@ struct Lane {
 /// 16-CPU host the idle guest's last pass took 0.58 ms in threads.
 const SMALL_PASS_PAGES: u64 = 512;
 
-/// Sends the pages whose bits are set, each lane its blocks, lanes in parallel.
-fn send_pages(control: &VmControl, lanes: &mut [Lane], pages: &[(u64, Vec<u64>)], skip_zero: bool) -> Result<(), Error> {
+/// The pages whose bits are set.
+fn page_count(pages: &[(u64, Vec<u64>)]) -> u64 {
+    pages.iter().flat_map(|(_, bitmap)| bitmap).map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// Sends the pages whose bits are set (`total` of them, as [`page_count`] gives),
+/// each lane its blocks, lanes in parallel.
+fn send_pages(control: &VmControl, lanes: &mut [Lane], pages: &[(u64, Vec<u64>)], total: u64, skip_zero: bool) -> Result<(), Error> {
     let count = lanes.len() as u32;
-    let total: u64 = pages.iter().flat_map(|(_, bitmap)| bitmap).map(|w| u64::from(w.count_ones())).sum();
     if total <= SMALL_PASS_PAGES {
         return (0..).zip(lanes.iter_mut()).try_for_each(|(i, lane)| lane.sender.send_bitmaps(control, &mut lane.out, pages, skip_zero, i, count));
     }
@@ -324,7 +329,7 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, lanes: &mu
         vm.memory.iter().map(|r| (r.start_addr().0 >> 12, vec![u64::MAX; (r.len() / PAGE_SIZE as u64).div_ceil(64) as usize])).collect()
     });
     tracing::debug!(us = pass_start.elapsed().as_micros() as u64, "pass 1: pages the host has, read from pagemap");
-    send_pages(control, lanes, &candidates, true)?;
+    send_pages(control, lanes, &candidates, page_count(&candidates), true)?;
     sync(lanes)?;
     let (bytes, pages) = sent(lanes);
     let mut bandwidth = rate(bytes, pass_start.elapsed());
@@ -347,7 +352,7 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, lanes: &mu
         check(control, deadline)?;
         let pass_start = Instant::now();
         let dirty = vm.take_dirty_pages()?;
-        let count: u64 = dirty.iter().map(|(_, b)| b.iter().map(|w| u64::from(w.count_ones())).sum::<u64>()).sum();
+        let count = page_count(&dirty);
         let dirty_rate = rate(count * PAGE_SIZE as u64, logged_at.elapsed());
         logged_at = pass_start;
         let estimate_us = (count * PAGE_SIZE as u64 * 1_000_000).checked_div(bandwidth.max(1)).unwrap_or(u64::MAX);
@@ -385,7 +390,7 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, lanes: &mu
         }
         last_dirty = count;
         let before = sent(lanes).0;
-        send_pages(control, lanes, &dirty, false)?;
+        send_pages(control, lanes, &dirty, count, false)?;
         sync(lanes)?;
         let elapsed = pass_start.elapsed();
         // The link as the last pass found it (end to end, see `sync`), as QEMU
@@ -417,9 +422,9 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, lanes: &mu
         for ((_, last), (_, earlier)) in dirty.iter_mut().zip(&pending) {
             last.iter_mut().zip(earlier).for_each(|(a, b)| *a |= *b);
         }
-        let last_pages: u64 = dirty.iter().flat_map(|(_, bitmap)| bitmap).map(|w| u64::from(w.count_ones())).sum();
+        let last_pages = page_count(&dirty);
         tracing::debug!(pages = last_pages, "switch-over: pages to send paused");
-        send_pages(control, lanes, &dirty, false)?;
+        send_pages(control, lanes, &dirty, last_pages, false)?;
         for lane in lanes.iter_mut().skip(1) {
             wire::write_frame(&mut lane.out, &Frame::Done).map_err(wire_err)?;
             lane.out.flush().map_err(|e| Error::Migration(format!("sending: {e}")))?;
@@ -607,7 +612,7 @@ struct Throttle {
     /// once rather than at the end of its 20 ms cycle (a guest still dirtying at
     /// the throttled rate for that long added pages the switch-over's estimate
     /// had not counted).
-    stop: Arc<(std::sync::Mutex<ThrottleEnd>, std::sync::Condvar)>,
+    end: Arc<(std::sync::Mutex<ThrottleEnd>, std::sync::Condvar)>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     control: Arc<VmControl>,
 }
@@ -630,7 +635,7 @@ enum ThrottleEnd {
 
 impl Throttle {
     fn new(control: Arc<VmControl>) -> Self {
-        Self { percent: Arc::new(AtomicU32::new(0)), stop: Arc::default(), thread: std::sync::Mutex::new(None), control }
+        Self { percent: Arc::new(AtomicU32::new(0)), end: Arc::default(), thread: std::sync::Mutex::new(None), control }
     }
 
     fn percent(&self) -> u32 {
@@ -646,13 +651,13 @@ impl Throttle {
         tracing::info!(percent = next, "migration: throttling vCPUs to converge");
         let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
         if thread.is_none() {
-            let (percent, stop, control) = (self.percent.clone(), self.stop.clone(), self.control.clone());
+            let (percent, ending, control) = (self.percent.clone(), self.end.clone(), self.control.clone());
             *thread = std::thread::Builder::new()
                 .name("throttle".into())
                 .spawn(move || {
                     // Sleeps `d` unless told to end first; says how to end.
                     let end_within = |d: Duration| {
-                        let (end, changed) = &*stop;
+                        let (end, changed) = &*ending;
                         let guard = end.lock().unwrap_or_else(|p| p.into_inner());
                         *changed.wait_timeout_while(guard, d, |end| *end == ThrottleEnd::NotYet).unwrap_or_else(|p| p.into_inner()).0
                     };
@@ -693,7 +698,7 @@ impl Throttle {
     }
 
     fn end(&self, how: ThrottleEnd) {
-        let (end, changed) = &*self.stop;
+        let (end, changed) = &*self.end;
         {
             let mut end = end.lock().unwrap_or_else(|p| p.into_inner());
             if *end == ThrottleEnd::NotYet {
