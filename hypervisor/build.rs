@@ -34,7 +34,15 @@ fn main() {
     let status = build
         .get_compiler()
         .to_command()
-        .args(["-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none", "-Wl,-z,max-page-size=4096", "-Wl,-T,guest/guest.ld", "-o"])
+        .args([
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-Wl,--build-id=none",
+            "-Wl,-z,max-page-size=4096",
+            "-Wl,-T,guest/guest.ld",
+            "-o",
+        ])
         .arg(&image)
         .args(&objects)
         .status()

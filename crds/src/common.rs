@@ -5,7 +5,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-
 /// The API group of every Drover kind.
 pub const GROUP: &str = "drover.dev";
 /// The API version of every Drover kind.
@@ -41,12 +40,8 @@ pub(crate) fn cel(template: &str, field: &str) -> String {
 
 /// The CEL rule for a CPU-list field: well formed, and no range backwards.
 pub(crate) fn cpu_list_rule() -> kube::core::Rule {
-    kube::core::Rule::new(format!(
-        "{} && {}",
-        cel(CEL_CPU_LIST_VALID, "self"),
-        cel(CEL_CPU_LIST_ORDERED, "self")
-    ))
-    .message("must be a CPU list such as 0-3,8 (numbers and low-high ranges, comma-separated)")
+    kube::core::Rule::new(format!("{} && {}", cel(CEL_CPU_LIST_VALID, "self"), cel(CEL_CPU_LIST_ORDERED, "self")))
+        .message("must be a CPU list such as 0-3,8 (numbers and low-high ranges, comma-separated)")
 }
 
 /// Conditions of a status, as the Kubernetes API conventions describe them: a list

@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
 };
+use kube::CustomResourceExt;
 
 use crate::{DRSRule, Error, HostPolicy, VirtualMachine, VirtualMachineMigration};
 
@@ -59,7 +59,8 @@ pub fn rendered() -> Result<Vec<(String, String)>, Error> {
         .into_iter()
         .map(|crd| {
             let name = crd.metadata.name.clone().unwrap_or_default();
-            let body = serde_norway::to_string(&crd).map_err(|source| Error::Serialize { name: name.clone(), source })?;
+            let body =
+                serde_norway::to_string(&crd).map_err(|source| Error::Serialize { name: name.clone(), source })?;
             let yaml = format!("# Generated from the types in crds/src by `{REGENERATE}`. Do not edit.\n{body}");
             Ok((format!("{name}.yaml"), yaml))
         })
@@ -122,21 +123,37 @@ mod tests {
     #[test]
     fn generated_yaml_is_up_to_date() {
         let stale = stale_files(&repo_root()).expect("render CRDs");
-        assert!(stale.is_empty(), "generated CRD YAML is stale: {stale:?}; regenerate it with `{REGENERATE}` and commit the result");
+        assert!(
+            stale.is_empty(),
+            "generated CRD YAML is stale: {stale:?}; regenerate it with `{REGENERATE}` and commit the result"
+        );
     }
 
     #[test]
     fn every_kind_has_status_subresource_category_and_conditions_map() {
         for crd in crds() {
             let name = crd.metadata.name.clone().unwrap_or_default();
-            assert!(crd.spec.names.categories.as_ref().is_some_and(|c| c.contains(&"drover".to_string())), "{name}: category");
+            assert!(
+                crd.spec.names.categories.as_ref().is_some_and(|c| c.contains(&"drover".to_string())),
+                "{name}: category"
+            );
             let version = &crd.spec.versions[0];
-            assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "{name}: status subresource");
+            assert!(
+                version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(),
+                "{name}: status subresource"
+            );
             let schema = serde_json::to_value(&version.schema).expect("schema");
             let conditions = &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
             assert_eq!(conditions["x-kubernetes-list-type"], "map", "{name}: conditions list-map");
-            assert_eq!(conditions["x-kubernetes-list-map-keys"], serde_json::json!(["type"]), "{name}: conditions keyed by type");
-            assert!(schema["openAPIV3Schema"]["properties"]["status"]["properties"]["observedGeneration"].is_object(), "{name}: observedGeneration");
+            assert_eq!(
+                conditions["x-kubernetes-list-map-keys"],
+                serde_json::json!(["type"]),
+                "{name}: conditions keyed by type"
+            );
+            assert!(
+                schema["openAPIV3Schema"]["properties"]["status"]["properties"]["observedGeneration"].is_object(),
+                "{name}: observedGeneration"
+            );
         }
     }
 

@@ -28,7 +28,12 @@ use crate::vm::{NumaPolicy, RestartPriority};
     printcolumn(name = "DRS", type_ = "string", json_path = ".spec.drs.automationLevel"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     printcolumn(name = "Threshold", type_ = "integer", json_path = ".spec.drs.migrationThreshold", priority = "1"),
-    printcolumn(name = "Failures Tolerated", type_ = "integer", json_path = ".spec.ha.hostFailuresToTolerate", priority = "1")
+    printcolumn(
+        name = "Failures Tolerated",
+        type_ = "integer",
+        json_path = ".spec.ha.hostFailuresToTolerate",
+        priority = "1"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct HostPolicySpec {

@@ -29,12 +29,36 @@ use crate::common::{CEL_CPU_LIST_COUNT, CEL_CPU_LIST_VALID, Conditions, MAX_VCPU
     printcolumn(name = "vCPUs", type_ = "integer", json_path = ".spec.cpu.vcpus", description = "Virtual CPUs"),
     printcolumn(name = "Memory", type_ = "string", json_path = ".spec.memory.size", description = "Guest memory"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    printcolumn(name = "Placement", type_ = "string", json_path = ".spec.cpu.placement", priority = "1", description = "Shared or Dedicated host CPUs"),
-    printcolumn(name = "Host CPUs", type_ = "string", json_path = ".status.hostCpus", priority = "1", description = "Host CPUs the vCPUs run on"),
-    printcolumn(name = "Priority", type_ = "string", json_path = ".spec.cpu.priority", priority = "1", description = "vCPU priority"),
+    printcolumn(
+        name = "Placement",
+        type_ = "string",
+        json_path = ".spec.cpu.placement",
+        priority = "1",
+        description = "Shared or Dedicated host CPUs"
+    ),
+    printcolumn(
+        name = "Host CPUs",
+        type_ = "string",
+        json_path = ".status.hostCpus",
+        priority = "1",
+        description = "Host CPUs the vCPUs run on"
+    ),
+    printcolumn(
+        name = "Priority",
+        type_ = "string",
+        json_path = ".spec.cpu.priority",
+        priority = "1",
+        description = "vCPU priority"
+    ),
     printcolumn(name = "Run Strategy", type_ = "string", json_path = ".spec.runStrategy", priority = "1"),
     printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restartCount", priority = "1"),
-    printcolumn(name = "CPU Usage", type_ = "string", json_path = ".status.cpuUsage", priority = "1", description = "Host CPU the VM used lately, in cores")
+    printcolumn(
+        name = "CPU Usage",
+        type_ = "string",
+        json_path = ".status.cpuUsage",
+        priority = "1",
+        description = "Host CPU the VM used lately, in cores"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineSpec {

@@ -32,7 +32,8 @@ pub fn cluster_state() -> PathBuf {
 /// The hosts' gateway: the bridge's address, where they reach the API server.
 pub fn gateway() -> Ipv4Addr {
     let path = cluster_state().join("network");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e} (is the cluster up?)", path.display()));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e} (is the cluster up?)", path.display()));
     let net = text
         .lines()
         .find_map(|l| l.strip_prefix("HOST_NET="))
@@ -134,7 +135,13 @@ impl Host {
             .ok()
             .and_then(|t| t.lines().find_map(|l| l.strip_prefix("NETNS_PREFIX=").map(str::to_string)))
             .unwrap_or_else(|| panic!("no NETNS_PREFIX in {}", state.join("network").display()));
-        Host { name: name.to_string(), ip, netns: format!("{prefix}{name}"), dir: state.join("hosts").join(name), removed: false }
+        Host {
+            name: name.to_string(),
+            ip,
+            netns: format!("{prefix}{name}"),
+            dir: state.join("hosts").join(name),
+            removed: false,
+        }
     }
 
     /// Its name (also its `Node`'s name).

@@ -56,12 +56,12 @@ pub fn control_plane() -> &'static ControlPlane {
 fn find_control_plane() -> Result<ControlPlane, Error> {
     const HOW: &str = "run the tests with ./run-tests, or start a control plane with `e2e/cluster up --bare` and export \
                        DROVER_E2E_KUBECONFIG=$(e2e/cluster kubeconfig) DROVER_E2E_TOOLS=$(e2e/build-tools)";
-    let kubeconfig = std::env::var_os("DROVER_E2E_KUBECONFIG")
-        .map(PathBuf::from)
-        .ok_or_else(|| Error::Missing(format!("this test needs a running kube-apiserver: DROVER_E2E_KUBECONFIG is not set; {HOW}")))?;
-    let tools_bin = std::env::var_os("DROVER_E2E_TOOLS")
-        .map(PathBuf::from)
-        .ok_or_else(|| Error::Missing(format!("this test needs kubectl and helm: DROVER_E2E_TOOLS is not set; {HOW}")))?;
+    let kubeconfig = std::env::var_os("DROVER_E2E_KUBECONFIG").map(PathBuf::from).ok_or_else(|| {
+        Error::Missing(format!("this test needs a running kube-apiserver: DROVER_E2E_KUBECONFIG is not set; {HOW}"))
+    })?;
+    let tools_bin = std::env::var_os("DROVER_E2E_TOOLS").map(PathBuf::from).ok_or_else(|| {
+        Error::Missing(format!("this test needs kubectl and helm: DROVER_E2E_TOOLS is not set; {HOW}"))
+    })?;
     if !kubeconfig.is_file() {
         return Err(Error::Missing(format!("kubeconfig {} does not exist; {HOW}", kubeconfig.display())));
     }

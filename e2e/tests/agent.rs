@@ -22,7 +22,9 @@ fn serial() -> MutexGuard<'static, ()> {
 
 /// Where drover-vmm, drover-agent and drover-monitor are.
 fn bin_dir() -> PathBuf {
-    std::env::var_os("DROVER_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| drover_e2e::repo_root().join("target/debug"))
+    std::env::var_os("DROVER_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| drover_e2e::repo_root().join("target/debug"))
 }
 
 /// Drover's test guest, written once per test process where every host can read it.
@@ -31,11 +33,10 @@ fn guest_image() -> PathBuf {
     PATH.get_or_init(|| {
         let path = cluster_state().join(format!("test-guest-{}", std::process::id()));
         let vmm = bin_dir().join("drover-vmm");
-        let out = std::process::Command::new(&vmm)
-            .arg("write-test-guest")
-            .arg(&path)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e} (build it with cargo build --workspace)", vmm.display()));
+        let out =
+            std::process::Command::new(&vmm).arg("write-test-guest").arg(&path).output().unwrap_or_else(|e| {
+                panic!("cannot run {}: {e} (build it with cargo build --workspace)", vmm.display())
+            });
         assert!(out.status.success(), "write-test-guest: {}", String::from_utf8_lossy(&out.stderr));
         path
     })
@@ -100,7 +101,8 @@ fn wait_phase(ns: &str, vm: &str, phase: &str, timeout: Duration) -> Value {
 
 /// The pid of the VMM running `vm` (its command line names the VM's config).
 fn vmm_pid(host: &Host, uid: &str) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(host.runtime_dir().join("vms").join(uid).join("vmm.pid")).ok()?.trim().parse().ok()?;
+    let pid: u32 =
+        std::fs::read_to_string(host.runtime_dir().join("vms").join(uid).join("vmm.pid")).ok()?.trim().parse().ok()?;
     alive(pid).then_some(pid)
 }
 
@@ -205,17 +207,36 @@ fn host_publishes_its_facts_and_a_placed_vm_boots_reports_and_takes_live_changes
     assert!(kubectl_wide.contains("Running") && kubectl_wide.contains(host.name()), "{kubectl_wide}");
 
     // Live changes: host CPUs and priority, without a restart.
-    kubectl(&["patch", "vm", "web", "-n", &ns, "--type=merge", "-p", r#"{"spec":{"cpu":{"hostCpus":"0","priority":"High"}}}"#]);
+    kubectl(&[
+        "patch",
+        "vm",
+        "web",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"cpu":{"hostCpus":"0","priority":"High"}}}"#,
+    ]);
     let status = wait_for("the live change in status", Duration::from_secs(20), || {
         let vm = get(&ns, "vm", "web");
         let s = vm["status"].clone();
-        (s["hostCpus"] == "0" && s["shares"] == 2000 && s["observedGeneration"] == vm["metadata"]["generation"]).then_some(s)
+        (s["hostCpus"] == "0" && s["shares"] == 2000 && s["observedGeneration"] == vm["metadata"]["generation"])
+            .then_some(s)
     });
     assert!(status["cpuChangedAt"].is_string(), "{status}");
     assert_eq!(vmm_pid(&host, &uid), Some(pid), "same VMM process: no restart");
     // What happened is also in the VM's events (kubectl describe vm).
     let events = wait_for("the agent's events on the VM", Duration::from_secs(10), || {
-        let out = kubectl(&["get", "events", "-n", &ns, "--field-selector", "involvedObject.name=web", "-o", "jsonpath={.items[*].reason}"]);
+        let out = kubectl(&[
+            "get",
+            "events",
+            "-n",
+            &ns,
+            "--field-selector",
+            "involvedObject.name=web",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ]);
         (out.contains("Started") && out.contains("CpuConfigChanged")).then_some(out)
     });
     assert!(!events.contains("Failed"), "{events}");
@@ -277,7 +298,9 @@ fn an_agent_killed_and_restarted_readopts_every_vm_without_restarting_any() {
     }
     // The new agent controls the VMs it adopted: a live change reaches the VMM.
     kubectl(&["patch", "vm", "a", "-n", &ns, "--type=merge", "-p", r#"{"spec":{"cpu":{"priority":"Low"}}}"#]);
-    wait_for("the priority change after re-adoption", Duration::from_secs(20), || (vm_status(&ns, "a")["shares"] == 500).then_some(()));
+    wait_for("the priority change after re-adoption", Duration::from_secs(20), || {
+        (vm_status(&ns, "a")["shares"] == 500).then_some(())
+    });
     println!("figure: agent restart -> a live change applied in {} ms", restarted.elapsed().as_millis());
     let log = host.agent_log();
     let since_restart = log.rsplit_once("[drover-e2e]").map(|(_, after)| after).unwrap_or(&log);
@@ -337,7 +360,8 @@ fn vms_do_not_outlive_an_agent_that_stays_dead() {
     kill_9(agent);
     let killed = Instant::now();
     let lease = get("drover-system", "lease", host.name());
-    let expires = wall_ms(lease["spec"]["renewTime"].as_str().unwrap()) + 1000 * lease["spec"]["leaseDurationSeconds"].as_i64().unwrap();
+    let expires = wall_ms(lease["spec"]["renewTime"].as_str().unwrap())
+        + 1000 * lease["spec"]["leaseDurationSeconds"].as_i64().unwrap();
     wait_for("the monitor to power the VM off", Duration::from_secs(10), || (!alive(pid)).then_some(()));
     println!("figure: agent dead -> VM powered off by its monitor in {} ms", killed.elapsed().as_millis());
     assert!(now_ms() < expires, "the VM outlived the lease");
@@ -367,14 +391,20 @@ fn bad_references_give_a_clear_condition_and_no_crash_loop() {
     let _serial = serial();
     let ns = namespace("agent-bad");
     let host = Host::add(&unique_name("bad"));
-    let yaml = vm_yaml(&ns, "nokernel", 1, "32Mi", "drover.mode=idle").replace(&guest_image().display().to_string(), "/nonexistent/vmlinux");
+    let yaml = vm_yaml(&ns, "nokernel", 1, "32Mi", "drover.mode=idle")
+        .replace(&guest_image().display().to_string(), "/nonexistent/vmlinux");
     apply(&yaml);
     place(&ns, "nokernel", &host);
     let status = wait_phase(&ns, "nokernel", "Failed", Duration::from_secs(20));
     let ready = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
     assert_eq!(ready["reason"], "InvalidSpec");
     let message = ready["message"].as_str().unwrap();
-    assert!(message.contains("spec.boot.kernel") && message.contains("/nonexistent/vmlinux") && message.contains(host.name()), "{message}");
+    assert!(
+        message.contains("spec.boot.kernel")
+            && message.contains("/nonexistent/vmlinux")
+            && message.contains(host.name()),
+        "{message}"
+    );
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(count(&host.agent_log(), "cannot start: spec.boot.kernel"), 1, "tried once, not in a loop");
     // Fixed spec: it starts.
@@ -399,7 +429,9 @@ fn bad_references_give_a_clear_condition_and_no_crash_loop() {
 
 /// A migration of `vm`; `more` adds spec fields (", lanes: 2").
 fn migration_yaml(ns: &str, name: &str, vm: &str, more: &str) -> String {
-    format!("apiVersion: drover.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{vmName: {vm}{more}}}\n")
+    format!(
+        "apiVersion: drover.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{vmName: {vm}{more}}}\n"
+    )
 }
 
 /// Approves a migration as the operator will: source, target, and the Secret.
@@ -426,7 +458,10 @@ fn reference_digest(vcpus: u32, memory_mib: u32, cmdline: &str) -> String {
 }
 
 fn digest_of(serial: &str) -> Option<String> {
-    serial.lines().find_map(|l| l.strip_prefix("drover-guest: digest ")).map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
+    serial
+        .lines()
+        .find_map(|l| l.strip_prefix("drover-guest: digest "))
+        .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
 }
 
 #[test]
@@ -441,8 +476,12 @@ fn a_vm_migrates_between_hosts_and_its_workload_result_is_intact() {
     apply(&vm_yaml(&ns, "busy", 2, "256Mi", cmdline));
     place(&ns, "busy", &a);
     wait_phase(&ns, "busy", "Running", Duration::from_secs(30));
-    wait_for("the workload to be under way", Duration::from_secs(30), || console(&a, &ns, "busy").contains("round 100").then_some(()));
-    let secret = format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: vmotion-key, namespace: {ns}}}\nstringData: {{key: correct-horse-battery-staple}}\n");
+    wait_for("the workload to be under way", Duration::from_secs(30), || {
+        console(&a, &ns, "busy").contains("round 100").then_some(())
+    });
+    let secret = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: vmotion-key, namespace: {ns}}}\nstringData: {{key: correct-horse-battery-staple}}\n"
+    );
     apply(&secret);
     // Two lanes, whatever the host's CPUs: the spec's setting reaches both VMMs.
     apply(&migration_yaml(&ns, "move", "busy", ", lanes: 2"));
@@ -467,7 +506,8 @@ fn a_vm_migrates_between_hosts_and_its_workload_result_is_intact() {
     assert!(status["iterations"].as_i64().is_some_and(|n| n >= 1), "{status}");
     assert!(status["totalMillis"].as_i64().is_some_and(|ms| ms > 0), "{status}");
     assert!(status["targetAddress"].as_str().unwrap().starts_with(&b.ip().to_string()), "{status}");
-    let target_log = std::fs::read_to_string(b.runtime_dir().join("vms").join(uid(&ns, "busy")).join("vmm.log")).unwrap_or_default();
+    let target_log =
+        std::fs::read_to_string(b.runtime_dir().join("vms").join(uid(&ns, "busy")).join("vmm.log")).unwrap_or_default();
     assert!(target_log.contains("lanes=2"), "the target's VMM log says nothing of 2 lanes:\n{target_log}");
 
     let vm = wait_for("the VM to be reported from the target", Duration::from_secs(20), || {
@@ -504,14 +544,18 @@ fn kill_9(pid: u32) {
 fn a_host_without_kvm_says_so_and_runs_no_vm() {
     let _serial = serial();
     let ns = namespace("agent-nokvm");
-    let options = drover_e2e::hosts::HostOptions { agent_args: vec!["--kvm-device=/nonexistent/kvm".into()], ..Default::default() };
+    let options = drover_e2e::hosts::HostOptions {
+        agent_args: vec!["--kvm-device=/nonexistent/kvm".into()],
+        ..Default::default()
+    };
     let host = Host::add_with(&unique_name("nokvm"), &options);
     let node = wait_for("host facts on the Node", Duration::from_secs(20), || {
         let node = get("", "node", host.name());
         node["metadata"]["annotations"]["drover.dev/host-facts"].is_string().then_some(node)
     });
     assert_eq!(node["metadata"]["labels"]["drover.dev/kvm"], "false");
-    let facts: Value = serde_json::from_str(node["metadata"]["annotations"]["drover.dev/host-facts"].as_str().unwrap()).unwrap();
+    let facts: Value =
+        serde_json::from_str(node["metadata"]["annotations"]["drover.dev/host-facts"].as_str().unwrap()).unwrap();
     assert!(facts["kvm"]["reason"].as_str().unwrap().contains("/nonexistent/kvm"), "{facts}");
     apply(&vm_yaml(&ns, "vm", 1, "32Mi", "drover.mode=idle"));
     place(&ns, "vm", &host);
@@ -520,7 +564,10 @@ fn a_host_without_kvm_says_so_and_runs_no_vm() {
     assert_eq!(ready["reason"], "HostCannotRunVMs", "{ready}");
     assert!(ready["message"].as_str().unwrap().contains("cannot run VMs"), "{ready}");
     assert!(host.agent_log().contains("this host cannot run VMs"));
-    assert!(!host.runtime_dir().join("vms").exists() || std::fs::read_dir(host.runtime_dir().join("vms")).unwrap().count() == 0);
+    assert!(
+        !host.runtime_dir().join("vms").exists()
+            || std::fs::read_dir(host.runtime_dir().join("vms")).unwrap().count() == 0
+    );
 }
 
 #[test]
@@ -566,7 +613,8 @@ fn the_host_policy_sets_the_heartbeat() {
         (get("drover-system", "lease", host.name())["spec"]["leaseDurationSeconds"] == 5).then_some(())
     });
     let node = get("", "node", host.name());
-    let facts: Value = serde_json::from_str(node["metadata"]["annotations"]["drover.dev/host-facts"].as_str().unwrap()).unwrap();
+    let facts: Value =
+        serde_json::from_str(node["metadata"]["annotations"]["drover.dev/host-facts"].as_str().unwrap()).unwrap();
     assert_eq!(facts["policy"], policy.as_str(), "{facts}");
     assert_eq!(facts["heartbeat"]["leaseDurationSeconds"], 5, "{facts}");
     assert!(host.agent_log().contains("heartbeat timing changed"));

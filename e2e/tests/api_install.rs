@@ -13,7 +13,13 @@ fn crds_install_and_become_established() {
     cp.install_crds();
     for crd in ["virtualmachines", "virtualmachinemigrations", "hostpolicies", "drsrules"] {
         let status = cp.kubectl_ok(
-            &["get", "crd", &format!("{crd}.drover.dev"), "-o", "jsonpath={.status.conditions[?(@.type==\"Established\")].status}"],
+            &[
+                "get",
+                "crd",
+                &format!("{crd}.drover.dev"),
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+            ],
             None,
         );
         assert_eq!(status, "True", "{crd} not Established");
@@ -21,7 +27,10 @@ fn crds_install_and_become_established() {
     let resources = cp.kubectl_ok(&["api-resources", "--api-group=drover.dev", "-o", "wide", "--no-headers"], None);
     let vm = resources.lines().find(|l| l.starts_with("virtualmachines ")).expect("virtualmachines served");
     assert!(vm.contains("dvm,vm") || vm.contains("vm,dvm"), "short names vm and dvm: {vm}");
-    assert!(resources.lines().filter(|l| l.contains("drover")).count() >= 4, "category drover on every kind:\n{resources}");
+    assert!(
+        resources.lines().filter(|l| l.contains("drover")).count() >= 4,
+        "category drover on every kind:\n{resources}"
+    );
 }
 
 #[test]
@@ -32,13 +41,22 @@ fn every_example_applies_and_reads_well() {
     let applied = cp.kubectl_ok(&["apply", "-n", &ns, "-f", "examples/"], None);
     let examples = std::fs::read_dir(drover_e2e::repo_root().join("examples")).expect("examples/").count();
     assert!(examples >= 4, "examples/ holds {examples} files");
-    for object in ["virtualmachine.drover.dev/db-01", "virtualmachinemigration.drover.dev/db-01-to-host-2", "hostpolicy.drover.dev/production", "drsrule.drover.dev/web-spread"] {
+    for object in [
+        "virtualmachine.drover.dev/db-01",
+        "virtualmachinemigration.drover.dev/db-01-to-host-2",
+        "hostpolicy.drover.dev/production",
+        "drsrule.drover.dev/web-spread",
+    ] {
         assert!(applied.contains(object), "{object} not applied:\n{applied}");
     }
 
     // `kubectl get drover` lists every kind; `get vm -o wide` tells the story.
     let all = cp.kubectl_ok(&["get", "drover", "-n", &ns], None);
-    for kind in ["virtualmachine.drover.dev/db-01", "virtualmachinemigration.drover.dev/db-01-to-host-2", "drsrule.drover.dev/web-spread"] {
+    for kind in [
+        "virtualmachine.drover.dev/db-01",
+        "virtualmachinemigration.drover.dev/db-01-to-host-2",
+        "drsrule.drover.dev/web-spread",
+    ] {
         assert!(all.contains(kind), "`kubectl get drover` misses {kind}:\n{all}");
     }
     let wide = cp.kubectl_ok(&["get", "vm", "-n", &ns, "-o", "wide"], None);
@@ -51,7 +69,10 @@ fn every_example_applies_and_reads_well() {
         assert!(db.split_whitespace().any(|v| v == value), "db-01 row lacks {value}: {db}");
     }
     let narrow = cp.kubectl_ok(&["get", "dvm", "-n", &ns], None);
-    assert!(!narrow.contains("PLACEMENT") && narrow.contains("VCPUS"), "plain `get` keeps wide columns for -o wide:\n{narrow}");
+    assert!(
+        !narrow.contains("PLACEMENT") && narrow.contains("VCPUS"),
+        "plain `get` keeps wide columns for -o wide:\n{narrow}"
+    );
 }
 
 #[test]
@@ -84,7 +105,11 @@ async fn status_is_written_only_through_the_status_subresource() {
 
     // A patch of the main resource cannot write status.
     let patched = vms
-        .patch("status-test", &PatchParams::default(), &Patch::Merge(serde_json::json!({"status": {"nodeName": "sneaky"}})))
+        .patch(
+            "status-test",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {"nodeName": "sneaky"}})),
+        )
         .await
         .expect("patch");
     assert_eq!(patched.status.and_then(|s| s.node_name), None, "status written through the main resource");

@@ -9,7 +9,9 @@ use serde_json::{Value, json};
 /// A valid object of each kind; each case below breaks one thing in it.
 fn base(kind: &str) -> Value {
     let spec = match kind {
-        "VirtualMachine" => json!({"cpu": {"vcpus": 2}, "memory": {"size": "1Gi"}, "boot": {"kernel": "/images/guest"}}),
+        "VirtualMachine" => {
+            json!({"cpu": {"vcpus": 2}, "memory": {"size": "1Gi"}, "boot": {"kernel": "/images/guest"}})
+        }
         "VirtualMachineMigration" => json!({"vmName": "vm-1"}),
         "HostPolicy" => json!({"nodeSelector": {"matchLabels": {"pool": "a"}}}),
         "DRSRule" => json!({"type": "VmVmAntiAffinity", "vmNames": ["vm-1", "vm-2"]}),
@@ -47,7 +49,13 @@ struct Case {
     says: &'static str,
 }
 
-fn case(what: &'static str, kind: &'static str, changes: Vec<(&'static str, Value)>, field: &'static str, says: &'static str) -> Case {
+fn case(
+    what: &'static str,
+    kind: &'static str,
+    changes: Vec<(&'static str, Value)>,
+    field: &'static str,
+    says: &'static str,
+) -> Case {
     Case { what, kind, changes, field, says }
 }
 
@@ -60,15 +68,63 @@ const RULE: &str = "DRSRule";
 fn create_cases() -> Vec<Case> {
     vec![
         case("vCPUs zero", VM, vec![("spec.cpu.vcpus", json!(0))], "spec.cpu.vcpus", "greater than or equal to 1"),
-        case("vCPUs above the maximum", VM, vec![("spec.cpu.vcpus", json!(255))], "spec.cpu.vcpus", "less than or equal to 254"),
-        case("memory not a quantity", VM, vec![("spec.memory.size", json!("lots"))], "spec.memory.size", "must be a quantity"),
-        case("memory below the minimum", VM, vec![("spec.memory.size", json!("8Mi"))], "spec.memory.size", "at least 16Mi"),
-        case("memory above the maximum", VM, vec![("spec.memory.size", json!("8Ti"))], "spec.memory.size", "at most 4Ti"),
-        case("memory not whole MiB", VM, vec![("spec.memory.size", json!("1.5G"))], "spec.memory.size", "whole number of MiB"),
+        case(
+            "vCPUs above the maximum",
+            VM,
+            vec![("spec.cpu.vcpus", json!(255))],
+            "spec.cpu.vcpus",
+            "less than or equal to 254",
+        ),
+        case(
+            "memory not a quantity",
+            VM,
+            vec![("spec.memory.size", json!("lots"))],
+            "spec.memory.size",
+            "must be a quantity",
+        ),
+        case(
+            "memory below the minimum",
+            VM,
+            vec![("spec.memory.size", json!("8Mi"))],
+            "spec.memory.size",
+            "at least 16Mi",
+        ),
+        case(
+            "memory above the maximum",
+            VM,
+            vec![("spec.memory.size", json!("8Ti"))],
+            "spec.memory.size",
+            "at most 4Ti",
+        ),
+        case(
+            "memory not whole MiB",
+            VM,
+            vec![("spec.memory.size", json!("1.5G"))],
+            "spec.memory.size",
+            "whole number of MiB",
+        ),
         case("memory missing", VM, vec![("spec.memory", Value::Null)], "spec.memory", "Required value"),
-        case("unknown runStrategy", VM, vec![("spec.runStrategy", json!("Sometimes"))], "spec.runStrategy", "Unsupported value"),
-        case("malformed host CPU list", VM, vec![("spec.cpu.hostCpus", json!("0-3,,8"))], "spec.cpu.hostCpus", "must be a CPU list"),
-        case("host CPU range backwards", VM, vec![("spec.cpu.hostCpus", json!("7-2"))], "spec.cpu.hostCpus", "low-high ranges"),
+        case(
+            "unknown runStrategy",
+            VM,
+            vec![("spec.runStrategy", json!("Sometimes"))],
+            "spec.runStrategy",
+            "Unsupported value",
+        ),
+        case(
+            "malformed host CPU list",
+            VM,
+            vec![("spec.cpu.hostCpus", json!("0-3,,8"))],
+            "spec.cpu.hostCpus",
+            "must be a CPU list",
+        ),
+        case(
+            "host CPU range backwards",
+            VM,
+            vec![("spec.cpu.hostCpus", json!("7-2"))],
+            "spec.cpu.hostCpus",
+            "low-high ranges",
+        ),
         case(
             "Dedicated with fewer host CPUs than vCPUs",
             VM,
@@ -76,7 +132,13 @@ fn create_cases() -> Vec<Case> {
             "spec.cpu.hostCpus",
             "at least one host CPU per vCPU",
         ),
-        case("unknown placement", VM, vec![("spec.cpu.placement", json!("Exclusive"))], "spec.cpu.placement", "Unsupported value"),
+        case(
+            "unknown placement",
+            VM,
+            vec![("spec.cpu.placement", json!("Exclusive"))],
+            "spec.cpu.placement",
+            "Unsupported value",
+        ),
         case(
             "topology that does not multiply to vCPUs",
             VM,
@@ -84,7 +146,13 @@ fn create_cases() -> Vec<Case> {
             "spec.cpu.topology",
             "must equal vcpus",
         ),
-        case("Custom priority without shares", VM, vec![("spec.cpu.priority", json!("Custom"))], "spec.cpu.shares", "must be set when priority is Custom"),
+        case(
+            "Custom priority without shares",
+            VM,
+            vec![("spec.cpu.priority", json!("Custom"))],
+            "spec.cpu.shares",
+            "must be set when priority is Custom",
+        ),
         case(
             "shares with a named priority",
             VM,
@@ -99,7 +167,13 @@ fn create_cases() -> Vec<Case> {
             "spec.cpu.shares",
             "less than or equal to 10000",
         ),
-        case("NUMA nodes without a policy", VM, vec![("spec.cpu.numa", json!({"nodes": [0]}))], "spec.cpu.numa.policy", "needs a policy"),
+        case(
+            "NUMA nodes without a policy",
+            VM,
+            vec![("spec.cpu.numa", json!({"nodes": [0]}))],
+            "spec.cpu.numa.policy",
+            "needs a policy",
+        ),
         case(
             "Preferred NUMA policy with two nodes",
             VM,
@@ -107,10 +181,28 @@ fn create_cases() -> Vec<Case> {
             "spec.cpu.numa.nodes",
             "single node",
         ),
-        case("NUMA node listed twice", VM, vec![("spec.cpu.numa", json!({"policy": "Strict", "nodes": [0, 0]}))], "spec.cpu.numa.nodes[1]", "Duplicate value"),
-        case("kernel path not absolute", VM, vec![("spec.boot.kernel", json!("vmlinux"))], "spec.boot.kernel", "absolute path"),
+        case(
+            "NUMA node listed twice",
+            VM,
+            vec![("spec.cpu.numa", json!({"policy": "Strict", "nodes": [0, 0]}))],
+            "spec.cpu.numa.nodes[1]",
+            "Duplicate value",
+        ),
+        case(
+            "kernel path not absolute",
+            VM,
+            vec![("spec.boot.kernel", json!("vmlinux"))],
+            "spec.boot.kernel",
+            "absolute path",
+        ),
         case("kernel missing", VM, vec![("spec.boot.kernel", Value::Null)], "spec.boot.kernel", "Required value"),
-        case("command line too long", VM, vec![("spec.boot.cmdline", json!("x".repeat(2049)))], "spec.boot.cmdline", "Too long"),
+        case(
+            "command line too long",
+            VM,
+            vec![("spec.boot.cmdline", json!("x".repeat(2049)))],
+            "spec.boot.cmdline",
+            "Too long",
+        ),
         case(
             "two disks with one name",
             VM,
@@ -118,26 +210,140 @@ fn create_cases() -> Vec<Case> {
             "spec.disks[1]",
             "Duplicate value",
         ),
-        case("disk path not absolute", VM, vec![("spec.disks", json!([{"name": "root", "path": "a.raw"}]))], "spec.disks[0].path", "absolute path"),
-        case("unknown HA restart priority", VM, vec![("spec.ha.restartPriority", json!("Critical"))], "spec.ha.restartPriority", "Unsupported value"),
-        case("unknown maintenance action", VM, vec![("spec.onMaintenance", json!("Evacuate"))], "spec.onMaintenance", "Unsupported value"),
+        case(
+            "disk path not absolute",
+            VM,
+            vec![("spec.disks", json!([{"name": "root", "path": "a.raw"}]))],
+            "spec.disks[0].path",
+            "absolute path",
+        ),
+        case(
+            "unknown HA restart priority",
+            VM,
+            vec![("spec.ha.restartPriority", json!("Critical"))],
+            "spec.ha.restartPriority",
+            "Unsupported value",
+        ),
+        case(
+            "unknown maintenance action",
+            VM,
+            vec![("spec.onMaintenance", json!("Evacuate"))],
+            "spec.onMaintenance",
+            "Unsupported value",
+        ),
         case("migration without a VM name", MIG, vec![("spec.vmName", Value::Null)], "spec.vmName", "Required value"),
-        case("migration VM name not a name", MIG, vec![("spec.vmName", json!("Web_01"))], "spec.vmName", "should match"),
-        case("migration downtime budget zero", MIG, vec![("spec.maxDowntimeMillis", json!(0))], "spec.maxDowntimeMillis", "greater than or equal to 1"),
-        case("migration timeout too short", MIG, vec![("spec.timeoutSeconds", json!(5))], "spec.timeoutSeconds", "greater than or equal to 10"),
-        case("migration without lanes", MIG, vec![("spec.lanes", json!(0))], "spec.lanes", "greater than or equal to 1"),
-        case("migration with too many lanes", MIG, vec![("spec.lanes", json!(17))], "spec.lanes", "less than or equal to 16"),
-        case("unknown migration trigger", MIG, vec![("spec.trigger", json!("Cron"))], "spec.trigger", "Unsupported value"),
-        case("host policy without node selector", HP, vec![("spec.nodeSelector", Value::Null)], "spec.nodeSelector", "Required value"),
-        case("CPU overcommit below 1", HP, vec![("spec.capacity.cpuOvercommitRatio", json!(0.5))], "spec.capacity.cpuOvercommitRatio", "between 1"),
-        case("memory overcommit below 1", HP, vec![("spec.capacity.memoryOvercommitRatio", json!(0.9))], "spec.capacity.memoryOvercommitRatio", "between 1"),
-        case("reserved memory not a quantity", HP, vec![("spec.capacity.reservedMemory", json!("2 GB"))], "spec.capacity.reservedMemory", "quantity"),
-        case("reserved CPUs not a CPU list", HP, vec![("spec.capacity.reservedCpus", json!("all"))], "spec.capacity.reservedCpus", "must be a CPU list"),
-        case("DRS threshold below 1", HP, vec![("spec.drs.migrationThreshold", json!(0))], "spec.drs.migrationThreshold", "greater than or equal to 1"),
-        case("DRS threshold above 5", HP, vec![("spec.drs.migrationThreshold", json!(6))], "spec.drs.migrationThreshold", "less than or equal to 5"),
-        case("unknown DRS automation level", HP, vec![("spec.drs.automationLevel", json!("Auto"))], "spec.drs.automationLevel", "Unsupported value"),
-        case("DRS interval too short", HP, vec![("spec.drs.intervalSeconds", json!(1))], "spec.drs.intervalSeconds", "greater than or equal to 10"),
-        case("HA failures to tolerate too many", HP, vec![("spec.ha.hostFailuresToTolerate", json!(40))], "spec.ha.hostFailuresToTolerate", "less than or equal to 31"),
+        case(
+            "migration VM name not a name",
+            MIG,
+            vec![("spec.vmName", json!("Web_01"))],
+            "spec.vmName",
+            "should match",
+        ),
+        case(
+            "migration downtime budget zero",
+            MIG,
+            vec![("spec.maxDowntimeMillis", json!(0))],
+            "spec.maxDowntimeMillis",
+            "greater than or equal to 1",
+        ),
+        case(
+            "migration timeout too short",
+            MIG,
+            vec![("spec.timeoutSeconds", json!(5))],
+            "spec.timeoutSeconds",
+            "greater than or equal to 10",
+        ),
+        case(
+            "migration without lanes",
+            MIG,
+            vec![("spec.lanes", json!(0))],
+            "spec.lanes",
+            "greater than or equal to 1",
+        ),
+        case(
+            "migration with too many lanes",
+            MIG,
+            vec![("spec.lanes", json!(17))],
+            "spec.lanes",
+            "less than or equal to 16",
+        ),
+        case(
+            "unknown migration trigger",
+            MIG,
+            vec![("spec.trigger", json!("Cron"))],
+            "spec.trigger",
+            "Unsupported value",
+        ),
+        case(
+            "host policy without node selector",
+            HP,
+            vec![("spec.nodeSelector", Value::Null)],
+            "spec.nodeSelector",
+            "Required value",
+        ),
+        case(
+            "CPU overcommit below 1",
+            HP,
+            vec![("spec.capacity.cpuOvercommitRatio", json!(0.5))],
+            "spec.capacity.cpuOvercommitRatio",
+            "between 1",
+        ),
+        case(
+            "memory overcommit below 1",
+            HP,
+            vec![("spec.capacity.memoryOvercommitRatio", json!(0.9))],
+            "spec.capacity.memoryOvercommitRatio",
+            "between 1",
+        ),
+        case(
+            "reserved memory not a quantity",
+            HP,
+            vec![("spec.capacity.reservedMemory", json!("2 GB"))],
+            "spec.capacity.reservedMemory",
+            "quantity",
+        ),
+        case(
+            "reserved CPUs not a CPU list",
+            HP,
+            vec![("spec.capacity.reservedCpus", json!("all"))],
+            "spec.capacity.reservedCpus",
+            "must be a CPU list",
+        ),
+        case(
+            "DRS threshold below 1",
+            HP,
+            vec![("spec.drs.migrationThreshold", json!(0))],
+            "spec.drs.migrationThreshold",
+            "greater than or equal to 1",
+        ),
+        case(
+            "DRS threshold above 5",
+            HP,
+            vec![("spec.drs.migrationThreshold", json!(6))],
+            "spec.drs.migrationThreshold",
+            "less than or equal to 5",
+        ),
+        case(
+            "unknown DRS automation level",
+            HP,
+            vec![("spec.drs.automationLevel", json!("Auto"))],
+            "spec.drs.automationLevel",
+            "Unsupported value",
+        ),
+        case(
+            "DRS interval too short",
+            HP,
+            vec![("spec.drs.intervalSeconds", json!(1))],
+            "spec.drs.intervalSeconds",
+            "greater than or equal to 10",
+        ),
+        case(
+            "HA failures to tolerate too many",
+            HP,
+            vec![("spec.ha.hostFailuresToTolerate", json!(40))],
+            "spec.ha.hostFailuresToTolerate",
+            "less than or equal to 31",
+        ),
         case(
             "HA detection shorter than three heartbeats",
             HP,
@@ -145,7 +351,13 @@ fn create_cases() -> Vec<Case> {
             "spec.ha.failureDetectionSeconds",
             "at least 3 heartbeat intervals",
         ),
-        case("unknown isolation response", HP, vec![("spec.ha.isolationResponse", json!("LeaveRunning"))], "spec.ha.isolationResponse", "Unsupported value"),
+        case(
+            "unknown isolation response",
+            HP,
+            vec![("spec.ha.isolationResponse", json!("LeaveRunning"))],
+            "spec.ha.isolationResponse",
+            "Unsupported value",
+        ),
         case(
             "VM-Host rule without node selector",
             RULE,
@@ -160,7 +372,13 @@ fn create_cases() -> Vec<Case> {
             "spec.nodeSelector",
             "take no nodeSelector",
         ),
-        case("VM-VM rule with one VM", RULE, vec![("spec.vmNames", json!(["vm-1"]))], "spec.vmNames", "at least two VMs"),
+        case(
+            "VM-VM rule with one VM",
+            RULE,
+            vec![("spec.vmNames", json!(["vm-1"]))],
+            "spec.vmNames",
+            "at least two VMs",
+        ),
         case(
             "rule with both VM names and VM selector",
             RULE,
@@ -168,9 +386,21 @@ fn create_cases() -> Vec<Case> {
             "spec",
             "exactly one of vmNames and vmSelector",
         ),
-        case("rule with neither VM names nor VM selector", RULE, vec![("spec.vmNames", Value::Null)], "spec", "exactly one of vmNames and vmSelector"),
+        case(
+            "rule with neither VM names nor VM selector",
+            RULE,
+            vec![("spec.vmNames", Value::Null)],
+            "spec",
+            "exactly one of vmNames and vmSelector",
+        ),
         case("unknown rule type", RULE, vec![("spec.type", json!("VmVmMaybe"))], "spec.type", "Unsupported value"),
-        case("unknown rule enforcement", RULE, vec![("spec.enforcement", json!("Sometimes"))], "spec.enforcement", "Unsupported value"),
+        case(
+            "unknown rule enforcement",
+            RULE,
+            vec![("spec.enforcement", json!("Sometimes"))],
+            "spec.enforcement",
+            "Unsupported value",
+        ),
     ]
 }
 
@@ -192,7 +422,13 @@ fn check_refused(ns: &str, case: &Case, obj: &Value, failures: &mut Vec<String>)
     if out.status.success() {
         failures.push(format!("{}: accepted, should be refused", case.what));
     } else if !stderr.contains(&format!("{}:", case.field)) || !stderr.contains(case.says) {
-        failures.push(format!("{}: message should name `{}` and say `{}`, got: {}", case.what, case.field, case.says, stderr.trim()));
+        failures.push(format!(
+            "{}: message should name `{}` and say `{}`, got: {}",
+            case.what,
+            case.field,
+            case.says,
+            stderr.trim()
+        ));
     }
 }
 
@@ -234,7 +470,12 @@ fn immutable_fields_cannot_change() {
         let mut original = base(case.kind);
         original["metadata"]["name"] = json!(format!("immutable-{}", case.kind.to_lowercase()));
         let out = apply(&ns, &original);
-        assert!(out.status.success(), "{}: creating the original failed: {}", case.what, String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}: creating the original failed: {}",
+            case.what,
+            String::from_utf8_lossy(&out.stderr)
+        );
         let changed = with(original, &case.changes);
         check_refused(&ns, &case, &changed, &mut failures);
     }
@@ -248,8 +489,15 @@ fn cluster_scoped_host_policy_ignores_namespace() {
     cp.install_crds();
     let out = cp.kubectl_ok(&["api-resources", "--api-group=drover.dev", "--no-headers", "-o", "wide"], None);
     let line = |plural: &str| {
-        out.lines().find(|l| l.starts_with(plural)).unwrap_or_else(|| panic!("{plural} missing from api-resources:\n{out}")).to_string()
+        out.lines()
+            .find(|l| l.starts_with(plural))
+            .unwrap_or_else(|| panic!("{plural} missing from api-resources:\n{out}"))
+            .to_string()
     };
     assert!(line("hostpolicies").contains("false"), "hostpolicies should not be namespaced: {}", line("hostpolicies"));
-    assert!(line("virtualmachines ").contains("true"), "virtualmachines should be namespaced: {}", line("virtualmachines "));
+    assert!(
+        line("virtualmachines ").contains("true"),
+        "virtualmachines should be namespaced: {}",
+        line("virtualmachines ")
+    );
 }

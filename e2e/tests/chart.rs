@@ -10,7 +10,12 @@ fn chart_lints_and_renders_objects_the_api_server_accepts() {
     let cp = control_plane();
     cp.install_crds();
     let lint = cp.helm(&["lint", "--strict", "charts/drover"]);
-    assert!(lint.status.success(), "helm lint:\n{}{}", String::from_utf8_lossy(&lint.stdout), String::from_utf8_lossy(&lint.stderr));
+    assert!(
+        lint.status.success(),
+        "helm lint:\n{}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
 
     let ns = cp.fresh_namespace("chart");
     let rendered = cp.helm(&["template", "drover", "charts/drover", "--namespace", &ns, "--include-crds"]);
@@ -20,7 +25,10 @@ fn chart_lints_and_renders_objects_the_api_server_accepts() {
         assert!(manifests.contains(kind), "chart renders no {kind}");
     }
     let applied = cp.kubectl_ok(&["apply", "--dry-run=server", "-n", &ns, "-f", "-"], Some(&manifests));
-    assert!(applied.contains("daemonset.apps/drover-agent") && applied.contains("deployment.apps/drover-operator"), "{applied}");
+    assert!(
+        applied.contains("daemonset.apps/drover-agent") && applied.contains("deployment.apps/drover-operator"),
+        "{applied}"
+    );
 }
 
 #[test]

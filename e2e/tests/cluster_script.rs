@@ -86,7 +86,9 @@ fn free_network() -> (String, String, String) {
     let addresses = String::from_utf8_lossy(&out.stdout);
     (200..=250)
         .map(|n| (format!("drovers{n}"), format!("10.{n}.0"), format!("drovers{n}-")))
-        .find(|(bridge, net, _)| !addresses.contains(&format!("inet {net}.")) && !Path::new("/sys/class/net").join(bridge).exists())
+        .find(|(bridge, net, _)| {
+            !addresses.contains(&format!("inet {net}.")) && !Path::new("/sys/class/net").join(bridge).exists()
+        })
         .expect("no free 10.N.0.0/24 for a test cluster's hosts")
 }
 
@@ -161,7 +163,12 @@ fn cluster_up_serves_and_down_leaves_nothing_running() {
             .arg("jsonpath={.metadata.labels.drover\\.dev/host} {.status.addresses[?(@.type==\"InternalIP\")].address}")
             .output()
             .expect("kubectl get node");
-        assert_eq!(String::from_utf8_lossy(&node.stdout), format!("true {ip}"), "{}", String::from_utf8_lossy(&node.stderr));
+        assert_eq!(
+            String::from_utf8_lossy(&node.stdout),
+            format!("true {ip}"),
+            "{}",
+            String::from_utf8_lossy(&node.stderr)
+        );
         let log = std::fs::read_to_string(state.join(format!("hosts/{name}/agent.log"))).unwrap();
         let dir = state.join(format!("hosts/{name}"));
         let want = format!(
@@ -219,7 +226,9 @@ fn the_main_job_brings_up_three_hosts_and_runs_the_demo_vm() {
     let _lock = own_cluster_lock();
     let state = std::env::temp_dir().join(format!("drover-main-job-test-{}", std::process::id()));
     let (bridge, net, prefix) = free_network();
-    let bin_dir = std::env::var_os("DROVER_BIN_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| repo_root().join("target/debug"));
+    let bin_dir = std::env::var_os("DROVER_BIN_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/debug"));
     let own = OwnCluster::new(
         state.clone(),
         vec![
@@ -252,7 +261,10 @@ fn the_main_job_brings_up_three_hosts_and_runs_the_demo_vm() {
 
     let down = cluster(&["down"]);
     assert!(down.status.success(), "down: {}", String::from_utf8_lossy(&down.stderr));
-    let vmms = Command::new("pgrep").args(["-f", &format!("drover-vmm run --config {}", state.display())]).output().expect("pgrep");
+    let vmms = Command::new("pgrep")
+        .args(["-f", &format!("drover-vmm run --config {}", state.display())])
+        .output()
+        .expect("pgrep");
     assert!(vmms.stdout.is_empty(), "VMMs left after down: {}", String::from_utf8_lossy(&vmms.stdout));
 }
 
@@ -265,7 +277,8 @@ fn the_main_job_brings_up_three_hosts_and_runs_the_demo_vm() {
 fn hosts_reach_each_other_and_can_be_cut_off_stopped_and_started() {
     let cp = control_plane();
     assert_root();
-    let options = HostOptions { agent_args: vec!["--lease-seconds=3".into()], bin_dir: Some(fake_agent_dir().to_path_buf()) };
+    let options =
+        HostOptions { agent_args: vec!["--lease-seconds=3".into()], bin_dir: Some(fake_agent_dir().to_path_buf()) };
     let started = Instant::now();
     let a = Host::add_with(&hosts::unique_name("net-a"), &options);
     eprintln!("host add took {:?}", started.elapsed());
@@ -273,10 +286,7 @@ fn hosts_reach_each_other_and_can_be_cut_off_stopped_and_started() {
     assert_ne!(a.ip(), b.ip());
     assert!(netns_exists(a.netns()), "no network namespace {}", a.netns());
 
-    let node = cp.kubectl_ok(
-        &["get", "node", a.name(), "-o", "jsonpath={.metadata.labels} {.status.addresses}"],
-        None,
-    );
+    let node = cp.kubectl_ok(&["get", "node", a.name(), "-o", "jsonpath={.metadata.labels} {.status.addresses}"], None);
     for want in [
         format!("\"kubernetes.io/hostname\":\"{}\"", a.name()),
         "\"kubernetes.io/os\":\"linux\"".into(),
@@ -294,7 +304,10 @@ fn hosts_reach_each_other_and_can_be_cut_off_stopped_and_started() {
     let kubeconfig = hosts::hosts_kubeconfig().display().to_string();
     let readyz = |h: &Host| {
         let out = h.exec(&kubectl, &["--kubeconfig", &kubeconfig, "--request-timeout=2s", "get", "--raw", "/readyz"]);
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
     };
     let short = Duration::from_secs(2);
     let eventually = |what: &str, f: &dyn Fn() -> bool| {

@@ -35,7 +35,8 @@ const PIO_EXITS: u64 = 20_000;
 /// Guest memory the test guest touches: the resident size of drover-vmm's guest
 /// RAM mapping while the guest spins after boot (the same pages QEMU's guest touches).
 fn guest_touched_kib(vmm: &Path, guest: &Path) -> u64 {
-    let mut child = drover(vmm, guest, 1, "drover.mode=spin").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");
+    let mut child =
+        drover(vmm, guest, 1, "drover.mode=spin").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     while let Some(Ok(line)) = lines.next() {
         if line.contains("tick") {
@@ -92,7 +93,9 @@ fn bare_kvm_pio_cost(guest: &Path) -> f64 {
     cpuid::configure(&mut cpuid, 0, config.topology());
     vcpu.set_cpuid2(&cpuid).expect("set cpuid");
     let sregs = vcpu.get_sregs().expect("sregs");
-    let drover_hypervisor::boot::BootEntry::Pvh { entry, start_info } = entry else { panic!("the test guest boots through PVH") };
+    let drover_hypervisor::boot::BootEntry::Pvh { entry, start_info } = entry else {
+        panic!("the test guest boots through PVH")
+    };
     vcpu.set_sregs(&regs::pvh_sregs(sregs)).expect("set sregs");
     vcpu.set_regs(&regs::pvh_regs(entry, start_info)).expect("set regs");
     let mut line = Vec::new();
@@ -138,12 +141,15 @@ fn main() {
             q.push(time_boot(qemu(&guest, vcpus, &cmdline, cpu)));
         }
         let ms = |v: &[Run], f: fn(&Run) -> Duration| median(v.iter().map(|r| f(r).as_secs_f64() * 1e3).collect());
-        for (what, f) in [("first output", (|r: &Run| r.first_output) as fn(&Run) -> Duration), ("guest exit", |r: &Run| r.exit)] {
+        for (what, f) in
+            [("first output", (|r: &Run| r.first_output) as fn(&Run) -> Duration), ("guest exit", |r: &Run| r.exit)]
+        {
             let (dm, qm) = (ms(&d, f), ms(&q, f));
             println!("{:<34} {:>9.2} ms {:>9.2} ms {:>7.3}x", format!("{what}, {vcpus} vCPU"), dm, qm, dm / qm);
         }
         if vcpus == 1 {
-            rss = (d.iter().map(|r| r.peak_rss_kib as f64).collect(), q.iter().map(|r| r.peak_rss_kib as f64).collect());
+            rss =
+                (d.iter().map(|r| r.peak_rss_kib as f64).collect(), q.iter().map(|r| r.peak_rss_kib as f64).collect());
         }
     }
 
@@ -165,6 +171,12 @@ fn main() {
     let q = median((0..n).map(|_| pio_exit_cost(qemu(&guest, 1, &pio, cpu))).collect());
     let bare = median((0..n).map(|_| bare_kvm_pio_cost(&guest)).collect());
     println!("{:<34} {:>9.2} us {:>9.2} us {:>7.3}x", "PIO exit from ring 3", d * 1e6, q * 1e6, d / q);
-    println!("{:<34} {:>9.2} us {:>12} {:>7.3}x   (drover / bare)", "bare KVM_RUN loop, same guest", bare * 1e6, "", d / bare);
+    println!(
+        "{:<34} {:>9.2} us {:>12} {:>7.3}x   (drover / bare)",
+        "bare KVM_RUN loop, same guest",
+        bare * 1e6,
+        "",
+        d / bare
+    );
     let _ = std::fs::remove_file(&guest);
 }

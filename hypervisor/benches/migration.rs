@@ -81,7 +81,11 @@ fn drover_run(vmm: &Path, guest: &Path, case: &Case, key: &Path, lanes: Option<u
     // The target knows the VM it expects and faults its memory in before it
     // listens (as the agent runs it); QEMU's target gets -mem-prealloc to match.
     let (expected, target_log) = (tmp("d-expected.json"), tmp("d-dst.log"));
-    std::fs::write(&expected, serde_json::json!({"vcpus": 1, "memoryMib": case.memory_mib, "kernel": guest}).to_string()).unwrap();
+    std::fs::write(
+        &expected,
+        serde_json::json!({"vcpus": 1, "memoryMib": case.memory_mib, "kernel": guest}).to_string(),
+    )
+    .unwrap();
     let target = Command::new(vmm)
         .args(["receive", "--listen", "127.0.0.1:0", "--serial", "null", "--prefault", "--config"])
         .arg(&expected)
@@ -95,7 +99,16 @@ fn drover_run(vmm: &Path, guest: &Path, case: &Case, key: &Path, lanes: Option<u
     // whatever either target's memory took to fault in.
     wait_for(&target_log, "waiting for the migration source");
     let source = Command::new(vmm)
-        .args(["run", "--vcpus", "1", "--memory-mib", &case.memory_mib.to_string(), "--cmdline", &case.cmdline, "--kernel"])
+        .args([
+            "run",
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            &case.memory_mib.to_string(),
+            "--cmdline",
+            &case.cmdline,
+            "--kernel",
+        ])
         .arg(guest)
         .arg("--serial")
         .arg(&serial)
@@ -118,12 +131,18 @@ fn drover_run(vmm: &Path, guest: &Path, case: &Case, key: &Path, lanes: Option<u
     let (code, reply) = drover_hypervisor::api::request(&socket, "PUT", "/vm/migrate", Some(&body)).unwrap();
     assert_eq!(code, 204, "{reply}");
     wait_for(&log, "migration completed");
-    let line = std::fs::read_to_string(&log).unwrap().lines().find(|l| l.contains("migration completed")).unwrap().to_string();
+    let line =
+        std::fs::read_to_string(&log).unwrap().lines().find(|l| l.contains("migration completed")).unwrap().to_string();
     let figure = |name: &str| -> f64 {
         let at = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
         line[at..].chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().unwrap()
     };
-    let f = Figures { total_ms: figure("total_ms"), downtime_ms: figure("downtime_us") / 1000.0, bytes: figure("bytes_sent"), passes: figure("passes") };
+    let f = Figures {
+        total_ms: figure("total_ms"),
+        downtime_ms: figure("downtime_us") / 1000.0,
+        bytes: figure("bytes_sent"),
+        passes: figure("passes"),
+    };
     kill(source);
     kill(target);
     f
@@ -189,12 +208,16 @@ fn qemu_run(guest: &Path, case: &Case, cpu: &str, mode: &QemuMode) -> Figures {
     let tls = |endpoint: &str| match &mode.tls {
         Some(dir) => {
             let user = if endpoint == "client" { ",username=drover" } else { "" };
-            vec!["-object".to_string(), format!("tls-creds-psk,id=tls0,endpoint={endpoint},dir={}{user}", dir.display())]
+            vec![
+                "-object".to_string(),
+                format!("tls-creds-psk,id=tls0,endpoint={endpoint},dir={}{user}", dir.display()),
+            ]
         }
         None => Vec::new(),
     };
     // The target listens once told to, after its capabilities are set.
-    let target = base("null", &dst_qmp).args(tls("server")).args(["-mem-prealloc", "-incoming", "defer"]).spawn().unwrap();
+    let target =
+        base("null", &dst_qmp).args(tls("server")).args(["-mem-prealloc", "-incoming", "defer"]).spawn().unwrap();
     // Its QMP answers once its memory is allocated; the guest starts then (as
     // drover's does).
     let mut target_qmp = Qmp::connect(&dst_qmp);
@@ -212,7 +235,8 @@ fn qemu_run(guest: &Path, case: &Case, cpu: &str, mode: &QemuMode) -> Figures {
         }
     }
     // Port 0: the kernel picks a free one, which the target then reports.
-    let incoming = target_qmp.call(serde_json::json!({"execute": "migrate-incoming", "arguments": {"uri": "tcp:127.0.0.1:0"}}));
+    let incoming =
+        target_qmp.call(serde_json::json!({"execute": "migrate-incoming", "arguments": {"uri": "tcp:127.0.0.1:0"}}));
     assert!(incoming.get("error").is_none(), "QEMU target: {incoming}");
     let listening = target_qmp.call(serde_json::json!({"execute": "query-migrate"}));
     let port = &listening["return"]["socket-address"][0]["port"];
@@ -280,24 +304,49 @@ fn main() {
     let key = tmp("key");
     std::fs::write(&key, "benchmark secret").unwrap();
     let khz = tsc_khz();
-    let dirty = |mem: u64, rate: u64| format!("drover.mode=dirty drover.mem={mem} drover.rate={rate} drover.tsc_khz={khz}");
+    let dirty =
+        |mem: u64, rate: u64| format!("drover.mode=dirty drover.mem={mem} drover.rate={rate} drover.tsc_khz={khz}");
     let cases = [
-        Case { name: "idle 1 GiB", memory_mib: 1024, cmdline: "drover.mode=dirty drover.mem=0 drover.once=1".into(), ready: "filled" },
-        Case { name: "idle 4 GiB", memory_mib: 4096, cmdline: "drover.mode=dirty drover.mem=0 drover.once=1".into(), ready: "filled" },
-        Case { name: "1 GiB fully written, idle", memory_mib: 1024, cmdline: "drover.mode=dirty drover.mem=990 drover.once=1".into(), ready: "filled" },
+        Case {
+            name: "idle 1 GiB",
+            memory_mib: 1024,
+            cmdline: "drover.mode=dirty drover.mem=0 drover.once=1".into(),
+            ready: "filled",
+        },
+        Case {
+            name: "idle 4 GiB",
+            memory_mib: 4096,
+            cmdline: "drover.mode=dirty drover.mem=0 drover.once=1".into(),
+            ready: "filled",
+        },
+        Case {
+            name: "1 GiB fully written, idle",
+            memory_mib: 1024,
+            cmdline: "drover.mode=dirty drover.mem=990 drover.once=1".into(),
+            ready: "filled",
+        },
         Case { name: "1 GiB dirtying 100 MiB/s", memory_mib: 1024, cmdline: dirty(512, 100), ready: "dirtying" },
         Case { name: "4 GiB dirtying 100 MiB/s", memory_mib: 4096, cmdline: dirty(2048, 100), ready: "dirtying" },
         Case { name: "1 GiB dirtying 1 GiB/s", memory_mib: 1024, cmdline: dirty(512, 1024), ready: "dirtying" },
     ];
     let list = |name: &str| -> Vec<String> {
-        std::env::var(name).unwrap_or_default().split(',').map(|w| w.trim().to_string()).filter(|w| !w.is_empty()).collect()
+        std::env::var(name)
+            .unwrap_or_default()
+            .split(',')
+            .map(|w| w.trim().to_string())
+            .filter(|w| !w.is_empty())
+            .collect()
     };
     let wanted = list("DROVER_BENCH_CASES");
     let lanes: Vec<Option<u32>> = match list("DROVER_BENCH_LANES") {
         l if l.is_empty() => vec![None],
-        l => l.iter().map(|n| Some(n.parse().expect("DROVER_BENCH_LANES: a comma-separated list of lane counts"))).collect(),
+        l => l
+            .iter()
+            .map(|n| Some(n.parse().expect("DROVER_BENCH_LANES: a comma-separated list of lane counts")))
+            .collect(),
     };
-    let multifd = std::env::var("DROVER_BENCH_QEMU_MULTIFD").map_or(0, |v| v.parse().expect("DROVER_BENCH_QEMU_MULTIFD: a channel count"));
+    let multifd = std::env::var("DROVER_BENCH_QEMU_MULTIFD")
+        .map_or(0, |v| v.parse().expect("DROVER_BENCH_QEMU_MULTIFD: a channel count"));
     let tls = std::env::var("DROVER_BENCH_QEMU_TLS").is_ok_and(|v| v == "1").then(|| {
         // QEMU's PSK file: `username:key in hex`, one per line.
         let dir = tmp("qemu-psk");
@@ -310,7 +359,9 @@ fn main() {
     let host = std::thread::available_parallelism().map_or(1, |n| n.get());
     let streams = if multifd > 0 { format!("{multifd} multifd channels") } else { "one stream".into() };
     let clear = if qemu_mode.tls.is_some() { "TLS-PSK" } else { "in the clear" };
-    println!("live migration on loopback, drover-vmm vs QEMU microvm (-cpu {cpu}, {streams}, {clear}), 1 vCPU, {host} host CPUs, median of {runs} runs");
+    println!(
+        "live migration on loopback, drover-vmm vs QEMU microvm (-cpu {cpu}, {streams}, {clear}), 1 vCPU, {host} host CPUs, median of {runs} runs"
+    );
     println!("(drover's encrypted channel alone carries {:.2} GiB/s here)\n", channel_gib_per_s());
     println!(
         "{:<36} {:>10} {:>10} {:>7} | {:>9} {:>9} {:>7} | {:>8} {:>8} | {:>6} {:>6}",
@@ -328,7 +379,10 @@ fn main() {
         }
         let m = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
         for (d, lanes) in d.iter().zip(&lanes) {
-            let name = lanes.map_or_else(|| case.name.to_string(), |n| format!("{}, {n} lane{}", case.name, if n == 1 { "" } else { "s" }));
+            let name = lanes.map_or_else(
+                || case.name.to_string(),
+                |n| format!("{}, {n} lane{}", case.name, if n == 1 { "" } else { "s" }),
+            );
             let (dt, qt) = (m(d, |f| f.total_ms), m(&q, |f| f.total_ms));
             let (dd, qd) = (m(d, |f| f.downtime_ms), m(&q, |f| f.downtime_ms));
             // QEMU reports whole milliseconds: 0 there means under one.

@@ -31,10 +31,18 @@ fn main() {
     let mut base = None;
     for vcpus in counts {
         let cmdline = format!("drover.work={WORK} drover.cpus={vcpus}");
-        let d = median((0..runs).map(|_| time_boot(drover(&vmm, &guest, vcpus, &cmdline)).exit.as_secs_f64()).collect());
+        let d =
+            median((0..runs).map(|_| time_boot(drover(&vmm, &guest, vcpus, &cmdline)).exit.as_secs_f64()).collect());
         let q = median((0..runs).map(|_| time_boot(qemu(&guest, vcpus, &cmdline, cpu)).exit.as_secs_f64()).collect());
         let (d1, q1) = *base.get_or_insert((d, q));
-        println!("{vcpus:<8} {:>9.1} ms {:>8.2}x {:>9.1} ms {:>8.2}x {:>7.3}x", d * 1e3, d1 / d, q * 1e3, q1 / q, d / q);
+        println!(
+            "{vcpus:<8} {:>9.1} ms {:>8.2}x {:>9.1} ms {:>8.2}x {:>7.3}x",
+            d * 1e3,
+            d1 / d,
+            q * 1e3,
+            q1 / q,
+            d / q
+        );
     }
     let _ = std::fs::remove_file(&guest);
 }

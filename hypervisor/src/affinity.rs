@@ -100,7 +100,9 @@ mod tests {
     #[test]
     fn dedicated_gets_one_cpu_per_vcpu_without_siblings() {
         let topo = fixture("ded");
-        let plan = plan_on(&config(4, CpuPlacement { dedicated: true, ..Default::default() }), Some(&topo), &topo.online()).unwrap();
+        let plan =
+            plan_on(&config(4, CpuPlacement { dedicated: true, ..Default::default() }), Some(&topo), &topo.online())
+                .unwrap();
         assert_eq!(plan.iter().map(|s| s.to_string()).collect::<Vec<_>>(), vec!["0", "1", "2", "3"]);
     }
 

@@ -51,7 +51,8 @@ const MAX_BODY: usize = 64 * 1024;
 /// Starts serving the API on `socket` in a thread of its own.
 pub fn serve(socket: &Path, control: Arc<VmControl>) -> Result<(), Error> {
     let _ = std::fs::remove_file(socket); // a stale socket of a VMM that is gone
-    let listener = UnixListener::bind(socket).map_err(|e| Error::Io(format!("control socket {}: {e}", socket.display())))?;
+    let listener =
+        UnixListener::bind(socket).map_err(|e| Error::Io(format!("control socket {}: {e}", socket.display())))?;
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -134,7 +135,9 @@ fn route(method: &str, path: &str, body: &str, control: &Arc<VmControl>) -> (u16
             .map_err(|e| (400, format!("body: {e}")))
             .and_then(|r| crate::migration::send::start(control.clone(), r).map_err(|e| (400, e.to_string())))
             .map(|_| None),
-        ("GET", "/vm/migration") => serde_json::to_value(control.migration_status()).map(Some).map_err(|e| (500, e.to_string())),
+        ("GET", "/vm/migration") => {
+            serde_json::to_value(control.migration_status()).map(Some).map_err(|e| (500, e.to_string()))
+        }
         ("PUT", "/vm/migration/cancel") => control.cancel_migration().map(|_| None).map_err(|e| (409, e.to_string())),
         // Powering off happens after the reply is written (see serve_one).
         ("PUT", "/vm/shutdown") => Ok(None),

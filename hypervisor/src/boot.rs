@@ -32,7 +32,12 @@ enum Kernel {
 }
 
 /// Loads the kernel of `config` and its boot structures into `memory`.
-pub fn load(config: &VmConfig, memory: &GuestMemoryMmap, apic_ids: &[u32], ram: &[(u64, u64)]) -> Result<BootEntry, Error> {
+pub fn load(
+    config: &VmConfig,
+    memory: &GuestMemoryMmap,
+    apic_ids: &[u32],
+    ram: &[(u64, u64)],
+) -> Result<BootEntry, Error> {
     let kernel = load_kernel(config, memory)?;
     let memmap = pvh::memory_map(ram);
     let (rsdp, tables) = acpi::tables(layout::ACPI_START, apic_ids);
@@ -47,7 +52,9 @@ pub fn load(config: &VmConfig, memory: &GuestMemoryMmap, apic_ids: &[u32], ram: 
     match kernel {
         Kernel::Pvh(entry) => {
             if config.initrd.is_some() {
-                return Err(Error::Config("initrd: not supported with PVH boot yet; boot a bzImage to use an initrd".into()));
+                return Err(Error::Config(
+                    "initrd: not supported with PVH boot yet; boot a bzImage to use an initrd".into(),
+                ));
             }
             load_cmdline(memory, layout::CMDLINE_START, &cmdline)?;
             let (info, map) = pvh::start_info(&memmap, rsdp);
@@ -86,14 +93,21 @@ fn load_kernel(config: &VmConfig, memory: &GuestMemoryMmap) -> Result<Kernel, Er
             PvhBootCapability::PvhEntryPresent(addr) => Ok(Kernel::Pvh(addr.0)),
             _ => Ok(Kernel::LinuxElf(r)),
         },
-        Err(LoaderError::Elf(ElfError::InvalidElfMagicNumber | ElfError::ReadElfHeader)) => BzImage::load(memory, None, &mut file, high)
-            .map(Kernel::BzImage)
-            .map_err(|e| kernel_err(format!("neither an ELF image nor a bzImage ({e})"))),
+        Err(LoaderError::Elf(ElfError::InvalidElfMagicNumber | ElfError::ReadElfHeader)) => {
+            BzImage::load(memory, None, &mut file, high)
+                .map(Kernel::BzImage)
+                .map_err(|e| kernel_err(format!("neither an ELF image nor a bzImage ({e})")))
+        }
         Err(e) => Err(kernel_err(format!("not a bootable ELF image ({e})"))),
     }
 }
 
-fn load_initrd(config: &VmConfig, memory: &GuestMemoryMmap, ram: &[(u64, u64)], max: Option<u64>) -> Result<Option<(u64, u64)>, Error> {
+fn load_initrd(
+    config: &VmConfig,
+    memory: &GuestMemoryMmap,
+    ram: &[(u64, u64)],
+    max: Option<u64>,
+) -> Result<Option<(u64, u64)>, Error> {
     let Some(path) = &config.initrd else { return Ok(None) };
     let err = |why: String| Error::Kernel { path: path.display().to_string(), why };
     let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read initrd: {e}")))?;
@@ -107,7 +121,8 @@ fn load_initrd(config: &VmConfig, memory: &GuestMemoryMmap, ram: &[(u64, u64)], 
 }
 
 fn load_cmdline(memory: &GuestMemoryMmap, at: u64, cmdline: &Cmdline) -> Result<(), Error> {
-    linux_loader::loader::load_cmdline(memory, GuestAddress(at), cmdline).map_err(|e| Error::Memory(format!("writing the command line: {e}")))
+    linux_loader::loader::load_cmdline(memory, GuestAddress(at), cmdline)
+        .map_err(|e| Error::Memory(format!("writing the command line: {e}")))
 }
 
 fn write(memory: &GuestMemoryMmap, at: u64, bytes: &[u8], what: &str) -> Result<(), Error> {
@@ -124,13 +139,15 @@ mod tests {
     }
 
     fn config(kernel: &Path, cmdline: &str) -> VmConfig {
-        serde_json::from_value(serde_json::json!({"vcpus": 2, "memoryMib": 64, "kernel": kernel, "cmdline": cmdline})).unwrap()
+        serde_json::from_value(serde_json::json!({"vcpus": 2, "memoryMib": 64, "kernel": kernel, "cmdline": cmdline}))
+            .unwrap()
     }
 
     #[test]
     fn pvh_image_boots_through_pvh() {
         let mem = memory();
-        let entry = load(&config(Path::new(env!("DROVER_TEST_GUEST")), "x=1"), &mem, &[0, 1], &[(0, 64 << 20)]).unwrap();
+        let entry =
+            load(&config(Path::new(env!("DROVER_TEST_GUEST")), "x=1"), &mem, &[0, 1], &[(0, 64 << 20)]).unwrap();
         assert!(matches!(entry, BootEntry::Pvh { entry: 0x100000, start_info: layout::PVH_INFO_START }), "{entry:?}");
         let magic: u32 = mem.read_obj(GuestAddress(layout::PVH_INFO_START)).unwrap();
         assert_eq!(magic, 0x336e_c578);

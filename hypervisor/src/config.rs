@@ -126,7 +126,8 @@ pub const MAX_VCPUS: u32 = 254;
 impl VmConfig {
     /// Reads a JSON config file.
     pub fn from_file(path: &std::path::Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
         serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 
@@ -152,7 +153,11 @@ impl VmConfig {
             return bad(format!("memoryMib: {} is out of range {MIN_MEMORY_MIB}-{MAX_MEMORY_MIB}", self.memory_mib));
         }
         if self.cmdline.len() > crate::arch::x86_64::layout::CMDLINE_MAX_SIZE - 1 {
-            return bad(format!("cmdline: {} bytes, more than {}", self.cmdline.len(), crate::arch::x86_64::layout::CMDLINE_MAX_SIZE - 1));
+            return bad(format!(
+                "cmdline: {} bytes, more than {}",
+                self.cmdline.len(),
+                crate::arch::x86_64::layout::CMDLINE_MAX_SIZE - 1
+            ));
         }
         if !(1..=10_000).contains(&self.shares) {
             return bad(format!("shares: {} is out of range 1-10000", self.shares));

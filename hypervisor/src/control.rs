@@ -12,14 +12,14 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::signal::Killable;
 
 use crate::config::VmConfig;
-use crate::devices::VmExit;
-use crate::priority::Priority;
 use crate::devices::PioBus;
+use crate::devices::VmExit;
 use crate::migration::status::{MigrationStatus, Phase};
+use crate::priority::Priority;
 use crate::state::VcpuState;
 use crate::vstate::vm::Vm;
-use std::sync::Arc;
 use crate::{Error, affinity};
+use std::sync::Arc;
 
 /// The signal that kicks a vCPU thread out of KVM_RUN (the interrupted ioctl
 /// returns EINTR).
@@ -157,7 +157,8 @@ impl VmControl {
             return false;
         }
         self.migration_cancel.store(false, Ordering::Release);
-        *lock(&self.migration) = MigrationStatus { phase: Phase::Connecting, destination: destination.to_string(), ..Default::default() };
+        *lock(&self.migration) =
+            MigrationStatus { phase: Phase::Connecting, destination: destination.to_string(), ..Default::default() };
         true
     }
 
@@ -314,7 +315,11 @@ impl VmControl {
             if Instant::now() > deadline {
                 return Err(Error::State("vCPUs did not save their state within 10 s".into()));
             }
-            parked = self.parked_changed.wait_timeout(parked, Duration::from_millis(5)).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+            parked = self
+                .parked_changed
+                .wait_timeout(parked, Duration::from_millis(5))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
         drop(parked);
         lock(&self.saved)
@@ -370,7 +375,11 @@ impl VmControl {
             // The threads may have parked while we kicked: waiting now would miss
             // their notification and sleep the whole 2 ms.
             if *parked < self.config.vcpus {
-                parked = self.parked_changed.wait_timeout(parked, Duration::from_millis(2)).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+                parked = self
+                    .parked_changed
+                    .wait_timeout(parked, Duration::from_millis(2))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
             }
         }
         Ok(())
@@ -506,7 +515,9 @@ impl VmControl {
                 }
             })
             .collect();
-        let millis = |t: Option<SystemTime>| t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
+        let millis = |t: Option<SystemTime>| {
+            t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64)
+        };
         VmStatus {
             name: self.config.name.clone(),
             state: if self.paused.load(Ordering::Acquire) { "paused" } else { "running" }.into(),
@@ -516,7 +527,10 @@ impl VmControl {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             boot_time_ms: self.first_output.get().map(|t| t.duration_since(self.started).as_millis() as u64),
             shares: self.shares.load(Ordering::Relaxed),
-            priority_mechanism: lock(&self.priority).as_ref().map(Priority::describe).unwrap_or_else(|| "none (Normal priority)".into()),
+            priority_mechanism: lock(&self.priority)
+                .as_ref()
+                .map(Priority::describe)
+                .unwrap_or_else(|| "none (Normal priority)".into()),
             cpus_changed_at_ms: millis(*lock(&self.cpus_changed_at)),
             priority_changed_at_ms: millis(*lock(&self.priority_changed_at)),
             vcpus,

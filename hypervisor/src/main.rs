@@ -149,7 +149,10 @@ struct RunArgs {
 }
 
 fn parse_topology(s: &str) -> Result<Topology, String> {
-    let parts: Vec<u32> = s.split(':').map(|p| p.parse().map_err(|_| format!("{s:?} is not SOCKETS:CORES:THREADS"))).collect::<Result<_, _>>()?;
+    let parts: Vec<u32> = s
+        .split(':')
+        .map(|p| p.parse().map_err(|_| format!("{s:?} is not SOCKETS:CORES:THREADS")))
+        .collect::<Result<_, _>>()?;
     match parts[..] {
         [sockets, cores, threads] => Ok(Topology { sockets, cores, threads }),
         _ => Err(format!("{s:?} is not SOCKETS:CORES:THREADS")),
@@ -176,28 +179,55 @@ impl RunArgs {
                 api_socket: None,
             },
         };
-        if let Some(v) = self.vcpus { c.vcpus = v }
-        if let Some(v) = self.topology { c.topology = Some(v) }
-        if let Some(v) = self.memory_mib { c.memory_mib = v }
-        if let Some(v) = self.kernel { c.kernel = v }
-        if let Some(v) = self.cmdline { c.cmdline = v }
-        if let Some(v) = self.name { c.name = v }
+        if let Some(v) = self.vcpus {
+            c.vcpus = v
+        }
+        if let Some(v) = self.topology {
+            c.topology = Some(v)
+        }
+        if let Some(v) = self.memory_mib {
+            c.memory_mib = v
+        }
+        if let Some(v) = self.kernel {
+            c.kernel = v
+        }
+        if let Some(v) = self.cmdline {
+            c.cmdline = v
+        }
+        if let Some(v) = self.name {
+            c.name = v
+        }
         if let Some(v) = self.serial {
             c.serial = serial_output(&v);
         }
-        if let Some(v) = self.host_cpus { c.cpus.host_cpus = Some(v) }
-        if self.dedicated { c.cpus.dedicated = true }
-        if self.allow_siblings { c.cpus.allow_siblings = true }
-        if let Some(v) = self.numa_policy {
-            c.numa.policy = serde_json::from_value(serde_json::Value::String(v.clone()))
-                .map_err(|_| drover_hypervisor::Error::Config(format!("--numa-policy: {v:?} is not None, Preferred, Strict or Interleave")))?;
+        if let Some(v) = self.host_cpus {
+            c.cpus.host_cpus = Some(v)
         }
-        if !self.numa_nodes.is_empty() { c.numa.nodes = self.numa_nodes }
+        if self.dedicated {
+            c.cpus.dedicated = true
+        }
+        if self.allow_siblings {
+            c.cpus.allow_siblings = true
+        }
+        if let Some(v) = self.numa_policy {
+            c.numa.policy = serde_json::from_value(serde_json::Value::String(v.clone())).map_err(|_| {
+                drover_hypervisor::Error::Config(format!(
+                    "--numa-policy: {v:?} is not None, Preferred, Strict or Interleave"
+                ))
+            })?;
+        }
+        if !self.numa_nodes.is_empty() {
+            c.numa.nodes = self.numa_nodes
+        }
         if c.numa.policy == NumaPolicy::None && !c.numa.nodes.is_empty() {
             return Err(drover_hypervisor::Error::Config("--numa-nodes needs --numa-policy".into()));
         }
-        if let Some(v) = self.shares { c.shares = v }
-        if let Some(v) = self.api_socket { c.api_socket = Some(v) }
+        if let Some(v) = self.shares {
+            c.shares = v
+        }
+        if let Some(v) = self.api_socket {
+            c.api_socket = Some(v)
+        }
         Ok(c)
     }
 }
@@ -249,17 +279,23 @@ fn main() -> ExitCode {
         }
         Command::Receive { listen, secret_file, here, config, prefault } => {
             let result = (|| {
-                let secret = std::fs::read(&secret_file)
-                    .map_err(|e| drover_hypervisor::Error::Config(format!("--secret-file {}: {e}", secret_file.display())))?;
+                let secret = std::fs::read(&secret_file).map_err(|e| {
+                    drover_hypervisor::Error::Config(format!("--secret-file {}: {e}", secret_file.display()))
+                })?;
                 let expected = config.as_deref().map(VmConfig::from_file).transpose()?;
                 if let (true, Some(expected)) = (prefault, expected.clone()) {
                     // The VM is built from the expected configuration (the source's
                     // must have its shape), so its memory exists before anyone connects.
                     let config = here.apply(expected.clone());
-                    let source = drover_hypervisor::migration::receive::Prefaulted::new(&listen, secret.trim_ascii(), expected);
-                    return drover_hypervisor::vmm::launch(&config, drover_hypervisor::vmm::Origin::Restore(Box::new(source)));
+                    let source =
+                        drover_hypervisor::migration::receive::Prefaulted::new(&listen, secret.trim_ascii(), expected);
+                    return drover_hypervisor::vmm::launch(
+                        &config,
+                        drover_hypervisor::vmm::Origin::Restore(Box::new(source)),
+                    );
                 }
-                let incoming = drover_hypervisor::migration::receive::accept(&listen, secret.trim_ascii(), expected.as_ref())?;
+                let incoming =
+                    drover_hypervisor::migration::receive::accept(&listen, secret.trim_ascii(), expected.as_ref())?;
                 let config = here.apply(incoming.config.clone());
                 drover_hypervisor::vmm::launch(&config, drover_hypervisor::vmm::Origin::Restore(Box::new(incoming)))
             })();
@@ -281,16 +317,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Api { socket, method, path, body } => match drover_hypervisor::api::request(&socket, &method, &path, body.as_deref()) {
-            Ok((status, reply)) => {
-                println!("{reply}");
-                if (200..300).contains(&status) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        Command::Api { socket, method, path, body } => {
+            match drover_hypervisor::api::request(&socket, &method, &path, body.as_deref()) {
+                Ok((status, reply)) => {
+                    println!("{reply}");
+                    if (200..300).contains(&status) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+                }
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                tracing::error!("{e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::WriteTestGuest { path } => match std::fs::write(&path, drover_hypervisor::TEST_GUEST) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

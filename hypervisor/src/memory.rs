@@ -80,7 +80,8 @@ pub fn populated_pages(memory: &GuestMemoryMmap, threads: usize) -> Result<Vec<(
     // 16 Ki pages (64 MiB of guest memory, 128 KiB of page map) per piece; a
     // multiple of 64, so pieces own whole words of the bitmap.
     const PIECE: u64 = 1 << 14;
-    let pagemap = std::fs::File::open("/proc/self/pagemap").map_err(|e| Error::Io(format!("/proc/self/pagemap: {e}")))?;
+    let pagemap =
+        std::fs::File::open("/proc/self/pagemap").map_err(|e| Error::Io(format!("/proc/self/pagemap: {e}")))?;
     let mut out = Vec::new();
     // (first host page, the bitmap words it fills)
     let mut pieces: Vec<(u64, &mut [u64])> = Vec::new();
@@ -91,7 +92,8 @@ pub fn populated_pages(memory: &GuestMemoryMmap, threads: usize) -> Result<Vec<(
     for ((_, bitmap), region) in out.iter_mut().zip(memory.iter()) {
         let host = memory
             .get_host_address(region.start_addr())
-            .map_err(|e| Error::Memory(format!("guest region at {:#x}: {e}", region.start_addr().0)))? as u64;
+            .map_err(|e| Error::Memory(format!("guest region at {:#x}: {e}", region.start_addr().0)))?
+            as u64;
         for (i, words) in (0u64..).zip(bitmap.chunks_mut((PIECE / 64) as usize)) {
             pieces.push((host / PAGE + i * PIECE, words));
         }
@@ -103,10 +105,13 @@ pub fn populated_pages(memory: &GuestMemoryMmap, threads: usize) -> Result<Vec<(
             .chunks_mut(per_thread)
             .map(|share| {
                 let pagemap = &pagemap;
-                scope.spawn(move || share.iter_mut().try_for_each(|(first, words)| read_present(pagemap, *first, words)))
+                scope
+                    .spawn(move || share.iter_mut().try_for_each(|(first, words)| read_present(pagemap, *first, words)))
             })
             .collect();
-        workers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|_| Err(Error::Io("a page map reader panicked".into()))))
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().unwrap_or_else(|_| Err(Error::Io("a page map reader panicked".into()))))
     })?;
     Ok(out)
 }
@@ -118,12 +123,11 @@ fn read_present(pagemap: &std::fs::File, first: u64, words: &mut [u64]) -> Resul
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
     let mut entries = vec![0u8; words.len() * 64 * 8];
-    pagemap
-        .read_exact_at(&mut entries, first * 8)
-        .map_err(|e| Error::Io(format!("/proc/self/pagemap: {e}")))?;
+    pagemap.read_exact_at(&mut entries, first * 8).map_err(|e| Error::Io(format!("/proc/self/pagemap: {e}")))?;
     for (word, entries) in words.iter_mut().zip(entries.chunks_exact(64 * 8)) {
         for (bit, entry) in (0..).zip(entries.chunks_exact(8)) {
-            let bits = u64::from_le_bytes([entry[0], entry[1], entry[2], entry[3], entry[4], entry[5], entry[6], entry[7]]);
+            let bits =
+                u64::from_le_bytes([entry[0], entry[1], entry[2], entry[3], entry[4], entry[5], entry[6], entry[7]]);
             if bits & (PRESENT | SWAPPED) != 0 {
                 *word |= 1 << bit;
             }
@@ -177,7 +181,9 @@ pub fn prefault(memory: &GuestMemoryMmap) -> Result<(), Error> {
 /// memory (vm-memory's included): the copy may then be torn, and the dirty log has
 /// the page sent again.
 pub unsafe fn copy_page(src: *const u8, dest: &mut [u8; 4096]) -> bool {
-    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_cmpeq_epi8, _mm_setzero_si128};
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_setzero_si128,
+    };
     let src = src.cast::<__m128i>();
     let out = dest.as_mut_ptr().cast::<__m128i>();
     // SAFETY: SSE2 is part of x86-64; every access below is one of the 256
@@ -186,7 +192,12 @@ pub unsafe fn copy_page(src: *const u8, dest: &mut [u8; 4096]) -> bool {
     unsafe {
         let mut any = _mm_setzero_si128();
         for i in (0..256).step_by(4) {
-            let (a, b, c, d) = (_mm_loadu_si128(src.add(i)), _mm_loadu_si128(src.add(i + 1)), _mm_loadu_si128(src.add(i + 2)), _mm_loadu_si128(src.add(i + 3)));
+            let (a, b, c, d) = (
+                _mm_loadu_si128(src.add(i)),
+                _mm_loadu_si128(src.add(i + 1)),
+                _mm_loadu_si128(src.add(i + 2)),
+                _mm_loadu_si128(src.add(i + 3)),
+            );
             out.add(i).write_volatile(a);
             out.add(i + 1).write_volatile(b);
             out.add(i + 2).write_volatile(c);
@@ -240,7 +251,9 @@ mod tests {
     fn populated_pages_are_the_ones_written() {
         // The low region spans two whole 64 MiB pieces of the page map and part of
         // a third.
-        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 160 << 20), (GuestAddress(1 << 32), 16 << 20)]).unwrap();
+        let memory =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 160 << 20), (GuestAddress(1 << 32), 16 << 20)])
+                .unwrap();
         memory.write_slice(&[1], GuestAddress(5 * 4096 + 100)).unwrap();
         memory.write_slice(&[1; 8192], GuestAddress(1000 * 4096)).unwrap();
         memory.write_slice(&[1], GuestAddress(30_000 * 4096)).unwrap();
@@ -249,7 +262,10 @@ mod tests {
         let populated = populated_pages(&memory, 1).unwrap();
         assert_eq!(populated_pages(&memory, 3).unwrap(), populated, "threads read what one thread reads");
         let set = |(first, bitmap): &(u64, Vec<u64>)| -> Vec<u64> {
-            (0..bitmap.len() as u64 * 64).filter(|p| bitmap[(p / 64) as usize] >> (p % 64) & 1 == 1).map(|p| first + p).collect()
+            (0..bitmap.len() as u64 * 64)
+                .filter(|p| bitmap[(p / 64) as usize] >> (p % 64) & 1 == 1)
+                .map(|p| first + p)
+                .collect()
         };
         // Transparent huge pages may make a whole 2 MiB around a written page
         // present; pages far from any write are not.

@@ -37,7 +37,11 @@ pub fn save(control: &VmControl, dir: &Path) -> Result<SnapshotInfo, Error> {
     if was_running {
         control.resume();
     }
-    result.map(|(state_bytes, memory_bytes)| SnapshotInfo { state_bytes, memory_bytes, paused_ms: paused_at.elapsed().as_millis() as u64 })
+    result.map(|(state_bytes, memory_bytes)| SnapshotInfo {
+        state_bytes,
+        memory_bytes,
+        paused_ms: paused_at.elapsed().as_millis() as u64,
+    })
 }
 
 /// The whole state of the paused VM (everything but memory).
@@ -80,14 +84,18 @@ pub struct Snapshot {
 
 /// Opens a snapshot, checking its state and the size of its memory file.
 pub fn load(dir: &Path) -> Result<Snapshot, Error> {
-    let bytes = std::fs::read(dir.join(STATE_FILE)).map_err(|e| Error::Io(format!("snapshot {}: {STATE_FILE}: {e}", dir.display())))?;
+    let bytes = std::fs::read(dir.join(STATE_FILE))
+        .map_err(|e| Error::Io(format!("snapshot {}: {STATE_FILE}: {e}", dir.display())))?;
     let state = VmState::decode(&bytes)?;
     let path = dir.join(MEMORY_FILE);
     let expected = state.config.memory_mib << 20;
     let memory = File::open(&path).map_err(|e| Error::Io(format!("snapshot {}: {e}", path.display())))?;
     let size = memory.metadata().map(|m| m.len()).unwrap_or(0);
     if size != expected {
-        return Err(Error::State(format!("{} holds {size} bytes, the VM has {expected} bytes of memory", path.display())));
+        return Err(Error::State(format!(
+            "{} holds {size} bytes, the VM has {expected} bytes of memory",
+            path.display()
+        )));
     }
     Ok(Snapshot { config: state.config.clone(), state: Some(state), memory, path })
 }

@@ -112,9 +112,13 @@ impl VmState {
 
     /// Decodes, refusing another format version.
     pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
-        let state: VmState = postcard::from_bytes(bytes).map_err(|e| Error::State(format!("decoding VM state: {e}")))?;
+        let state: VmState =
+            postcard::from_bytes(bytes).map_err(|e| Error::State(format!("decoding VM state: {e}")))?;
         if state.version != STATE_VERSION {
-            return Err(Error::State(format!("VM state version {} (this drover-vmm reads version {STATE_VERSION})", state.version)));
+            return Err(Error::State(format!(
+                "VM state version {} (this drover-vmm reads version {STATE_VERSION})",
+                state.version
+            )));
         }
         Ok(state)
     }
@@ -132,7 +136,8 @@ pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, Error> {
     let mut readable = Vec::with_capacity(list.as_slice().len());
     let mut rest: &[u32] = list.as_slice();
     while !rest.is_empty() {
-        let entries: Vec<kvm_msr_entry> = rest.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let entries: Vec<kvm_msr_entry> =
+            rest.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
         let mut msrs = Msrs::from_entries(&entries).map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
         let read = vcpu.get_msrs(&mut msrs).unwrap_or(0).min(rest.len());
         readable.extend_from_slice(&rest[..read]);
@@ -145,14 +150,19 @@ pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, Error> {
 
 /// Saves one (paused) vCPU.
 pub fn save_vcpu(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, Error> {
-    let entries: Vec<kvm_msr_entry> = msr_indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+    let entries: Vec<kvm_msr_entry> =
+        msr_indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
     let mut msrs = Msrs::from_entries(&entries).map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
     let read = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
     if read != entries.len() {
         return Err(Error::State(format!("KVM_GET_MSRS read {read} of {} MSRs", entries.len())));
     }
     Ok(VcpuState {
-        cpuid: vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_CPUID2"))?.as_slice().to_vec(),
+        cpuid: vcpu
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec(),
         mp_state: vcpu.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?,
         regs: vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
         sregs: vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,

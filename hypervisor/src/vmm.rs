@@ -9,12 +9,12 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{cpuid, layout, regs};
+use crate::boot::BootEntry;
 use crate::config::{SerialOutput, VmConfig};
+use crate::control::{self, VmControl};
 use crate::devices::{PioBus, VmExit, serial};
 use crate::state::VmState;
 use crate::vstate::{vcpu::Vcpu, vm::Vm};
-use crate::control::{self, VmControl};
-use crate::boot::BootEntry;
 use crate::{Error, affinity, api, boot, memory};
 
 /// Where a restored VM comes from: a snapshot, or a migration source.
@@ -58,7 +58,9 @@ pub fn launch(config: &VmConfig, origin: Origin) -> Result<VmExit, Error> {
     let topology = config.topology();
     let apic_ids: Vec<u32> = (0..config.vcpus).map(|i| cpuid::apic_id(i, topology)).collect();
     if let Some(&max) = apic_ids.iter().max().filter(|id| **id > 254) {
-        return Err(Error::Config(format!("topology: needs APIC ID {max}, above the xAPIC limit of 254; use fewer sockets or cores")));
+        return Err(Error::Config(format!(
+            "topology: needs APIC ID {max}, above the xAPIC limit of 254; use fewer sockets or cores"
+        )));
     }
     let placement = affinity::plan(config)?;
     let (events_tx, events) = mpsc::channel();
@@ -86,7 +88,11 @@ pub fn launch(config: &VmConfig, origin: Origin) -> Result<VmExit, Error> {
             let spawned = at.elapsed().as_micros() as u64;
             source.before_run()?;
             control.resume();
-            tracing::debug!(spawned_us = spawned, resumed_us = at.elapsed().as_micros() as u64, "vCPU threads up, then running");
+            tracing::debug!(
+                spawned_us = spawned,
+                resumed_us = at.elapsed().as_micros() as u64,
+                "vCPU threads up, then running"
+            );
             source.running();
         }
     }
@@ -129,13 +135,13 @@ fn prepare(
     origin: Origin,
 ) -> Result<Prepared, Error> {
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(format!("eventfd: {e}")))?;
-    vm.fd
-        .register_irqfd(&irq, serial::COM1_GSI)
-        .map_err(|source| Error::Kvm { what: "KVM_IRQFD", source })?;
+    vm.fd.register_irqfd(&irq, serial::COM1_GSI).map_err(|source| Error::Kvm { what: "KVM_IRQFD", source })?;
     let trigger = serial::IrqTrigger(irq);
     let out = serial_output(&config.serial)?;
     let fds = (0..config.vcpus)
-        .map(|index| vm.fd.create_vcpu(u64::from(index)).map_err(|source| Error::Kvm { what: "KVM_CREATE_VCPU", source }))
+        .map(|index| {
+            vm.fd.create_vcpu(u64::from(index)).map_err(|source| Error::Kvm { what: "KVM_CREATE_VCPU", source })
+        })
         .collect::<Result<Vec<_>, _>>()?;
 
     let (serial, msrs, source) = match origin {
@@ -165,8 +171,9 @@ fn prepare(
             // others. Probing this host's list would cost the switch-over 0.1 ms
             // or more of KVM calls.
             let msrs = state.vcpus.first().map(|v| v.msrs.iter().map(|m| m.index).collect()).unwrap_or_default();
-            let serial = vm_superio::Serial::from_state(&(&state.serial).into(), trigger, vm_superio::serial::NoEvents, out)
-                .map_err(|e| Error::State(format!("serial port: {e:?}")))?;
+            let serial =
+                vm_superio::Serial::from_state(&(&state.serial).into(), trigger, vm_superio::serial::NoEvents, out)
+                    .map_err(|e| Error::State(format!("serial port: {e:?}")))?;
             tracing::debug!(us = loaded.elapsed().as_micros() as u64, "state restored into the VM and its vCPUs");
             (serial, msrs, Some(source))
         }

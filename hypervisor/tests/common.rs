@@ -1,7 +1,6 @@
 //! Helpers for tests that run `drover-vmm` with the test guest on this host's KVM.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
-
 #![allow(dead_code)]
 
 use std::process::{Command, Output};

@@ -53,7 +53,11 @@ impl Vm {
     fn wait_for_ticks(&self, at_least: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.ticks() < at_least {
-            assert!(Instant::now() < deadline, "guest did not reach {at_least} ticks: {:?}", std::fs::read_to_string(&self.serial));
+            assert!(
+                Instant::now() < deadline,
+                "guest did not reach {at_least} ticks: {:?}",
+                std::fs::read_to_string(&self.serial)
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -182,7 +186,8 @@ fn priority_changes_while_the_guest_runs() {
             assert_eq!(mechanism, "thread nice values", "priority never applied");
             for tid in vm.tids() {
                 let stat = std::fs::read_to_string(format!("/proc/{}/task/{tid}/stat", vm.child.id())).unwrap();
-                let nice: i32 = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().nth(16).unwrap().parse().unwrap();
+                let nice: i32 =
+                    stat[stat.rfind(')').unwrap() + 2..].split_whitespace().nth(16).unwrap().parse().unwrap();
                 assert_eq!(nice, drover_hypervisor::priority::nice_for(shares));
             }
         }
@@ -208,7 +213,10 @@ fn guest_memory_follows_the_numa_policy() {
     for (policy, shown) in [("Strict", "bind:0"), ("Preferred", "prefer:0"), ("Interleave", "interleave:0")] {
         let vm = Vm::start(&format!("numa-{policy}"), &["--vcpus", "1", "--numa-policy", policy, "--numa-nodes", "0"]);
         let maps = std::fs::read_to_string(format!("/proc/{}/numa_maps", vm.child.id())).unwrap();
-        assert!(maps.lines().any(|l| l.contains(shown) && l.contains("anon=")), "{policy}: no `{shown}` mapping in numa_maps:\n{maps}");
+        assert!(
+            maps.lines().any(|l| l.contains(shown) && l.contains("anon=")),
+            "{policy}: no `{shown}` mapping in numa_maps:\n{maps}"
+        );
         assert_eq!(vm.status()["numaNodes"], "0");
         assert_eq!(vm.shutdown(), Some(0));
     }

@@ -45,7 +45,13 @@ fn topology_that_does_not_add_up() {
 fn memory_that_cannot_be_allocated() {
     // Limit the address space so the guest RAM mapping fails, as on a host out of memory.
     let out = Command::new("bash")
-        .args(["-c", &format!("ulimit -v 262144; exec {} run --vcpus 1 --memory-mib 2048 --kernel {GUEST}", env!("CARGO_BIN_EXE_drover-vmm"))])
+        .args([
+            "-c",
+            &format!(
+                "ulimit -v 262144; exec {} run --vcpus 1 --memory-mib 2048 --kernel {GUEST}",
+                env!("CARGO_BIN_EXE_drover-vmm")
+            ),
+        ])
         .output()
         .unwrap();
     assert_refused(&out, "cannot allocate 2048 MiB of guest memory");

@@ -17,7 +17,8 @@ use common::*;
 #[test]
 #[ignore = "needs hardware virtualization (kvm_intel/kvm_amd)"]
 fn linux_boots_with_four_vcpus() {
-    let kernel = std::env::var("DROVER_LINUX_KERNEL").expect("set DROVER_LINUX_KERNEL to a bzImage or vmlinux (e.g. /boot/vmlinuz-*)");
+    let kernel = std::env::var("DROVER_LINUX_KERNEL")
+        .expect("set DROVER_LINUX_KERNEL to a bzImage or vmlinux (e.g. /boot/vmlinuz-*)");
     let out = run_vmm(&[
         "--vcpus",
         "4",

@@ -28,7 +28,8 @@ fn serialize() -> std::sync::MutexGuard<'static, ()> {
 /// A figure from the source's "migration completed" log line (logs are plain text
 /// when stderr is not a terminal).
 fn figure(log: &str, name: &str) -> u64 {
-    let line = log.lines().find(|l| l.contains("migration completed")).unwrap_or_else(|| panic!("no completion line:\n{log}"));
+    let line =
+        log.lines().find(|l| l.contains("migration completed")).unwrap_or_else(|| panic!("no completion line:\n{log}"));
     let at = line.find(&format!("{name}=")).unwrap_or_else(|| panic!("no {name} in {line}")) + name.len() + 1;
     line[at..].chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().unwrap()
 }
@@ -39,7 +40,10 @@ fn digest_cmdline(rounds: u32, mem_mib: u32) -> String {
 
 /// `(digest, max gap between rounds in TSC cycles)` from the guest's output.
 fn result(serial: &str) -> (String, u64) {
-    let line = serial.lines().find(|l| l.starts_with("drover-guest: digest")).unwrap_or_else(|| panic!("no digest in:\n{serial}"));
+    let line = serial
+        .lines()
+        .find(|l| l.starts_with("drover-guest: digest"))
+        .unwrap_or_else(|| panic!("no digest in:\n{serial}"));
     let words: Vec<&str> = line.split_whitespace().collect();
     (words[2].to_string(), words[4].parse().unwrap())
 }
@@ -63,7 +67,8 @@ struct Vmm {
 
 impl Vmm {
     fn spawn(mut cmd: Command, name: &str) -> Vmm {
-        let (serial, log, socket) = (tmp(&format!("{name}.serial")), tmp(&format!("{name}.log")), tmp(&format!("{name}.sock")));
+        let (serial, log, socket) =
+            (tmp(&format!("{name}.serial")), tmp(&format!("{name}.log")), tmp(&format!("{name}.sock")));
         let _ = std::fs::remove_file(&serial);
         cmd.args(["--serial", serial.to_str().unwrap(), "--api-socket", socket.to_str().unwrap()])
             .stdout(Stdio::null())
@@ -165,9 +170,18 @@ impl Vmm {
     }
 
     /// A migration on `lanes` connections (the VMM's default when `None`).
-    fn migrate_on(&self, destination: &str, key: &std::path::Path, max_downtime_ms: u64, lanes: Option<u32>) -> (u16, String) {
+    fn migrate_on(
+        &self,
+        destination: &str,
+        key: &std::path::Path,
+        max_downtime_ms: u64,
+        lanes: Option<u32>,
+    ) -> (u16, String) {
         let lanes = lanes.map(|n| format!(r#", "lanes": {n}"#)).unwrap_or_default();
-        let body = format!(r#"{{"destination": "{destination}", "secretFile": "{}", "maxDowntimeMs": {max_downtime_ms}{lanes}}}"#, key.display());
+        let body = format!(
+            r#"{{"destination": "{destination}", "secretFile": "{}", "maxDowntimeMs": {max_downtime_ms}{lanes}}}"#,
+            key.display()
+        );
         request(&self.socket, "PUT", "/vm/migrate", Some(&body)).unwrap()
     }
 
@@ -221,7 +235,11 @@ impl TwoHosts {
         let addresses = [format!("10.213.{octet}.1"), format!("10.213.{octet}.2")];
         let sh = |cmd: String| {
             let out = Command::new("sh").args(["-c", &cmd]).output().expect("sh");
-            assert!(out.status.success(), "`{cmd}` failed (needs root and iproute2): {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "`{cmd}` failed (needs root and iproute2): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
         for (name, addr) in names.iter().zip(&addresses) {
             let _ = Command::new("ip").args(["netns", "del", name]).output();
@@ -229,7 +247,9 @@ impl TwoHosts {
             let _ = addr;
         }
         let (a, b) = (&names[0], &names[1]);
-        sh(format!("ip link add {a}v type veth peer name {b}v && ip link set {a}v netns {a} && ip link set {b}v netns {b}"));
+        sh(format!(
+            "ip link add {a}v type veth peer name {b}v && ip link set {a}v netns {a} && ip link set {b}v netns {b}"
+        ));
         sh(format!("ip -n {a} addr add {}/24 dev {a}v && ip -n {a} link set {a}v up", addresses[0]));
         sh(format!("ip -n {b} addr add {}/24 dev {b}v && ip -n {b} link set {b}v up", addresses[1]));
         TwoHosts { names, addresses }
@@ -272,7 +292,8 @@ fn migrate_hops(vcpus: u32, hops: usize, prefault: bool, lanes: Option<u32>) {
     let mut max_downtime_ms = 0;
     for hop in 1..=hops {
         let name = format!("hops{vcpus}-{hop}");
-        let mut target = if prefault { Vmm::receive_expecting(&name, &key, vcpus, true) } else { Vmm::receive(&name, &key) };
+        let mut target =
+            if prefault { Vmm::receive_expecting(&name, &key, vcpus, true) } else { Vmm::receive(&name, &key) };
         let listen = target.listen_address();
         let (code, body) = current.migrate_on(&listen, &key, 250, lanes);
         assert_eq!(code, 204, "{body}");
@@ -298,7 +319,10 @@ fn migrate_hops(vcpus: u32, hops: usize, prefault: bool, lanes: Option<u32>) {
     // The guest's TSC continues across the move: no round is longer than a normal
     // one plus the pause (counted at 4 GHz, faster than any TSC here).
     let bound = normal_gap * 3 + max_downtime_ms * 4_000_000;
-    assert!(gap <= bound, "largest round gap {gap} cycles, {normal_gap} without migration, downtime {max_downtime_ms} ms");
+    assert!(
+        gap <= bound,
+        "largest round gap {gap} cycles, {normal_gap} without migration, downtime {max_downtime_ms} ms"
+    );
 }
 
 #[test]

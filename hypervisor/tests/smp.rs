@@ -66,7 +66,19 @@ fn topology_reaches_the_guest_through_cpuid_and_acpi() {
 fn vcpu_threads_are_named() {
     // A guest that spins until killed; its threads are listed while it runs.
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_drover-vmm"))
-        .args(["run", "--vcpus", "3", "--memory-mib", "64", "--kernel", GUEST, "--cmdline", "drover.mode=spin", "--serial", "null"])
+        .args([
+            "run",
+            "--vcpus",
+            "3",
+            "--memory-mib",
+            "64",
+            "--kernel",
+            GUEST,
+            "--cmdline",
+            "drover.mode=spin",
+            "--serial",
+            "null",
+        ])
         .spawn()
         .expect("spawn");
     std::thread::sleep(std::time::Duration::from_millis(500));

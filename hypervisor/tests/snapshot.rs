@@ -14,7 +14,10 @@ use drover_hypervisor::api::request;
 const DIGEST: &str = "drover.mode=digest drover.rounds=120 drover.mem=32";
 
 fn digest_line(serial: &str) -> String {
-    serial.lines().find(|l| l.starts_with("drover-guest: digest")).unwrap_or_else(|| panic!("no digest in:\n{serial}"))
+    serial
+        .lines()
+        .find(|l| l.starts_with("drover-guest: digest"))
+        .unwrap_or_else(|| panic!("no digest in:\n{serial}"))
         .split(" max-round-gap")
         .next()
         .unwrap()
@@ -43,14 +46,18 @@ fn snapshot_and_restore(vcpus: u32) {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(request(&socket, "PUT", "/vm/pause", None).unwrap().0, 204);
-    let (code, body) = request(&socket, "PUT", "/vm/snapshot", Some(&format!(r#"{{"path": "{}"}}"#, dir.display()))).unwrap();
+    let (code, body) =
+        request(&socket, "PUT", "/vm/snapshot", Some(&format!(r#"{{"path": "{}"}}"#, dir.display()))).unwrap();
     assert_eq!(code, 200, "{body}");
     vm.kill().unwrap();
     vm.wait().unwrap();
     let before = std::fs::read_to_string(&serial).unwrap();
     assert!(!before.contains("digest"), "the workload finished before the snapshot; make it longer");
 
-    let restored = Command::new(env!("CARGO_BIN_EXE_drover-vmm")).args(["restore", "--from", dir.to_str().unwrap()]).output().unwrap();
+    let restored = Command::new(env!("CARGO_BIN_EXE_drover-vmm"))
+        .args(["restore", "--from", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
     let after = stdout(&restored);
     assert_eq!(restored.status.code(), Some(0), "{after}\n{}", stderr(&restored));
     assert!(!after.contains("cpu 0 up"), "the restored VM booted again instead of continuing:\n{after}");
@@ -75,7 +82,10 @@ fn restore_refuses_a_damaged_snapshot() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("state.bin"), b"not a state").unwrap();
     std::fs::write(dir.join("memory.bin"), b"").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_drover-vmm")).args(["restore", "--from", dir.to_str().unwrap()]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_drover-vmm"))
+        .args(["restore", "--from", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("VM state: decoding VM state"), "{}", stderr(&out));
 }

@@ -29,7 +29,8 @@ pub async fn serve(ctx: Arc<Context>) -> Result<(), Error> {
         .route("/healthz", get(health))
         .route("/vms/{namespace}/{name}/console", get(console))
         .with_state(ctx);
-    let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| Error::io(format!("HTTP endpoint {address}"), e))?;
+    let listener =
+        tokio::net::TcpListener::bind(address).await.map_err(|e| Error::io(format!("HTTP endpoint {address}"), e))?;
     tracing::info!(%address, "HTTP endpoint: /healthz, /vms/NAMESPACE/NAME/console");
     axum::serve(listener, app).await.map_err(|e| Error::io("HTTP endpoint", e))
 }
@@ -45,15 +46,27 @@ async fn health(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
     (code, [(header::CONTENT_TYPE, "application/json")], body.to_string())
 }
 
-async fn console(State(ctx): State<Arc<Context>>, Path((namespace, name)): Path<(String, String)>, Query(q): Query<TailQuery>) -> impl IntoResponse {
+async fn console(
+    State(ctx): State<Arc<Context>>,
+    Path((namespace, name)): Path<(String, String)>,
+    Query(q): Query<TailQuery>,
+) -> impl IntoResponse {
     // Names are Kubernetes names: refuse anything that could leave the log directory.
-    let valid = |s: &str| !s.is_empty() && s.len() <= 253 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.') && !s.starts_with('.');
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && !s.starts_with('.')
+    };
     if !valid(&namespace) || !valid(&name) {
         return (StatusCode::BAD_REQUEST, "namespace and name must be Kubernetes names\n".to_string().into_bytes());
     }
     let path = ctx.settings.serial_log(&namespace, &name);
     if !path.exists() {
-        return (StatusCode::NOT_FOUND, format!("no console log for {namespace}/{name} on {}\n", ctx.node()).into_bytes());
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no console log for {namespace}/{name} on {}\n", ctx.node()).into_bytes(),
+        );
     }
     let bytes = q.bytes.unwrap_or(64 << 10).min(MAX_TAIL);
     (StatusCode::OK, crate::monitor::read_log_tail(&path, bytes))

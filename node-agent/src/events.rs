@@ -27,7 +27,14 @@ impl Events {
         self.publish(object, EventType::Warning, reason, action, note);
     }
 
-    fn publish<K: Resource<DynamicType = ()>>(&self, object: &K, type_: EventType, reason: &str, action: &str, note: String) {
+    fn publish<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let reference = object.object_ref(&());
         // Events are capped at 1 KiB of note by the API server.
         let note: String = note.chars().take(1000).collect();
@@ -35,7 +42,12 @@ impl Events {
         let recorder = self.recorder.clone();
         tokio::spawn(async move {
             if let Err(e) = recorder.publish(&event, &reference).await {
-                tracing::debug!("event {} on {:?}/{:?} not written: {e}", event.reason, reference.namespace, reference.name);
+                tracing::debug!(
+                    "event {} on {:?}/{:?} not written: {e}",
+                    event.reason,
+                    reference.namespace,
+                    reference.name
+                );
             }
         });
     }

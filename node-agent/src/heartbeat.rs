@@ -116,7 +116,11 @@ pub async fn run(
         // A renewal that takes longer than the time left before the deadline is
         // useless; cut it off there so the deadline is acted on in time.
         let left = deadline.map(|d| Duration::from_nanos(d.saturating_sub(sent))).unwrap_or(timing.renew_interval);
-        let attempt = tokio::time::timeout(left.clamp(Duration::from_millis(100), timing.renew_interval), renew(&leases, &settings, timing)).await;
+        let attempt = tokio::time::timeout(
+            left.clamp(Duration::from_millis(100), timing.renew_interval),
+            renew(&leases, &settings, timing),
+        )
+        .await;
         match attempt {
             Ok(Ok(())) => {
                 match fence::write_deadline(&settings.runtime_dir, sent, timing.fence_after) {
@@ -130,7 +134,10 @@ pub async fn run(
                     }
                     Err(e) => tracing::error!("cannot move the fencing deadline: {e}"),
                 }
-                tokio::time::sleep(timing.renew_interval.saturating_sub(Duration::from_nanos(fence::boottime_ns() - sent))).await;
+                tokio::time::sleep(
+                    timing.renew_interval.saturating_sub(Duration::from_nanos(fence::boottime_ns() - sent)),
+                )
+                .await;
                 continue;
             }
             Ok(Err(e)) => {
@@ -149,7 +156,8 @@ pub async fn run(
         let now = fence::boottime_ns();
         if deadline.is_none_or(|d| now >= d) && *leased.borrow() {
             leased.send_replace(false);
-            let killed = supervisor.kill_all("powered off by the host's isolation response: its heartbeat deadline passed");
+            let killed =
+                supervisor.kill_all("powered off by the host's isolation response: its heartbeat deadline passed");
             tracing::error!(
                 vms = killed,
                 "fencing: the heartbeat lease was not renewed for {:?}; powered off every VM of this host; none starts until the lease is renewed",
@@ -164,7 +172,10 @@ pub async fn run(
 /// leave room for the margin; else the agent's flags.
 pub fn timing_for(settings: &Settings, facts: Option<&HostFacts>) -> Timing {
     let Some(hb) = facts.and_then(|f| f.heartbeat) else { return settings.timing };
-    match Timing::new(Duration::from_secs(hb.interval_seconds.into()), Duration::from_secs(hb.lease_duration_seconds.into())) {
+    match Timing::new(
+        Duration::from_secs(hb.interval_seconds.into()),
+        Duration::from_secs(hb.lease_duration_seconds.into()),
+    ) {
         Ok(timing) => timing,
         Err(e) => {
             tracing::warn!("HostPolicy heartbeat settings not used ({e}); keeping the agent's");
@@ -211,14 +222,23 @@ mod tests {
         let settings = crate::settings::tests::settings(dir.path());
         let facts = |interval_seconds, lease_duration_seconds| HostFacts {
             kvm: KvmFact { usable: true, reason: None, max_vcpus: 1 },
-            topology: TopologyFact { cpus: "0".into(), cores: 1, threads_per_core: 1, numa_nodes: vec![], memory_mib: 1 },
+            topology: TopologyFact {
+                cpus: "0".into(),
+                cores: 1,
+                threads_per_core: 1,
+                numa_nodes: vec![],
+                memory_mib: 1,
+            },
             offered: Offered { cpus: "0".into(), vcpus: 1, memory_mib: 1, memory_overcommit_ratio: 1.0 },
             policy: Some("p".into()),
             heartbeat: Some(HeartbeatFact { interval_seconds, lease_duration_seconds }),
         };
         assert_eq!(timing_for(&settings, None), Timing::DEFAULT);
         let t = timing_for(&settings, Some(&facts(2, 10)));
-        assert_eq!((t.renew_interval, t.lease_duration, t.fence_after), (Duration::from_secs(2), Duration::from_secs(10), Duration::from_secs(8)));
+        assert_eq!(
+            (t.renew_interval, t.lease_duration, t.fence_after),
+            (Duration::from_secs(2), Duration::from_secs(10), Duration::from_secs(8))
+        );
         // 1 s heartbeats in a 2 s lease leave no margin: the flags stay.
         assert_eq!(timing_for(&settings, Some(&facts(1, 2))), Timing::DEFAULT);
     }

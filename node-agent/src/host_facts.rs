@@ -108,14 +108,25 @@ impl HostFacts {
 /// Gathers the facts: topology from `sysfs_root`, memory from `/proc/meminfo`, KVM
 /// from the KVM device, capacity from the first HostPolicy (by name) whose selector
 /// matches the node's labels.
-pub fn gather(sysfs_root: &Path, kvm_device: &Path, node_labels: &BTreeMap<String, String>, policies: &[HostPolicy]) -> Result<HostFacts, Error> {
-    let topology = HostTopology::read(sysfs_root).map_err(|e| Error::Io(format!("host topology from {}: {e}", sysfs_root.display())))?;
+pub fn gather(
+    sysfs_root: &Path,
+    kvm_device: &Path,
+    node_labels: &BTreeMap<String, String>,
+    policies: &[HostPolicy],
+) -> Result<HostFacts, Error> {
+    let topology = HostTopology::read(sysfs_root)
+        .map_err(|e| Error::Io(format!("host topology from {}: {e}", sysfs_root.display())))?;
     let memory_mib = meminfo_total_mib().unwrap_or(0);
     let kvm = match drover_hypervisor::kvm_probe::probe_device(kvm_device) {
         Ok(facts) if facts.usable() => KvmFact { usable: true, reason: None, max_vcpus: facts.max_vcpus },
         Ok(facts) => {
-            let missing: Vec<&str> = facts.capabilities.iter().filter(|(_, ok)| !**ok).map(|(name, _)| name.as_str()).collect();
-            KvmFact { usable: false, reason: Some(format!("/dev/kvm lacks {}", missing.join(", "))), max_vcpus: facts.max_vcpus }
+            let missing: Vec<&str> =
+                facts.capabilities.iter().filter(|(_, ok)| !**ok).map(|(name, _)| name.as_str()).collect();
+            KvmFact {
+                usable: false,
+                reason: Some(format!("/dev/kvm lacks {}", missing.join(", "))),
+                max_vcpus: facts.max_vcpus,
+            }
         }
         Err(e) => KvmFact { usable: false, reason: Some(format!("{} ({e})", kvm_device.display())), max_vcpus: 0 },
     };
@@ -123,21 +134,29 @@ pub fn gather(sysfs_root: &Path, kvm_device: &Path, node_labels: &BTreeMap<Strin
 }
 
 /// The pure part of [`gather`].
-pub fn compute(topology: &HostTopology, memory_mib: u64, kvm: KvmFact, node_labels: &BTreeMap<String, String>, policies: &[HostPolicy]) -> HostFacts {
+pub fn compute(
+    topology: &HostTopology,
+    memory_mib: u64,
+    kvm: KvmFact,
+    node_labels: &BTreeMap<String, String>,
+    policies: &[HostPolicy],
+) -> HostFacts {
     let mut sorted: Vec<&HostPolicy> = policies.iter().collect();
     sorted.sort_by_key(|p| p.metadata.name.clone());
-    let policy = sorted.into_iter().find(|p| {
-        Selector::try_from(p.spec.node_selector.clone()).map(|s| s.matches(node_labels)).unwrap_or(false)
-    });
+    let policy = sorted
+        .into_iter()
+        .find(|p| Selector::try_from(p.spec.node_selector.clone()).map(|s| s.matches(node_labels)).unwrap_or(false));
     let online = topology.online();
     let ratio = policy.map(|p| p.spec.capacity.memory_overcommit_ratio).unwrap_or(1.0);
     let (offered_cpus, vcpus, offered_memory) = match policy {
         Some(p) => {
-            let reserved = p.spec.capacity.reserved_cpus.as_deref().and_then(|l| CpuSet::parse(l).ok()).unwrap_or_default();
+            let reserved =
+                p.spec.capacity.reserved_cpus.as_deref().and_then(|l| CpuSet::parse(l).ok()).unwrap_or_default();
             let cpus: CpuSet = online.iter().filter(|c| !reserved.contains(*c)).collect();
             let reserved_mib = crate::vm_config::memory_mib(&p.spec.capacity.reserved_memory).unwrap_or(1024);
             let vcpus = (cpus.len() as f64 * p.spec.capacity.cpu_overcommit_ratio).floor() as u64;
-            let memory = (memory_mib.saturating_sub(reserved_mib) as f64 * p.spec.capacity.memory_overcommit_ratio).floor() as u64;
+            let memory = (memory_mib.saturating_sub(reserved_mib) as f64 * p.spec.capacity.memory_overcommit_ratio)
+                .floor() as u64;
             (cpus, vcpus, memory)
         }
         // Without a policy: every CPU, no overcommit, and the HostPolicy default of 1 GiB for the host.
@@ -158,7 +177,12 @@ pub fn compute(topology: &HostTopology, memory_mib: u64, kvm: KvmFact, node_labe
                 .collect(),
             memory_mib,
         },
-        offered: Offered { cpus: offered_cpus.to_string(), vcpus, memory_mib: offered_memory, memory_overcommit_ratio: ratio },
+        offered: Offered {
+            cpus: offered_cpus.to_string(),
+            vcpus,
+            memory_mib: offered_memory,
+            memory_overcommit_ratio: ratio,
+        },
         policy: policy.and_then(|p| p.metadata.name.clone()),
         heartbeat: policy.map(|p| HeartbeatFact {
             interval_seconds: p.spec.ha.heartbeat_interval_seconds,
@@ -290,7 +314,11 @@ mod tests {
         );
         let facts = compute(&topology, 65536, usable(), &labels, &[other.clone(), prod]);
         assert_eq!(facts.policy.as_deref(), Some("b-prod"));
-        assert_eq!(facts.heartbeat, Some(HeartbeatFact { interval_seconds: 1, lease_duration_seconds: 3 }), "HostPolicy defaults");
+        assert_eq!(
+            facts.heartbeat,
+            Some(HeartbeatFact { interval_seconds: 1, lease_duration_seconds: 3 }),
+            "HostPolicy defaults"
+        );
         assert_eq!(facts.offered.cpus, "2-15");
         assert_eq!(facts.offered.vcpus, 28);
         assert_eq!(facts.offered.memory_mib, (65536 - 2048) * 3 / 2);

@@ -88,7 +88,8 @@ fn sibling(name: &str) -> PathBuf {
 }
 
 fn settings(cli: Cli) -> Result<Settings, Error> {
-    let timing = Timing::new(Duration::from_millis(cli.heartbeat_interval_ms), Duration::from_secs(cli.lease_duration_seconds))?;
+    let timing =
+        Timing::new(Duration::from_millis(cli.heartbeat_interval_ms), Duration::from_secs(cli.lease_duration_seconds))?;
     Ok(Settings {
         node: cli.node_name,
         address: cli.address,
@@ -109,7 +110,8 @@ fn settings(cli: Cli) -> Result<Settings, Error> {
 async fn client(kubeconfig: Option<PathBuf>) -> Result<kube::Client, Error> {
     let config = match kubeconfig {
         Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(&path).map_err(|e| Error::Config(format!("--kubeconfig {}: {e}", path.display())))?;
+            let kubeconfig = kube::config::Kubeconfig::read_from(&path)
+                .map_err(|e| Error::Config(format!("--kubeconfig {}: {e}", path.display())))?;
             kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
                 .await
                 .map_err(|e| Error::Config(format!("--kubeconfig {}: {e}", path.display())))?
@@ -128,7 +130,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
     }
     for program in [&settings.vmm, &settings.monitor] {
         if !program.is_file() {
-            return Err(Error::Config(format!("{} not found: install it next to drover-agent or pass --vmm/--monitor", program.display())));
+            return Err(Error::Config(format!(
+                "{} not found: install it next to drover-agent or pass --vmm/--monitor",
+                program.display()
+            )));
         }
     }
     let client = client(kubeconfig).await?;
@@ -146,7 +151,14 @@ async fn run(cli: Cli) -> Result<(), Error> {
     let (leased_tx, leased) = tokio::sync::watch::channel(false);
     let (facts_tx, facts) = tokio::sync::watch::channel(None);
     let events = drover_agent::events::Events::new(client.clone(), &settings.node);
-    let ctx = Arc::new(Context { client: client.clone(), settings: settings.clone(), supervisor: supervisor.clone(), leased, facts: facts.clone(), events });
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        settings: settings.clone(),
+        supervisor: supervisor.clone(),
+        leased,
+        facts: facts.clone(),
+        events,
+    });
 
     tokio::spawn(heartbeat::run(client.clone(), settings.clone(), supervisor.clone(), facts.clone(), leased_tx));
     tokio::spawn(host_facts::publish(client.clone(), settings.clone(), facts_tx, Duration::from_secs(30)));

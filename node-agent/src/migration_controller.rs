@@ -23,8 +23,8 @@ use crate::Error;
 use crate::context::Context;
 use crate::status::{self, condition, now};
 use crate::supervisor::{VmmState, new_meta};
-use crate::vm_dir::{Role, VmDir};
 use crate::vm_config;
+use crate::vm_dir::{Role, VmDir};
 use crate::vmm_client::{MigrationStatus, Phase, VmmClient};
 
 /// Key of the migration Secret that holds the secret.
@@ -41,7 +41,8 @@ pub async fn reconcile(migration: Arc<VirtualMachineMigration>, ctx: Arc<Context
     let ns = migration.namespace().unwrap_or_default();
     let api: Api<VirtualMachineMigration> = Api::namespaced(ctx.client.clone(), &ns);
     let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
-    let active = matches!(status.phase, Some(MigrationPhase::Scheduled | MigrationPhase::Running | MigrationPhase::Switchover));
+    let active =
+        matches!(status.phase, Some(MigrationPhase::Scheduled | MigrationPhase::Running | MigrationPhase::Switchover));
 
     if status.target_node.as_deref() == Some(node) {
         if active && status.target_address.is_none() {
@@ -70,7 +71,8 @@ async fn prepare_target(
     mut status: VirtualMachineMigrationStatus,
 ) -> Result<Action, Error> {
     let name = migration.name_any();
-    let fail = |status: &mut VirtualMachineMigrationStatus, why: String| fail(ctx, migration, status, "TargetNotReady", why);
+    let fail =
+        |status: &mut VirtualMachineMigrationStatus, why: String| fail(ctx, migration, status, "TargetNotReady", why);
     let vm = match vms.get_opt(&migration.spec.vm_name).await? {
         Some(vm) => vm,
         None => {
@@ -83,7 +85,9 @@ async fn prepare_target(
     if let Some(local) = ctx.supervisor.get(&uid) {
         match (local.meta.role, ctx.supervisor.state(&uid)) {
             // Started on an earlier pass: wait until it listens.
-            (Role::Receive { migration: m }, Some(VmmState::Running)) if m == name => return publish_when_listening(migration, api, ctx, &local.dir, status).await,
+            (Role::Receive { migration: m }, Some(VmmState::Running)) if m == name => {
+                return publish_when_listening(migration, api, ctx, &local.dir, status).await;
+            }
             (Role::Receive { .. }, _) => ctx.supervisor.forget(&uid),
             (Role::Run, _) => {
                 fail(&mut status, format!("{} already runs VM {}", ctx.node(), vm.name_any()));
@@ -136,7 +140,8 @@ async fn prepare_target(
     if facts.as_ref().is_none_or(|f| f.offered.memory_overcommit_ratio <= 1.0) {
         args.push("--prefault".into());
     }
-    let meta = new_meta(&vm.namespace().unwrap_or_default(), &vm.name_any(), &uid, Role::Receive { migration: name.clone() });
+    let meta =
+        new_meta(&vm.namespace().unwrap_or_default(), &vm.name_any(), &uid, Role::Receive { migration: name.clone() });
     let local = ctx.supervisor.start(meta, &config, args, Some(&secret))?;
     tracing::info!(migration = %name, vm = %vm.name_any(), port, "receiving VMM started");
     publish_when_listening(migration, api, ctx, &local.dir, status).await
@@ -155,13 +160,23 @@ async fn publish_when_listening(
     }
     let address = std::net::SocketAddr::new(ctx.settings.address, port).to_string();
     status.target_address = Some(address.clone());
-    status.conditions.set(condition("TargetReady", true, "Listening", format!("receiving VMM listens on {address}"), migration.metadata.generation));
+    status.conditions.set(condition(
+        "TargetReady",
+        true,
+        "Listening",
+        format!("receiving VMM listens on {address}"),
+        migration.metadata.generation,
+    ));
     status::write_migration(api, migration, &status, &ctx.manager()).await?;
     Ok(Action::requeue(Duration::from_secs(1)))
 }
 
 /// Stops a receiving VMM whose migration failed (the VM still runs on the source).
-async fn stop_target(migration: &VirtualMachineMigration, vms: &Api<VirtualMachine>, ctx: &Context) -> Result<(), Error> {
+async fn stop_target(
+    migration: &VirtualMachineMigration,
+    vms: &Api<VirtualMachine>,
+    ctx: &Context,
+) -> Result<(), Error> {
     let Some(vm) = vms.get_opt(&migration.spec.vm_name).await? else { return Ok(()) };
     let uid = vm.uid().unwrap_or_default();
     let placed_here = vm.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(ctx.node());
@@ -218,7 +233,13 @@ async fn drive_source(
         // find the migration Running and follow it, not start it twice.
         status.phase = Some(MigrationPhase::Running);
         status.start_time = Some(now());
-        status.conditions.set(condition("Succeeded", false, "Running", format!("copying memory to {target} ({address})"), generation));
+        status.conditions.set(condition(
+            "Succeeded",
+            false,
+            "Running",
+            format!("copying memory to {target} ({address})"),
+            generation,
+        ));
         status::write_migration(api, migration, &status, &ctx.manager()).await?;
         let figures = local.as_ref().map(|l| l.dir.migration_figures()).unwrap_or_default();
         let _ = std::fs::remove_file(&figures);
@@ -250,7 +271,8 @@ async fn drive_source(
             Some(Err(p.error.clone().unwrap_or_else(|| format!("migration {:?}", p.phase).to_lowercase())))
         }
         (_, Some(p)) if p.phase == Phase::Unknown => Some(Err(
-            "the target never confirmed the switch-over: the VM is paused on the source and may run on the target".into(),
+            "the target never confirmed the switch-over: the VM is paused on the source and may run on the target"
+                .into(),
         )),
         _ => None,
     };
@@ -268,7 +290,10 @@ async fn drive_source(
     match ended {
         None => {
             let old = migration.status.as_ref();
-            let recent = old.and_then(|o| o.total_millis).zip(status.total_millis).is_some_and(|(a, b)| b - a < PROGRESS_EVERY_MS);
+            let recent = old
+                .and_then(|o| o.total_millis)
+                .zip(status.total_millis)
+                .is_some_and(|(a, b)| b - a < PROGRESS_EVERY_MS);
             if old.map(|o| o.phase) != Some(status.phase) || !recent {
                 status::write_migration(api, migration, &status, &ctx.manager()).await?;
             }
@@ -282,11 +307,23 @@ async fn drive_source(
             vm_status.phase = Some(VmPhase::Running);
             vm_status.migration = None;
             vm_status.cpu_usage = None;
-            vm_status.conditions.set(condition("Ready", true, "Migrated", format!("migrated from {} to {target}", ctx.node()), vm.metadata.generation));
+            vm_status.conditions.set(condition(
+                "Ready",
+                true,
+                "Migrated",
+                format!("migrated from {} to {target}", ctx.node()),
+                vm.metadata.generation,
+            ));
             status::write_vm(vms, &vm, &vm_status, &ctx.manager()).await?;
             status.phase = Some(MigrationPhase::Succeeded);
             status.completion_time = Some(now());
-            status.conditions.set(condition("Succeeded", true, "Migrated", format!("the VM runs on {target}"), generation));
+            status.conditions.set(condition(
+                "Succeeded",
+                true,
+                "Migrated",
+                format!("the VM runs on {target}"),
+                generation,
+            ));
             status::write_migration(api, migration, &status, &ctx.manager()).await?;
             tracing::info!(migration = %name, to = %target, downtime_us = ?status.downtime_micros, total_ms = ?status.total_millis, bytes = ?status.bytes_transferred, passes = ?status.iterations, "migration succeeded");
             let figures = format!(
@@ -311,7 +348,13 @@ async fn drive_source(
 }
 
 /// Marks a migration failed, saying why (the VM keeps running on its source).
-fn fail(ctx: &Context, migration: &VirtualMachineMigration, status: &mut VirtualMachineMigrationStatus, reason: &str, why: String) {
+fn fail(
+    ctx: &Context,
+    migration: &VirtualMachineMigration,
+    status: &mut VirtualMachineMigrationStatus,
+    reason: &str,
+    why: String,
+) {
     tracing::warn!(migration = %migration.name_any(), "failed ({reason}): {why}");
     ctx.events.warning(migration, reason, "Migrate", format!("{why} (the VM keeps running on its source)"));
     status.phase = Some(MigrationPhase::Failed);
@@ -321,7 +364,12 @@ fn fail(ctx: &Context, migration: &VirtualMachineMigration, status: &mut Virtual
 }
 
 /// Marks the VM as migrating (or no longer), keeping the rest of its status.
-async fn set_vm_migrating(vms: &Api<VirtualMachine>, vm: &VirtualMachine, ctx: &Context, migration: Option<&str>) -> Result<(), Error> {
+async fn set_vm_migrating(
+    vms: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    ctx: &Context,
+    migration: Option<&str>,
+) -> Result<(), Error> {
     let fresh = vms.get_status(&vm.name_any()).await?;
     let mut status = fresh.status.clone().unwrap_or_default();
     status.migration = migration.map(str::to_string);
@@ -334,11 +382,11 @@ async fn set_vm_migrating(vms: &Api<VirtualMachine>, vm: &VirtualMachine, ctx: &
 
 async fn read_secret(ctx: &Context, migration: &VirtualMachineMigration) -> Result<Vec<u8>, Error> {
     let ns = migration.namespace().unwrap_or_default();
-    let name = migration
-        .status
-        .as_ref()
-        .and_then(|s| s.secret_name.clone())
-        .ok_or_else(|| Error::Reference("status.secretName is not set: the operator names the migration Secret when it approves".into()))?;
+    let name = migration.status.as_ref().and_then(|s| s.secret_name.clone()).ok_or_else(|| {
+        Error::Reference(
+            "status.secretName is not set: the operator names the migration Secret when it approves".into(),
+        )
+    })?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let secret = secrets
         .get_opt(&name)

@@ -83,7 +83,9 @@ pub fn run(args: &MonitorArgs) -> Result<ExitRecord, Error> {
                 .spawn(move || accept_consoles(listener, clients))
                 .map_err(|e| Error::io("console thread", e))?;
         }
-        Err(e) => eprintln!("drover-monitor: no live console ({}: {e}); the serial log is still kept", socket.display()),
+        Err(e) => {
+            eprintln!("drover-monitor: no live console ({}: {e}); the serial log is still kept", socket.display())
+        }
     }
     let mut serial = None;
     if let Some(stdout) = child.stdout.take() {
@@ -158,7 +160,11 @@ impl RotatingLog {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent.display(), e))?;
         }
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path.display(), e))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path.display(), e))?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         Ok(Self { path: path.to_path_buf(), max_bytes: max_bytes.max(1), file, size })
     }

@@ -22,7 +22,13 @@ pub fn now() -> Time {
 }
 
 /// A condition as the API conventions describe it.
-pub fn condition(type_: &str, ok: bool, reason: &str, message: impl Into<String>, generation: Option<i64>) -> Condition {
+pub fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+) -> Condition {
     Condition {
         type_: type_.into(),
         status: if ok { "True" } else { "False" }.into(),
@@ -34,7 +40,12 @@ pub fn condition(type_: &str, ok: bool, reason: &str, message: impl Into<String>
 }
 
 /// Writes a VM's status if it changed. Returns whether a write happened.
-pub async fn write_vm(api: &Api<VirtualMachine>, vm: &VirtualMachine, new: &VirtualMachineStatus, manager: &str) -> Result<bool, Error> {
+pub async fn write_vm(
+    api: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    new: &VirtualMachineStatus,
+    manager: &str,
+) -> Result<bool, Error> {
     write(api, vm, vm.status.as_ref(), new, manager).await
 }
 
@@ -69,12 +80,14 @@ where
 /// written as `null`, which is how a merge patch removes them.
 fn status_with_nulls<T: serde::Serialize>(old: Option<&T>, new: &T) -> Result<serde_json::Value, Error> {
     let mut patch = serde_json::to_value(new).map_err(|e| Error::Io(e.to_string()))?;
-    if let (Some(old), Some(map)) = (old.map(serde_json::to_value).transpose().map_err(|e| Error::Io(e.to_string()))?, patch.as_object_mut())
-        && let Some(old) = old.as_object() {
-            for key in old.keys() {
-                map.entry(key.clone()).or_insert(serde_json::Value::Null);
-            }
+    if let (Some(old), Some(map)) =
+        (old.map(serde_json::to_value).transpose().map_err(|e| Error::Io(e.to_string()))?, patch.as_object_mut())
+        && let Some(old) = old.as_object()
+    {
+        for key in old.keys() {
+            map.entry(key.clone()).or_insert(serde_json::Value::Null);
         }
+    }
     Ok(patch)
 }
 
@@ -86,7 +99,11 @@ pub fn is_conflict(e: &Error) -> bool {
 
 /// What a controller does with an error about `object`: a conflict is retried at
 /// once; anything else is logged and tried again after `after`.
-pub fn retry<K: kube::Resource<DynamicType = ()>>(object: &K, error: &Error, after: std::time::Duration) -> kube::runtime::controller::Action {
+pub fn retry<K: kube::Resource<DynamicType = ()>>(
+    object: &K,
+    error: &Error,
+    after: std::time::Duration,
+) -> kube::runtime::controller::Action {
     use kube::runtime::controller::Action;
     if is_conflict(error) {
         return Action::requeue(std::time::Duration::from_millis(100));
@@ -101,7 +118,8 @@ mod tests {
 
     #[test]
     fn removed_fields_become_nulls() {
-        let old = VirtualMachineStatus { node_name: Some("a".into()), migration: Some("m".into()), ..Default::default() };
+        let old =
+            VirtualMachineStatus { node_name: Some("a".into()), migration: Some("m".into()), ..Default::default() };
         let new = VirtualMachineStatus { node_name: Some("b".into()), ..Default::default() };
         let patch = status_with_nulls(Some(&old), &new).unwrap();
         assert_eq!(patch["nodeName"], "b");

@@ -91,7 +91,13 @@ impl Supervisor {
     /// Starts a VMM under its monitor. `vmm_args` follow the `drover-vmm` program
     /// name (`run --config ...` or `receive ...`). Refused unless the host holds its
     /// heartbeat deadline: a fenced host starts nothing.
-    pub fn start(&self, meta: VmMeta, config: &VmConfig, vmm_args: Vec<String>, secret: Option<&[u8]>) -> Result<LocalVm, Error> {
+    pub fn start(
+        &self,
+        meta: VmMeta,
+        config: &VmConfig,
+        vmm_args: Vec<String>,
+        secret: Option<&[u8]>,
+    ) -> Result<LocalVm, Error> {
         let fence_file = fence::deadline_file(&self.settings.runtime_dir);
         if !fence::within_deadline(&fence_file) {
             return Err(Error::NotLeased);
@@ -112,7 +118,8 @@ impl Supervisor {
             std::io::Write::write_all(&mut file, secret).map_err(|e| Error::io(dir.secret().display(), e))?;
         }
         write_atomic(&dir.meta(), &serde_json::to_vec_pretty(&meta).map_err(|e| Error::Io(e.to_string()))?)?;
-        let monitor_log = std::fs::File::create(dir.path.join("monitor.log")).map_err(|e| Error::io("monitor.log", e))?;
+        let monitor_log =
+            std::fs::File::create(dir.path.join("monitor.log")).map_err(|e| Error::io("monitor.log", e))?;
 
         let mut command = std::process::Command::new(&self.settings.monitor);
         command
@@ -141,7 +148,8 @@ impl Supervisor {
                 Ok(())
             });
         }
-        let child = command.spawn().map_err(|e| Error::io(format!("starting {}", self.settings.monitor.display()), e))?;
+        let child =
+            command.spawn().map_err(|e| Error::io(format!("starting {}", self.settings.monitor.display()), e))?;
         write_atomic(&dir.monitor_pid(), child.id().to_string().as_bytes())?;
         // The monitor is reaped by a thread of its own: it is our child while we
         // live, and must not linger as a zombie (which would look alive).

@@ -23,7 +23,13 @@ pub fn build_expected(vm: &VirtualMachine, offered: &CpuSet, node: &str, dir: &V
     build_checked(vm, offered, node, dir, false)
 }
 
-fn build_checked(vm: &VirtualMachine, offered: &CpuSet, node: &str, dir: &VmDir, check_files: bool) -> Result<VmConfig, Error> {
+fn build_checked(
+    vm: &VirtualMachine,
+    offered: &CpuSet,
+    node: &str,
+    dir: &VmDir,
+    check_files: bool,
+) -> Result<VmConfig, Error> {
     let spec = &vm.spec;
     if let Some(disk) = spec.disks.first() {
         return Err(Error::Config(format!(
@@ -31,7 +37,8 @@ fn build_checked(vm: &VirtualMachine, offered: &CpuSet, node: &str, dir: &VmDir,
             disk.name
         )));
     }
-    let file = |field: &str, path: &str| if check_files { existing_file(field, path, node) } else { Ok(PathBuf::from(path)) };
+    let file =
+        |field: &str, path: &str| if check_files { existing_file(field, path, node) } else { Ok(PathBuf::from(path)) };
     let kernel = file("spec.boot.kernel", &spec.boot.kernel)?;
     let initrd = spec.boot.initrd.as_deref().map(|p| file("spec.boot.initrd", p)).transpose()?;
     let host_cpus = desired_host_cpus(vm, offered, node)?;

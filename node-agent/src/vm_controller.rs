@@ -21,9 +21,9 @@ use crate::Error;
 use crate::context::Context;
 use crate::status::{self, condition, time_ms};
 use crate::supervisor::{VmmState, new_meta};
+use crate::vm_config;
 use crate::vm_dir::{Role, VmDir};
 use crate::vmm_client::{Phase, VmmClient, host_cpus};
-use crate::vm_config;
 
 /// Held on every VM an agent has started, until its VMM has stopped.
 pub const FINALIZER: &str = "drover.dev/vm-agent";
@@ -81,12 +81,19 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
                 return start(&vm, &api, &ctx, &uid, new).await;
             }
             let mut new = status.clone();
-            let clean = record.is_clean() || stop_reason.as_deref().is_some_and(|r| r.starts_with("stopped on request"));
+            let clean =
+                record.is_clean() || stop_reason.as_deref().is_some_and(|r| r.starts_with("stopped on request"));
             new.phase = Some(if clean { VmPhase::Stopped } else { VmPhase::Failed });
             new.last_exit = Some(what.clone());
             new.cpu_usage = None;
             let reason = if clean { reason::STOPPED } else { reason::FAILED };
-            new.conditions.set(condition("Ready", false, reason, format!("{what} on {}", ctx.node()), vm.metadata.generation));
+            new.conditions.set(condition(
+                "Ready",
+                false,
+                reason,
+                format!("{what} on {}", ctx.node()),
+                vm.metadata.generation,
+            ));
             tracing::info!(vm = %vm.name_any(), "VM ended: {what}");
             status::write_vm(&api, &vm, &new, &ctx.manager()).await?;
             if clean {
@@ -101,7 +108,13 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
             let mut new = status.clone();
             new.phase = Some(VmPhase::Failed);
             new.last_exit = Some("the VMM's monitor vanished without recording an exit".into());
-            new.conditions.set(condition("Ready", false, reason::LOST, format!("VMM lost on {}", ctx.node()), vm.metadata.generation));
+            new.conditions.set(condition(
+                "Ready",
+                false,
+                reason::LOST,
+                format!("VMM lost on {}", ctx.node()),
+                vm.metadata.generation,
+            ));
             status::write_vm(&api, &vm, &new, &ctx.manager()).await?;
             ctx.events.warning(vm.as_ref(), "VmmLost", "Stop", format!("the VMM's monitor vanished on {}", ctx.node()));
             ctx.supervisor.forget(&uid);
@@ -115,7 +128,14 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
 /// migration target (left to the migration controller), a source that has handed
 /// the VM over, or one that must not run (the VM was moved while this host was cut
 /// off and has fenced; this is the belt to that braces).
-async fn elsewhere(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, uid: &str, role: Option<Role>, state: Option<VmmState>) -> Result<Action, Error> {
+async fn elsewhere(
+    vm: &VirtualMachine,
+    api: &Api<VirtualMachine>,
+    ctx: &Context,
+    uid: &str,
+    role: Option<Role>,
+    state: Option<VmmState>,
+) -> Result<Action, Error> {
     match (role, state) {
         (Some(Role::Run), Some(VmmState::Running)) => {
             let client = VmmClient::new(&VmDir::new(&ctx.settings.runtime_dir, uid).api_socket());
@@ -143,7 +163,13 @@ async fn elsewhere(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context
 }
 
 /// Deleted: power off, then let the deletion proceed.
-async fn delete(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, uid: &str, state: Option<VmmState>) -> Result<Action, Error> {
+async fn delete(
+    vm: &VirtualMachine,
+    api: &Api<VirtualMachine>,
+    ctx: &Context,
+    uid: &str,
+    state: Option<VmmState>,
+) -> Result<Action, Error> {
     if state == Some(VmmState::Running) {
         ctx.supervisor.kill(uid, "stopped on request: the VirtualMachine was deleted");
         return Ok(Action::requeue(POLL_BUSY));
@@ -155,7 +181,13 @@ async fn delete(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, u
 }
 
 /// Nothing runs here for a VM placed here: start it, or say why not.
-async fn idle(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, uid: &str, status: VirtualMachineStatus) -> Result<Action, Error> {
+async fn idle(
+    vm: &VirtualMachine,
+    api: &Api<VirtualMachine>,
+    ctx: &Context,
+    uid: &str,
+    status: VirtualMachineStatus,
+) -> Result<Action, Error> {
     let halted = vm.spec.run_strategy == RunStrategy::Halted;
     let invalid_spec_changed = status.phase == Some(VmPhase::Failed)
         && status.conditions.get("Ready").is_some_and(|c| c.reason == reason::INVALID_SPEC)
@@ -165,7 +197,13 @@ async fn idle(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, uid
             if status.phase != Some(VmPhase::Stopped) {
                 let mut new = status.clone();
                 new.phase = Some(VmPhase::Stopped);
-                new.conditions.set(condition("Ready", false, reason::STOPPED, "spec.runStrategy is Halted", vm.metadata.generation));
+                new.conditions.set(condition(
+                    "Ready",
+                    false,
+                    reason::STOPPED,
+                    "spec.runStrategy is Halted",
+                    vm.metadata.generation,
+                ));
                 status::write_vm(api, vm, &new, &ctx.manager()).await?;
             }
             Ok(Action::await_change())
@@ -179,7 +217,13 @@ async fn idle(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, uid
             new.phase = Some(VmPhase::Failed);
             new.last_exit = Some(format!("its VMM is gone from {} (host restarted or powered off)", ctx.node()));
             new.cpu_usage = None;
-            new.conditions.set(condition("Ready", false, reason::LOST, new.last_exit.clone().unwrap_or_default(), vm.metadata.generation));
+            new.conditions.set(condition(
+                "Ready",
+                false,
+                reason::LOST,
+                new.last_exit.clone().unwrap_or_default(),
+                vm.metadata.generation,
+            ));
             status::write_vm(api, vm, &new, &ctx.manager()).await?;
             ctx.events.warning(vm, "VmmLost", "Stop", new.last_exit.clone().unwrap_or_default());
             Ok(Action::await_change())
@@ -188,7 +232,13 @@ async fn idle(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, uid
     }
 }
 
-async fn start(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, uid: &str, mut new: VirtualMachineStatus) -> Result<Action, Error> {
+async fn start(
+    vm: &VirtualMachine,
+    api: &Api<VirtualMachine>,
+    ctx: &Context,
+    uid: &str,
+    mut new: VirtualMachineStatus,
+) -> Result<Action, Error> {
     if !ctx.leased() {
         // Not an error to report on the VM: the host will renew its lease or the
         // operator will place the VM elsewhere.
@@ -201,7 +251,13 @@ async fn start(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, ui
     if !facts.kvm.usable {
         let why = facts.kvm.reason.clone().unwrap_or_default();
         new.phase = Some(VmPhase::Failed);
-        new.conditions.set(condition("Ready", false, reason::NO_KVM, format!("{} cannot run VMs: {why}", ctx.node()), generation));
+        new.conditions.set(condition(
+            "Ready",
+            false,
+            reason::NO_KVM,
+            format!("{} cannot run VMs: {why}", ctx.node()),
+            generation,
+        ));
         new.observed_generation = generation;
         status::write_vm(api, vm, &new, &ctx.manager()).await?;
         ctx.events.warning(vm, reason::NO_KVM, "Start", format!("{} cannot run VMs: {why}", ctx.node()));
@@ -245,7 +301,13 @@ async fn start(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, ui
         vm,
         "Started",
         "Start",
-        format!("started on {}: {} vCPUs, {} MiB, host CPUs {}", ctx.node(), config.vcpus, config.memory_mib, config.cpus.host_cpus.as_deref().unwrap_or("all")),
+        format!(
+            "started on {}: {} vCPUs, {} MiB, host CPUs {}",
+            ctx.node(),
+            config.vcpus,
+            config.memory_mib,
+            config.cpus.host_cpus.as_deref().unwrap_or("all")
+        ),
     );
     Ok(Action::requeue(POLL_BUSY))
 }
@@ -275,16 +337,18 @@ async fn running(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, 
     let offered = ctx.facts().map(|f| f.offered_cpus()).unwrap_or_default();
     let (mut applied, mut changed) = (true, false);
     match vm_config::desired_host_cpus(vm, &offered, ctx.node()) {
-        Ok(want) if !offered.is_empty() && !cpus_in_effect(vm, &want, &host_cpus(&vmm)) => match client.set_host_cpus(&want).await {
-            Ok(()) => {
-                changed = true;
-                tracing::info!(vm = %vm.name_any(), host_cpus = %want, "host CPUs changed on the running VM");
+        Ok(want) if !offered.is_empty() && !cpus_in_effect(vm, &want, &host_cpus(&vmm)) => {
+            match client.set_host_cpus(&want).await {
+                Ok(()) => {
+                    changed = true;
+                    tracing::info!(vm = %vm.name_any(), host_cpus = %want, "host CPUs changed on the running VM");
+                }
+                Err(e) => {
+                    applied = false;
+                    new.conditions.set(condition("CpuConfigApplied", false, "Refused", e.to_string(), generation));
+                }
             }
-            Err(e) => {
-                applied = false;
-                new.conditions.set(condition("CpuConfigApplied", false, "Refused", e.to_string(), generation));
-            }
-        },
+        }
         Ok(_) => {}
         Err(e) => {
             applied = false;
@@ -307,12 +371,23 @@ async fn running(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, 
     if changed {
         // What the VMM now reports (its CPU lists and change times) goes to status.
         vmm = client.status().await?;
-        ctx.events.normal(vm, "CpuConfigChanged", "Reconfigure", format!("host CPUs {}, {} shares, without a restart", host_cpus(&vmm), vmm.shares));
+        ctx.events.normal(
+            vm,
+            "CpuConfigChanged",
+            "Reconfigure",
+            format!("host CPUs {}, {} shares, without a restart", host_cpus(&vmm), vmm.shares),
+        );
     }
     if applied {
         new.observed_generation = generation;
         if status.conditions.get("CpuConfigApplied").is_some() {
-            new.conditions.set(condition("CpuConfigApplied", true, "Applied", "host CPUs and priority in effect", generation));
+            new.conditions.set(condition(
+                "CpuConfigApplied",
+                true,
+                "Applied",
+                "host CPUs and priority in effect",
+                generation,
+            ));
         }
     }
 
@@ -333,7 +408,12 @@ async fn running(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, 
         // Rounded to 50m, so an idle or steady VM does not cause a write per sample.
         new.cpu_usage = Some(format!("{}m", ((cores * 1000.0 / 50.0).round() * 50.0) as i64));
     }
-    new.console_url = Some(format!("{}/vms/{}/{}/console", ctx.settings.http_url(), vm.namespace().unwrap_or_default(), vm.name_any()));
+    new.console_url = Some(format!(
+        "{}/vms/{}/{}/console",
+        ctx.settings.http_url(),
+        vm.namespace().unwrap_or_default(),
+        vm.name_any()
+    ));
     new.conditions.set(condition(
         "Ready",
         true,
@@ -341,7 +421,10 @@ async fn running(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, 
         format!("running on {} ({})", ctx.node(), vmm.state),
         generation,
     ));
-    if status::write_vm(api, vm, &new, &ctx.manager()).await? && status.phase != Some(VmPhase::Running) && new.phase == Some(VmPhase::Running) {
+    if status::write_vm(api, vm, &new, &ctx.manager()).await?
+        && status.phase != Some(VmPhase::Running)
+        && new.phase == Some(VmPhase::Running)
+    {
         tracing::info!(vm = %vm.name_any(), boot_ms = ?new.boot_millis, since_start_ms = crate::vm_dir::unix_ms().saturating_sub(started_ms), "running");
     }
     Ok(Action::requeue(POLL_RUNNING))
@@ -350,7 +433,9 @@ async fn running(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, 
 /// Whether the vCPUs already run where the spec wants them: on exactly those CPUs
 /// (Shared), or each on one of them (Dedicated: the VMM pins to a subset of the list).
 fn cpus_in_effect(vm: &VirtualMachine, want: &str, now: &str) -> bool {
-    let (Ok(want), Ok(now)) = (drover_topology::CpuSet::parse(want), drover_topology::CpuSet::parse(now)) else { return false };
+    let (Ok(want), Ok(now)) = (drover_topology::CpuSet::parse(want), drover_topology::CpuSet::parse(now)) else {
+        return false;
+    };
     if vm.spec.cpu.placement == drover_crds::vm::CpuPlacement::Dedicated {
         !now.is_empty() && now.iter().all(|cpu| want.contains(cpu))
     } else {
@@ -381,7 +466,8 @@ async fn remove_finalizer(api: &Api<VirtualMachine>, vm: &VirtualMachine) -> Res
 /// A merge patch replaces the whole list; the resourceVersion makes sure it is the
 /// list we read (another controller's finalizer is never dropped).
 async fn set_finalizers(api: &Api<VirtualMachine>, vm: &VirtualMachine, finalizers: Vec<String>) -> Result<(), Error> {
-    let patch = serde_json::json!({ "metadata": { "resourceVersion": vm.resource_version(), "finalizers": finalizers } });
+    let patch =
+        serde_json::json!({ "metadata": { "resourceVersion": vm.resource_version(), "finalizers": finalizers } });
     api.patch(&vm.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
     Ok(())
 }

@@ -69,7 +69,9 @@ impl ExitRecord {
             (Some(4), _) => "guest fault (triple fault or internal error)".into(),
             (Some(5), _) => "guest reported a failure".into(),
             (Some(6), _) => "migrated away".into(),
-            (Some(crate::monitor::EXIT_NOT_STARTED), _) => "the VMM program could not be started (see monitor.log)".into(),
+            (Some(crate::monitor::EXIT_NOT_STARTED), _) => {
+                "the VMM program could not be started (see monitor.log)".into()
+            }
             (Some(n), _) => format!("VMM exited with status {n}"),
             (None, Some(s)) => format!("VMM killed by signal {s}"),
             (None, None) => "VMM ended for an unknown reason".into(),

@@ -35,10 +35,12 @@ impl VmmClient {
 
     async fn call(&self, method: &'static str, path: &'static str, body: Option<String>) -> Result<String, Error> {
         let socket = self.socket.clone();
-        let (status, reply) = tokio::task::spawn_blocking(move || drover_hypervisor::api::request(&socket, method, path, body.as_deref()))
-            .await
-            .map_err(|e| Error::Vmm(e.to_string()))?
-            .map_err(|e| Error::Vmm(e.to_string()))?;
+        let (status, reply) = tokio::task::spawn_blocking(move || {
+            drover_hypervisor::api::request(&socket, method, path, body.as_deref())
+        })
+        .await
+        .map_err(|e| Error::Vmm(e.to_string()))?
+        .map_err(|e| Error::Vmm(e.to_string()))?;
         if !(200..300).contains(&status) {
             return Err(Error::Vmm(format!("{method} {path}: {status} {}", reply.trim())));
         }
@@ -73,7 +75,13 @@ impl VmmClient {
 
     /// Starts a live migration to `destination`, with the limits `spec` sets.
     /// The VMM writes the final figures to `status_file` before it exits.
-    pub async fn migrate(&self, destination: &str, secret: &str, spec: &VirtualMachineMigrationSpec, status_file: &Path) -> Result<(), Error> {
+    pub async fn migrate(
+        &self,
+        destination: &str,
+        secret: &str,
+        spec: &VirtualMachineMigrationSpec,
+        status_file: &Path,
+    ) -> Result<(), Error> {
         let mut body = serde_json::json!({ "destination": destination, "secret": secret, "statusFile": status_file });
         if let Some(ms) = spec.max_downtime_millis {
             body["maxDowntimeMs"] = ms.into();

@@ -19,7 +19,8 @@ impl CpuSet {
                 Some((a, b)) => (a, b),
                 None => (part, part),
             };
-            let first: u32 = first.trim().parse().map_err(|_| bad(&format!("`{part}` is not a CPU number or range")))?;
+            let first: u32 =
+                first.trim().parse().map_err(|_| bad(&format!("`{part}` is not a CPU number or range")))?;
             let last: u32 = last.trim().parse().map_err(|_| bad(&format!("`{part}` is not a CPU number or range")))?;
             if first > last {
                 return Err(bad(&format!("range `{part}` runs backwards")));
@@ -80,7 +81,6 @@ impl std::fmt::Display for CpuSet {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +107,4 @@ mod tests {
             assert!(err.contains(bad), "error for {bad:?} should quote the input: {err}");
         }
     }
-
 }

@@ -11,7 +11,12 @@ use crate::{CpuSet, Error, HostTopology};
 /// vCPU on a sibling gets roughly half a core when both are busy, which is not what
 /// "dedicated" promises. The VM is kept in one NUMA node when one can hold it (the
 /// node with the most usable cores first), else it spans nodes in order.
-pub fn choose_dedicated(topo: &HostTopology, allowed: &CpuSet, vcpus: u32, allow_siblings: bool) -> Result<Vec<u32>, Error> {
+pub fn choose_dedicated(
+    topo: &HostTopology,
+    allowed: &CpuSet,
+    vcpus: u32,
+    allow_siblings: bool,
+) -> Result<Vec<u32>, Error> {
     let usable: Vec<_> = topo.cpus.iter().filter(|c| allowed.contains(c.id)).collect();
     // Candidates per node, in CPU order, one per core unless siblings are allowed.
     let mut per_node: Vec<(u32, Vec<u32>)> = topo

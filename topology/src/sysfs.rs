@@ -49,7 +49,8 @@ impl HostTopology {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let Some(id) = name.strip_prefix("node").and_then(|n| n.parse::<u32>().ok()) else { continue };
                 let cpus = CpuSet::parse(read(&entry.path().join("cpulist"))?.trim())?;
-                let memory_kib = std::fs::read_to_string(entry.path().join("meminfo")).ok().and_then(|m| parse_mem_total(&m));
+                let memory_kib =
+                    std::fs::read_to_string(entry.path().join("meminfo")).ok().and_then(|m| parse_mem_total(&m));
                 nodes.push(NumaNode { id, cpus, memory_kib });
             }
         }
@@ -64,11 +65,20 @@ impl HostTopology {
             let number = |file: &str| -> Result<u32, Error> {
                 let path = topo.join(file);
                 let text = read(&path)?;
-                text.trim().parse().map_err(|_| Error::Sysfs { path: path.display().to_string(), why: format!("not a number: {text:?}") })
+                text.trim().parse().map_err(|_| Error::Sysfs {
+                    path: path.display().to_string(),
+                    why: format!("not a number: {text:?}"),
+                })
             };
             let siblings = CpuSet::parse(read(&topo.join("thread_siblings_list"))?.trim())?;
             let node = nodes.iter().find(|n| n.cpus.contains(id)).map(|n| n.id).unwrap_or(0);
-            cpus.push(HostCpu { id, package: number("physical_package_id")?, core: number("core_id")?, siblings, node });
+            cpus.push(HostCpu {
+                id,
+                package: number("physical_package_id")?,
+                core: number("core_id")?,
+                siblings,
+                node,
+            });
         }
         Ok(Self { cpus, nodes })
     }
@@ -119,7 +129,10 @@ pub fn write_fixture(root: &Path, sockets: u32, cores: u32, threads: u32) -> std
         std::fs::create_dir_all(&dir)?;
         let set: CpuSet = cpus.into_iter().collect();
         std::fs::write(dir.join("cpulist"), format!("{set}\n"))?;
-        std::fs::write(dir.join("meminfo"), format!("Node {node} MemTotal:       16318312 kB\nNode {node} MemFree: 1 kB\n"))?;
+        std::fs::write(
+            dir.join("meminfo"),
+            format!("Node {node} MemTotal:       16318312 kB\nNode {node} MemFree: 1 kB\n"),
+        )?;
     }
     Ok(())
 }

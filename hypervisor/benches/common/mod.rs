@@ -12,7 +12,8 @@ pub const MEMORY_MIB: u64 = 256;
 /// The test guest written to a temporary file, and the release drover-vmm
 /// (DROVER_VMM names another, for a benchmark binary copied to another machine).
 pub fn setup(name: &str) -> (PathBuf, PathBuf) {
-    let vmm = std::env::var_os("DROVER_VMM").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_drover-vmm")), PathBuf::from);
+    let vmm =
+        std::env::var_os("DROVER_VMM").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_drover-vmm")), PathBuf::from);
     let guest = std::env::temp_dir().join(format!("drover-bench-{name}-{}.elf", std::process::id()));
     std::fs::write(&guest, drover_hypervisor::TEST_GUEST).expect("write guest");
     (vmm, guest)
@@ -86,11 +87,14 @@ pub fn qemu(guest: &Path, vcpus: u32, cmdline: &str, cpu: &str) -> Command {
 /// The QEMU CPU model to use: `host` where QEMU accepts it, else its default.
 pub fn qemu_cpu(guest: &Path) -> &'static str {
     for cpu in ["host,-arch-capabilities", "host", "qemu64"] {
-        let ok = qemu(guest, 1, "drover.work=1", cpu).stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.code() == Some(1));
+        let ok = qemu(guest, 1, "drover.work=1", cpu)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.code() == Some(1));
         if ok.unwrap_or(false) {
             return cpu;
         }
     }
     panic!("qemu-system-x86_64 cannot boot the test guest with KVM here; install Debian's qemu-system-x86");
 }
-

@@ -45,7 +45,9 @@ impl std::fmt::Display for VmExit {
             VmExit::Shutdown => write!(f, "guest shut down"),
             VmExit::PoweredOff => write!(f, "powered off through the control API"),
             VmExit::Reset => write!(f, "guest requested a reset"),
-            VmExit::GuestFailure(v) if *v >= 0x80 => write!(f, "guest reported an unhandled exception (vector {})", v - 0x80),
+            VmExit::GuestFailure(v) if *v >= 0x80 => {
+                write!(f, "guest reported an unhandled exception (vector {})", v - 0x80)
+            }
             VmExit::GuestFailure(v) => write!(f, "guest reported failure {v}"),
             VmExit::Fault(why) => write!(f, "guest fault: {why}"),
             VmExit::VmmError(why) => write!(f, "VMM error: {why}"),

@@ -86,7 +86,8 @@ struct Direction {
 
 impl Direction {
     fn new(key: &[u8; 32]) -> Result<Self, ChannelError> {
-        let key = UnboundKey::new(&AES_256_GCM, key).map_err(|_| ChannelError::Authentication("bad transport key".into()))?;
+        let key =
+            UnboundKey::new(&AES_256_GCM, key).map_err(|_| ChannelError::Authentication("bad transport key".into()))?;
         Ok(Self { key: LessSafeKey::new(key), counter: 0 })
     }
 
@@ -102,7 +103,9 @@ impl Direction {
     /// Encrypts the next message, `body` (announced as `length`), in place.
     fn seal(&mut self, length: [u8; 4], body: &mut [u8]) -> std::io::Result<Tag> {
         let nonce = self.nonce();
-        self.key.seal_in_place_separate_tag(nonce, Aad::from(length), body).map_err(|_| std::io::Error::other("encrypting failed"))
+        self.key
+            .seal_in_place_separate_tag(nonce, Aad::from(length), body)
+            .map_err(|_| std::io::Error::other("encrypting failed"))
     }
 
     /// Decrypts the next message, `body` (announced as `length`), in place.
@@ -156,14 +159,21 @@ impl SecureStream {
     pub fn initiate(mut stream: TcpStream, secret: &[u8], prologue: &[u8]) -> Result<Self, ChannelError> {
         let auth = |e: snow::Error| ChannelError::Authentication(e.to_string());
         let key = psk(secret);
-        let mut hs =
-            snow::Builder::new(PATTERN.parse().map_err(auth)?).prologue(prologue).map_err(auth)?.psk(0, &key).map_err(auth)?.build_initiator().map_err(auth)?;
+        let mut hs = snow::Builder::new(PATTERN.parse().map_err(auth)?)
+            .prologue(prologue)
+            .map_err(auth)?
+            .psk(0, &key)
+            .map_err(auth)?
+            .build_initiator()
+            .map_err(auth)?;
         let mut raw = vec![0u8; HANDSHAKE_MAX];
         let mut msg = [0u8; 256];
         let n = hs.write_message(&[], &mut msg).map_err(auth)?;
         send_handshake(&mut stream, &msg[..n])?;
         let n = recv_handshake(&mut stream, &mut raw).map_err(|e| {
-            ChannelError::Authentication(format!("the target closed the connection during the handshake ({e}); wrong secret?"))
+            ChannelError::Authentication(format!(
+                "the target closed the connection during the handshake ({e}); wrong secret?"
+            ))
         })?;
         hs.read_message(&raw[..n], &mut msg).map_err(auth)?;
         let (to_target, to_source) = hs.dangerously_get_raw_split();
@@ -175,8 +185,13 @@ impl SecureStream {
     pub fn accept(mut stream: TcpStream, secret: &[u8], prologue: &[u8]) -> Result<Self, ChannelError> {
         let auth = |e: snow::Error| ChannelError::Authentication(e.to_string());
         let key = psk(secret);
-        let mut hs =
-            snow::Builder::new(PATTERN.parse().map_err(auth)?).prologue(prologue).map_err(auth)?.psk(0, &key).map_err(auth)?.build_responder().map_err(auth)?;
+        let mut hs = snow::Builder::new(PATTERN.parse().map_err(auth)?)
+            .prologue(prologue)
+            .map_err(auth)?
+            .psk(0, &key)
+            .map_err(auth)?
+            .build_responder()
+            .map_err(auth)?;
         let mut raw = vec![0u8; HANDSHAKE_MAX];
         let mut msg = [0u8; 256];
         let n = recv_handshake(&mut stream, &mut raw)?;
@@ -218,7 +233,8 @@ impl SecureStream {
             let tag = self.send.seal(length, chunk)?;
             // What waits in `sealed` goes in the same system call: one write, and
             // one segment train, per run of pages rather than two.
-            let mut parts = [IoSlice::new(&self.sealed), IoSlice::new(&length), IoSlice::new(chunk), IoSlice::new(tag.as_ref())];
+            let mut parts =
+                [IoSlice::new(&self.sealed), IoSlice::new(&length), IoSlice::new(chunk), IoSlice::new(tag.as_ref())];
             write_all_vectored(&mut self.stream, &mut parts)?;
             self.sealed.clear();
         }
@@ -331,10 +347,14 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
-    fn pair(source_secret: &'static [u8], target_secret: &'static [u8]) -> (Result<SecureStream, ChannelError>, Result<SecureStream, ChannelError>) {
+    fn pair(
+        source_secret: &'static [u8],
+        target_secret: &'static [u8],
+    ) -> (Result<SecureStream, ChannelError>, Result<SecureStream, ChannelError>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let target = std::thread::spawn(move || SecureStream::accept(listener.accept().unwrap().0, target_secret, b"p"));
+        let target =
+            std::thread::spawn(move || SecureStream::accept(listener.accept().unwrap().0, target_secret, b"p"));
         let source = SecureStream::initiate(TcpStream::connect(addr).unwrap(), source_secret, b"p");
         (source, target.join().unwrap())
     }
@@ -371,7 +391,8 @@ mod tests {
     fn another_prologue_is_refused() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let target = std::thread::spawn(move || SecureStream::accept(listener.accept().unwrap().0, b"k", b"DROVERMG v2"));
+        let target =
+            std::thread::spawn(move || SecureStream::accept(listener.accept().unwrap().0, b"k", b"DROVERMG v2"));
         let _ = SecureStream::initiate(TcpStream::connect(addr).unwrap(), b"k", b"DROVERMG v3");
         assert!(matches!(target.join().unwrap(), Err(ChannelError::Authentication(_))));
     }
@@ -404,7 +425,8 @@ mod tests {
 
     #[test]
     fn a_flipped_bit_or_an_oversized_length_is_refused() {
-        for damage in [|m: &mut Vec<u8>| m[10] ^= 1, |m: &mut Vec<u8>| m[..4].copy_from_slice(&u32::MAX.to_le_bytes())] {
+        for damage in [|m: &mut Vec<u8>| m[10] ^= 1, |m: &mut Vec<u8>| m[..4].copy_from_slice(&u32::MAX.to_le_bytes())]
+        {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
             // A relay that damages the first transport message.

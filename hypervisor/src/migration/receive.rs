@@ -42,7 +42,8 @@ pub fn accept(listen: &str, secret: &[u8], expected: Option<&VmConfig>) -> Resul
     let peer = peer.to_string();
     let mut tcp = prepare(tcp)?;
     wire::read_preamble(&mut tcp).map_err(|e| Error::Migration(format!("refused {peer}: {e}")))?;
-    let mut stream = SecureStream::accept(tcp, secret, &wire::preamble()).map_err(|e| Error::Migration(format!("refused {peer}: {e}")))?;
+    let mut stream = SecureStream::accept(tcp, secret, &wire::preamble())
+        .map_err(|e| Error::Migration(format!("refused {peer}: {e}")))?;
     let hello = match wire::read_frame(&mut stream).map_err(wire_err)? {
         Frame::Hello(h) => h,
         other => return Err(wire_err(WireError::Unexpected { got: other.name(), want: "Hello" })),
@@ -100,7 +101,10 @@ fn accept_lanes(listener: &TcpListener, secret: &[u8], hello: &wire::Hello) -> R
                 continue;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(Error::Migration(format!("only {opened} of {wanted} more lanes opened within {} s", LANE_WAIT.as_secs())));
+                return Err(Error::Migration(format!(
+                    "only {opened} of {wanted} more lanes opened within {} s",
+                    LANE_WAIT.as_secs()
+                )));
             }
             Err(e) => return Err(Error::Migration(format!("accepting a lane: {e}"))),
         };
@@ -109,11 +113,13 @@ fn accept_lanes(listener: &TcpListener, secret: &[u8], hello: &wire::Hello) -> R
         let mut index = [0u8; 4];
         tcp.read_exact(&mut index).map_err(|e| Error::Migration(format!("a lane's index: {e}")))?;
         let index = u32::from_le_bytes(index);
-        let slot = lanes
-            .get_mut((index as usize).wrapping_sub(1))
-            .filter(|slot| slot.is_none())
-            .ok_or_else(|| Error::Migration(format!("lane {index} is not one of the {} announced, or opened twice", hello.lanes)))?;
-        *slot = Some(SecureStream::accept(tcp, secret, &wire::lane_prologue(&hello.session, index)).map_err(|e| Error::Migration(format!("lane {index} refused: {e}")))?);
+        let slot = lanes.get_mut((index as usize).wrapping_sub(1)).filter(|slot| slot.is_none()).ok_or_else(|| {
+            Error::Migration(format!("lane {index} is not one of the {} announced, or opened twice", hello.lanes))
+        })?;
+        *slot = Some(
+            SecureStream::accept(tcp, secret, &wire::lane_prologue(&hello.session, index))
+                .map_err(|e| Error::Migration(format!("lane {index} refused: {e}")))?,
+        );
         opened += 1;
     }
     Ok(lanes.into_iter().flatten().collect())
@@ -170,14 +176,23 @@ impl Incoming {
 /// Receives lane `lane`'s frames (of `lanes`) into guest memory, until the VM
 /// state (lane 0: returned) or Done (the other lanes). Pages outside the lane's
 /// blocks are refused: lanes write guest memory at once, never the same pages.
-fn receive_lane(stream: &mut SecureStream, memory: &GuestMemoryMmap, lane: u32, lanes: u32, peer: &str) -> Result<Option<VmState>, Error> {
+fn receive_lane(
+    stream: &mut SecureStream,
+    memory: &GuestMemoryMmap,
+    lane: u32,
+    lanes: u32,
+    peer: &str,
+) -> Result<Option<VmState>, Error> {
     let zero = [0u8; PAGE_SIZE];
     let mut scratch = Vec::new();
     let from = |e: WireError| Error::Migration(format!("from {peer}, lane {lane}: {e}"));
     let owned = |first: u64, count: u64| {
         let last = first.saturating_add(count.saturating_sub(1));
         if wire::lane_of(first, lanes) != lane || first / wire::BLOCK_PAGES != last / wire::BLOCK_PAGES {
-            return Err(from(WireError::Malformed { kind: "Pages", why: format!("pages {first}+{count} are not all in a block of lane {lane} of {lanes}") }));
+            return Err(from(WireError::Malformed {
+                kind: "Pages",
+                why: format!("pages {first}+{count} are not all in a block of lane {lane} of {lanes}"),
+            }));
         }
         Ok(())
     };
@@ -203,7 +218,9 @@ fn receive_lane(stream: &mut SecureStream, memory: &GuestMemoryMmap, lane: u32, 
                 for page in pages {
                     check_pages(memory, page, 1)?;
                     owned(page, 1)?;
-                    memory.write_slice(&zero, GuestAddress(page << 12)).map_err(|e| Error::Memory(format!("page {page}: {e}")))?;
+                    memory
+                        .write_slice(&zero, GuestAddress(page << 12))
+                        .map_err(|e| Error::Memory(format!("page {page}: {e}")))?;
                 }
             }
             Frame::State(bytes) if lane == 0 => {
@@ -220,7 +237,12 @@ fn receive_lane(stream: &mut SecureStream, memory: &GuestMemoryMmap, lane: u32, 
                 stream.flush().map_err(|e| from(WireError::Io(e.to_string())))?;
             }
             Frame::Abort(why) => return Err(Error::Migration(format!("the source gave up: {why}"))),
-            other => return Err(from(WireError::Unexpected { got: other.name(), want: if lane == 0 { "Pages, Zero or State" } else { "Pages, Zero or Done" } })),
+            other => {
+                return Err(from(WireError::Unexpected {
+                    got: other.name(),
+                    want: if lane == 0 { "Pages, Zero or State" } else { "Pages, Zero or Done" },
+                }));
+            }
         }
     }
 }
@@ -246,7 +268,11 @@ impl RestoreSource for Prefaulted {
     fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error> {
         let started = std::time::Instant::now();
         crate::memory::prefault(memory)?;
-        tracing::info!(ms = started.elapsed().as_millis() as u64, memory_mib = self.expected.memory_mib, "guest memory faulted in");
+        tracing::info!(
+            ms = started.elapsed().as_millis() as u64,
+            memory_mib = self.expected.memory_mib,
+            "guest memory faulted in"
+        );
         let incoming = self.incoming.insert(accept(&self.listen, &self.secret, Some(&self.expected))?);
         incoming.load(memory)
     }

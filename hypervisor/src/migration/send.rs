@@ -102,9 +102,14 @@ impl MigrateRequest {
         match (&self.secret, &self.secret_file) {
             (Some(s), None) if !s.is_empty() => Ok(s.as_bytes().to_vec()),
             (None, Some(path)) => {
-                let bytes = std::fs::read(path).map_err(|e| Error::Config(format!("secretFile {}: {e}", path.display())))?;
+                let bytes =
+                    std::fs::read(path).map_err(|e| Error::Config(format!("secretFile {}: {e}", path.display())))?;
                 let trimmed = bytes.trim_ascii().to_vec();
-                if trimmed.is_empty() { Err(Error::Config(format!("secretFile {} is empty", path.display()))) } else { Ok(trimmed) }
+                if trimmed.is_empty() {
+                    Err(Error::Config(format!("secretFile {} is empty", path.display())))
+                } else {
+                    Ok(trimmed)
+                }
             }
             _ => Err(Error::Config("give exactly one of secret and secretFile".into())),
         }
@@ -148,14 +153,21 @@ pub fn start(control: Arc<VmControl>, request: MigrateRequest) -> Result<(), Err
                 }
                 Err(Outcome::Failed(e)) => {
                     let cancelled = control.migration_cancelled();
-                    tracing::warn!("migration to {} {}: {e}; the VM keeps running here", request.destination, if cancelled { "cancelled" } else { "failed" });
+                    tracing::warn!(
+                        "migration to {} {}: {e}; the VM keeps running here",
+                        request.destination,
+                        if cancelled { "cancelled" } else { "failed" }
+                    );
                     control.update_migration(|s| {
                         s.phase = if cancelled { Phase::Cancelled } else { Phase::Failed };
                         s.error = Some(e.to_string());
                     });
                 }
                 Err(Outcome::Unknown(e)) => {
-                    tracing::error!("migration to {}: {e}; the VM stays paused here until someone checks the target", request.destination);
+                    tracing::error!(
+                        "migration to {}: {e}; the VM stays paused here until someone checks the target",
+                        request.destination
+                    );
                     control.update_migration(|s| {
                         s.phase = Phase::Unknown;
                         s.error = Some(e.to_string());
@@ -202,7 +214,13 @@ fn wire_err(e: wire::WireError) -> Error {
     Error::Migration(e.to_string())
 }
 
-fn migrate(control: &Arc<VmControl>, req: &MigrateRequest, secret: &[u8], lanes: u32, started: Instant) -> Result<(), Outcome> {
+fn migrate(
+    control: &Arc<VmControl>,
+    req: &MigrateRequest,
+    secret: &[u8],
+    lanes: u32,
+    started: Instant,
+) -> Result<(), Outcome> {
     let deadline = started + Duration::from_secs(req.timeout_seconds);
     let addr = req
         .destination
@@ -221,9 +239,11 @@ fn migrate(control: &Arc<VmControl>, req: &MigrateRequest, secret: &[u8], lanes:
     };
     let mut tcp = connect()?;
     wire::write_preamble(&mut tcp).map_err(wire_err)?;
-    let mut main = SecureStream::initiate(tcp, secret, &wire::preamble()).map_err(|e| Error::Migration(e.to_string()))?;
+    let mut main =
+        SecureStream::initiate(tcp, secret, &wire::preamble()).map_err(|e| Error::Migration(e.to_string()))?;
     let mut session = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut session).map_err(|_| Error::Io("no random numbers".into()))?;
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut session)
+        .map_err(|_| Error::Io("no random numbers".into()))?;
     let hello = Hello { version: wire::VERSION, config: control.config().clone(), lanes, session };
     wire::write_frame(&mut main, &Frame::Hello(Box::new(hello))).map_err(wire_err)?;
     main.flush().map_err(|e| Error::Migration(format!("sending to the target: {e}")))?;
@@ -276,17 +296,29 @@ fn page_count(pages: &[(u64, Vec<u64>)]) -> u64 {
 
 /// Sends the pages whose bits are set (`total` of them, as [`page_count`] gives),
 /// each lane its blocks, lanes in parallel.
-fn send_pages(control: &VmControl, lanes: &mut [Lane], pages: &[(u64, Vec<u64>)], total: u64, skip_zero: bool) -> Result<(), Error> {
+fn send_pages(
+    control: &VmControl,
+    lanes: &mut [Lane],
+    pages: &[(u64, Vec<u64>)],
+    total: u64,
+    skip_zero: bool,
+) -> Result<(), Error> {
     let count = lanes.len() as u32;
     if total <= SMALL_PASS_PAGES {
-        return (0..).zip(lanes.iter_mut()).try_for_each(|(i, lane)| lane.sender.send_bitmaps(control, &mut lane.out, pages, skip_zero, i, count));
+        return (0..)
+            .zip(lanes.iter_mut())
+            .try_for_each(|(i, lane)| lane.sender.send_bitmaps(control, &mut lane.out, pages, skip_zero, i, count));
     }
     let Some((main, others)) = lanes.split_first_mut() else { return Ok(()) };
     std::thread::scope(|scope| {
         let workers: Vec<_> = others
             .iter_mut()
             .enumerate()
-            .map(|(i, lane)| scope.spawn(move || lane.sender.send_bitmaps(control, &mut lane.out, pages, skip_zero, i as u32 + 1, count)))
+            .map(|(i, lane)| {
+                scope.spawn(move || {
+                    lane.sender.send_bitmaps(control, &mut lane.out, pages, skip_zero, i as u32 + 1, count)
+                })
+            })
             .collect();
         let mut result = main.sender.send_bitmaps(control, &mut main.out, pages, skip_zero, 0, count);
         for worker in workers {
@@ -317,7 +349,13 @@ fn sent(lanes: &[Lane]) -> (u64, u64) {
     lanes.iter().fold((0, 0), |(b, p), l| (b + l.sender.bytes, p + l.sender.pages))
 }
 
-fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, lanes: &mut [Lane], started: Instant, deadline: Instant) -> Result<(), Outcome> {
+fn precopy_and_switch(
+    control: &Arc<VmControl>,
+    req: &MigrateRequest,
+    lanes: &mut [Lane],
+    started: Instant,
+    deadline: Instant,
+) -> Result<(), Outcome> {
     let vm = control.vm();
     control.update_migration(|s| s.phase = Phase::PreCopy);
     // Pass 1: every page that is not zero (the target starts with zeroed memory).
@@ -326,7 +364,10 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, lanes: &mu
     let pass_start = Instant::now();
     let candidates = crate::memory::populated_pages(&vm.memory, lanes.len()).unwrap_or_else(|e| {
         tracing::warn!("reading every guest page ({e})");
-        vm.memory.iter().map(|r| (r.start_addr().0 >> 12, vec![u64::MAX; (r.len() / PAGE_SIZE as u64).div_ceil(64) as usize])).collect()
+        vm.memory
+            .iter()
+            .map(|r| (r.start_addr().0 >> 12, vec![u64::MAX; (r.len() / PAGE_SIZE as u64).div_ceil(64) as usize]))
+            .collect()
     });
     tracing::debug!(us = pass_start.elapsed().as_micros() as u64, "pass 1: pages the host has, read from pagemap");
     send_pages(control, lanes, &candidates, page_count(&candidates), true)?;
@@ -368,7 +409,9 @@ fn precopy_and_switch(control: &Arc<VmControl>, req: &MigrateRequest, lanes: &mu
         // left, down to the floor: a pass that small costs the running guest
         // nothing, and every page sent now is one less to send while it is paused.
         let shrinking = count * 2 <= last_dirty;
-        if estimate_ms <= req.max_downtime_ms && (estimate_us <= DOWNTIME_FLOOR_US || !shrinking || pass + 1 >= req.max_passes) {
+        if estimate_ms <= req.max_downtime_ms
+            && (estimate_us <= DOWNTIME_FLOOR_US || !shrinking || pass + 1 >= req.max_passes)
+        {
             break dirty;
         }
         pass += 1;
@@ -508,7 +551,15 @@ impl Sender {
     /// Sends the pages whose bits are set and whose blocks are lane `lane`'s (of
     /// `lanes`); with `skip_zero`, zero pages are not sent at all (only right when
     /// the target's copy is known to be zero).
-    fn send_bitmaps(&mut self, control: &VmControl, out: &mut SecureStream, pages: &[(u64, Vec<u64>)], skip_zero: bool, lane: u32, lanes: u32) -> Result<(), Error> {
+    fn send_bitmaps(
+        &mut self,
+        control: &VmControl,
+        out: &mut SecureStream,
+        pages: &[(u64, Vec<u64>)],
+        skip_zero: bool,
+        lane: u32,
+        lanes: u32,
+    ) -> Result<(), Error> {
         for (first_page, bitmap) in pages {
             // Walk set bits, folding consecutive pages of one block into runs.
             let mut run: Option<(u64, u64)> = None;
@@ -521,7 +572,11 @@ impl Sender {
                         continue;
                     }
                     run = match run {
-                        Some((start, n)) if start + n == page && start / wire::BLOCK_PAGES == page / wire::BLOCK_PAGES => Some((start, n + 1)),
+                        Some((start, n))
+                            if start + n == page && start / wire::BLOCK_PAGES == page / wire::BLOCK_PAGES =>
+                        {
+                            Some((start, n + 1))
+                        }
                         Some((start, n)) => {
                             self.send_run(control, out, start, n, skip_zero)?;
                             Some((page, 1))
@@ -538,10 +593,20 @@ impl Sender {
     }
 
     /// Sends `count` (at most RUN) contiguous pages from `first`.
-    fn send_run(&mut self, control: &VmControl, out: &mut SecureStream, first: u64, count: u64, skip_zero: bool) -> Result<(), Error> {
+    fn send_run(
+        &mut self,
+        control: &VmControl,
+        out: &mut SecureStream,
+        first: u64,
+        count: u64,
+        skip_zero: bool,
+    ) -> Result<(), Error> {
         let len = count as usize * PAGE_SIZE;
         let vm = control.vm();
-        let source = vm.memory.get_slice(GuestAddress(first << 12), len).map_err(|e| Error::Memory(format!("reading pages {first}+{count}: {e}")))?;
+        let source = vm
+            .memory
+            .get_slice(GuestAddress(first << 12), len)
+            .map_err(|e| Error::Memory(format!("reading pages {first}+{count}: {e}")))?;
         let base = source.ptr_guard().as_ptr();
         let mut start = None;
         for i in 0..count as usize {
@@ -659,7 +724,10 @@ impl Throttle {
                     let end_within = |d: Duration| {
                         let (end, changed) = &*ending;
                         let guard = end.lock().unwrap_or_else(|p| p.into_inner());
-                        *changed.wait_timeout_while(guard, d, |end| *end == ThrottleEnd::NotYet).unwrap_or_else(|p| p.into_inner()).0
+                        *changed
+                            .wait_timeout_while(guard, d, |end| *end == ThrottleEnd::NotYet)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0
                     };
                     loop {
                         let p = u64::from(percent.load(Ordering::Relaxed));
@@ -717,7 +785,6 @@ impl Drop for Throttle {
         self.stop();
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -172,7 +172,11 @@ fn kind_name(kind: u8) -> &'static str {
 }
 
 fn io(e: std::io::Error, what: &'static str) -> WireError {
-    if e.kind() == std::io::ErrorKind::UnexpectedEof { WireError::Truncated(what) } else { WireError::Io(e.to_string()) }
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        WireError::Truncated(what)
+    } else {
+        WireError::Io(e.to_string())
+    }
 }
 
 /// The preamble's bytes (also the channel handshake's prologue).
@@ -240,9 +244,12 @@ pub fn write_pages(w: &mut impl FrameSink, first: u64, data: &mut [u8]) -> Resul
 /// Writes a frame.
 pub fn write_frame(w: &mut impl Write, frame: &Frame) -> Result<(), WireError> {
     match frame {
-        Frame::Pages { first, data } => write_parts(w, 2, &[&first.to_le_bytes(), &((data.len() / PAGE_SIZE) as u32).to_le_bytes(), data]),
+        Frame::Pages { first, data } => {
+            write_parts(w, 2, &[&first.to_le_bytes(), &((data.len() / PAGE_SIZE) as u32).to_le_bytes(), data])
+        }
         Frame::Hello(h) => {
-            let bytes = postcard::to_allocvec(h).map_err(|e| WireError::Malformed { kind: "Hello", why: e.to_string() })?;
+            let bytes =
+                postcard::to_allocvec(h).map_err(|e| WireError::Malformed { kind: "Hello", why: e.to_string() })?;
             write_parts(w, 1, &[&bytes])
         }
         Frame::Zero(pages) => {
@@ -253,7 +260,9 @@ pub fn write_frame(w: &mut impl Write, frame: &Frame) -> Result<(), WireError> {
         }
         Frame::State(bytes) => write_parts(w, 4, &[bytes]),
         Frame::Abort(why) => write_parts(w, 9, &[why.as_bytes()]),
-        Frame::Done | Frame::Ready | Frame::Go | Frame::Resumed | Frame::Welcome | Frame::Sync | Frame::Synced => write_parts(w, frame.kind(), &[]),
+        Frame::Done | Frame::Ready | Frame::Go | Frame::Resumed | Frame::Welcome | Frame::Sync | Frame::Synced => {
+            write_parts(w, frame.kind(), &[])
+        }
     }
 }
 
@@ -375,7 +384,10 @@ fn page_numbers(numbers: &[u8; 12], data: usize) -> Result<(u64, usize), WireErr
     let first = u64::from_le_bytes([a, b, c, d, e, f, g, h]);
     let count = u32::from_le_bytes([i, j, k, l]) as usize;
     if data != count * PAGE_SIZE {
-        return Err(WireError::Malformed { kind: "Pages", why: format!("{count} pages announced, {data} bytes of data") });
+        return Err(WireError::Malformed {
+            kind: "Pages",
+            why: format!("{count} pages announced, {data} bytes of data"),
+        });
     }
     Ok((first, count))
 }
@@ -384,7 +396,8 @@ fn page_numbers(numbers: &[u8; 12], data: usize) -> Result<(u64, usize), WireErr
 pub fn decode(kind: u8, payload: Vec<u8>) -> Result<Frame, WireError> {
     let name = kind_name(kind);
     let bad = |why: String| WireError::Malformed { kind: name, why };
-    let empty = |f: Frame| if payload.is_empty() { Ok(f) } else { Err(bad(format!("{} unexpected bytes", payload.len()))) };
+    let empty =
+        |f: Frame| if payload.is_empty() { Ok(f) } else { Err(bad(format!("{} unexpected bytes", payload.len()))) };
     match kind {
         1 => postcard::from_bytes::<Hello>(&payload).map(|h| Frame::Hello(Box::new(h))).map_err(|e| bad(e.to_string())),
         2 => pages(&payload).map(|(first, data)| Frame::Pages { first, data: data.to_vec() }),
@@ -396,7 +409,9 @@ pub fn decode(kind: u8, payload: Vec<u8>) -> Result<Frame, WireError> {
             if payload.len() - 4 != count * 8 {
                 return Err(bad(format!("{count} pages announced, {} bytes of page numbers", payload.len() - 4)));
             }
-            Ok(Frame::Zero(payload[4..].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect()))
+            Ok(Frame::Zero(
+                payload[4..].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect(),
+            ))
         }
         4 => Ok(Frame::State(payload)),
         5 => empty(Frame::Done),

@@ -53,15 +53,20 @@ impl Vcpu {
                     return self.stop(VmExit::Fault(format!("vCPU {} halted with no way to wake", self.index)));
                 }
                 Ok(VcpuExit::Shutdown) => {
-                    return self.stop(VmExit::Fault(format!("triple fault on vCPU {} (KVM_EXIT_SHUTDOWN)", self.index)));
+                    return self
+                        .stop(VmExit::Fault(format!("triple fault on vCPU {} (KVM_EXIT_SHUTDOWN)", self.index)));
                 }
                 Ok(VcpuExit::SystemEvent(SYSTEM_EVENT_RESET, _)) => return self.stop(VmExit::Reset),
                 Ok(VcpuExit::SystemEvent(SYSTEM_EVENT_SHUTDOWN, _)) => return self.stop(VmExit::Shutdown),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    return self.stop(VmExit::Fault(format!("VM entry failed on vCPU {} (reason {reason:#x}, host cpu {cpu})", self.index)));
+                    return self.stop(VmExit::Fault(format!(
+                        "VM entry failed on vCPU {} (reason {reason:#x}, host cpu {cpu})",
+                        self.index
+                    )));
                 }
                 Ok(VcpuExit::InternalError) => {
-                    return self.stop(VmExit::Fault(format!("KVM internal error on vCPU {} (emulation failure)", self.index)));
+                    return self
+                        .stop(VmExit::Fault(format!("KVM internal error on vCPU {} (emulation failure)", self.index)));
                 }
                 Ok(other) => {
                     let why = format!("unexpected exit on vCPU {}: {other:?}", self.index);

@@ -3,7 +3,7 @@
 
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::Error;
 use crate::arch::x86_64::layout;
@@ -41,10 +41,13 @@ impl Vm {
         }
         let t = std::time::Instant::now();
         let fd = kvm.create_vm().map_err(|source| Error::Kvm { what: "KVM_CREATE_VM", source })?;
-        fd.set_tss_address(layout::KVM_TSS_ADDRESS).map_err(|source| Error::Kvm { what: "KVM_SET_TSS_ADDR", source })?;
+        fd.set_tss_address(layout::KVM_TSS_ADDRESS)
+            .map_err(|source| Error::Kvm { what: "KVM_SET_TSS_ADDR", source })?;
 
-        let ranges: Vec<(GuestAddress, usize)> =
-            layout::ram_regions(mem_bytes).into_iter().map(|(start, size)| (GuestAddress(start), size as usize)).collect();
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_bytes)
+            .into_iter()
+            .map(|(start, size)| (GuestAddress(start), size as usize))
+            .collect();
         let memory = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|e| Error::Memory(format!("cannot allocate {} MiB of guest memory: {e}", mem_bytes >> 20)))?;
         advise_huge_pages(&memory);
@@ -144,11 +147,16 @@ mod tests {
             .unwrap()
             .iter()
             .flat_map(|(first, bitmap)| {
-                bitmap.iter().enumerate().flat_map(move |(w, word)| (0..64).filter(move |b| word & (1 << b) != 0).map(move |b| first + w as u64 * 64 + b))
+                bitmap.iter().enumerate().flat_map(move |(w, word)| {
+                    (0..64).filter(move |b| word & (1 << b) != 0).map(move |b| first + w as u64 * 64 + b)
+                })
             })
             .collect();
         assert_eq!(dirty, vec![5], "pages in the dirty log");
-        assert!(vm.take_dirty_pages().unwrap().iter().all(|(_, b)| b.iter().all(|w| *w == 0)), "reading clears the log");
+        assert!(
+            vm.take_dirty_pages().unwrap().iter().all(|(_, b)| b.iter().all(|w| *w == 0)),
+            "reading clears the log"
+        );
         let mut byte = [0u8];
         vm.memory.read_slice(&mut byte, vm_memory::GuestAddress(0x5000)).unwrap();
         assert_eq!(byte, [1]);

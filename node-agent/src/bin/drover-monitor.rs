@@ -9,7 +9,11 @@ use drover_agent::monitor::{self, MonitorArgs};
 use drover_agent::vm_dir::VmDir;
 
 #[derive(Parser)]
-#[command(name = "drover-monitor", version, about = "Keeps one drover-vmm company: serial log, fencing watchdog, exit record")]
+#[command(
+    name = "drover-monitor",
+    version,
+    about = "Keeps one drover-vmm company: serial log, fencing watchdog, exit record"
+)]
 struct Cli {
     /// The VM's runtime directory.
     #[arg(long)]

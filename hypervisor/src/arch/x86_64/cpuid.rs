@@ -40,7 +40,8 @@ fn ensure_topology_subleaves(cpuid: &mut CpuId) {
     for index in 0..3 {
         let present = cpuid.as_slice().iter().any(|e| e.function == 0xb && e.index == index);
         if !present {
-            let entry = kvm_cpuid_entry2 { function: 0xb, index, flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX, ..Default::default() };
+            let entry =
+                kvm_cpuid_entry2 { function: 0xb, index, flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX, ..Default::default() };
             // The list has room: KVM returns far fewer entries than its maximum.
             if cpuid.push(entry).is_err() {
                 tracing::warn!("CPUID list full: leaf 0xb subleaf {index} missing");
@@ -49,13 +50,24 @@ fn ensure_topology_subleaves(cpuid: &mut CpuId) {
     }
 }
 
-fn configure_entry(e: &mut kvm_cpuid_entry2, apic_id: u32, t: Topology, smt_shift: u32, core_shift: u32, per_package: u32) {
+fn configure_entry(
+    e: &mut kvm_cpuid_entry2,
+    apic_id: u32,
+    t: Topology,
+    smt_shift: u32,
+    core_shift: u32,
+    per_package: u32,
+) {
     match e.function {
         0x1 => {
             // EBX: initial APIC ID [31:24], logical processors per package [23:16].
             e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | ((per_package.min(255)) << 16);
             // EDX bit 28 (HTT): more than one logical processor per package.
-            if per_package > 1 { e.edx |= 1 << 28 } else { e.edx &= !(1 << 28) }
+            if per_package > 1 {
+                e.edx |= 1 << 28
+            } else {
+                e.edx &= !(1 << 28)
+            }
             // ECX bit 31: running under a hypervisor.
             e.ecx |= 1 << 31;
         }

@@ -31,7 +31,12 @@ pub fn initrd_address(limit: u64, size: u64) -> Option<u64> {
 }
 
 /// The zero page for a kernel whose setup header is `hdr` (bzImage) or none (ELF).
-pub fn zero_page(hdr: Option<setup_header>, cmdline_len: usize, initrd: Option<(u64, u64)>, memmap: &[MemmapEntry]) -> ZeroPage {
+pub fn zero_page(
+    hdr: Option<setup_header>,
+    cmdline_len: usize,
+    initrd: Option<(u64, u64)>,
+    memmap: &[MemmapEntry],
+) -> ZeroPage {
     let mut params = boot_params::default();
     if let Some(hdr) = hdr {
         params.hdr = hdr;
@@ -79,7 +84,12 @@ mod tests {
 
     #[test]
     fn bzimage_header_is_kept() {
-        let hdr = setup_header { boot_flag: KERNEL_BOOT_FLAG_MAGIC, header: KERNEL_HDR_MAGIC, version: 0x20f, ..Default::default() };
+        let hdr = setup_header {
+            boot_flag: KERNEL_BOOT_FLAG_MAGIC,
+            header: KERNEL_HDR_MAGIC,
+            version: 0x20f,
+            ..Default::default()
+        };
         let ZeroPage(p) = zero_page(Some(hdr), 0, None, &[]);
         assert_eq!({ p.hdr.version }, 0x20f);
         assert_eq!({ p.hdr.type_of_loader }, KERNEL_LOADER_OTHER);

@@ -102,7 +102,8 @@ mod tests {
         assert_eq!(len, table.len());
         assert_eq!(sum(table), 0, "configuration table checksum");
         // Every CPU, the boot CPU first and flagged as such.
-        let processors: Vec<(u8, u8)> = table[44..].chunks(20).take_while(|e| e[0] == 0).map(|e| (e[1], e[3])).collect();
+        let processors: Vec<(u8, u8)> =
+            table[44..].chunks(20).take_while(|e| e[0] == 0).map(|e| (e[1], e[3])).collect();
         assert_eq!(processors, vec![(0, 3), (1, 1), (2, 1), (3, 1)]);
         let count = u16::from_le_bytes(table[34..36].try_into().unwrap());
         assert_eq!(count, 4 + 1 + 1 + 16 + 2);

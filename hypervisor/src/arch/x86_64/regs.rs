@@ -122,7 +122,14 @@ pub fn linux_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
 /// General registers for the Linux 64-bit entry: %rsi points at the zero page.
 pub fn linux_regs(entry: u64) -> kvm_regs {
     use super::layout::{BOOT_STACK_POINTER, ZERO_PAGE_START};
-    kvm_regs { rip: entry, rsp: BOOT_STACK_POINTER, rbp: BOOT_STACK_POINTER, rsi: ZERO_PAGE_START, rflags: 0x2, ..Default::default() }
+    kvm_regs {
+        rip: entry,
+        rsp: BOOT_STACK_POINTER,
+        rbp: BOOT_STACK_POINTER,
+        rsi: ZERO_PAGE_START,
+        rflags: 0x2,
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
@@ -132,7 +139,10 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_flat_long_mode_segments() {
         let code = segment_from_gdt(LINUX_BOOT_GDT[1], 1);
-        assert_eq!((code.selector, code.l, code.db, code.type_, code.present, code.limit), (8, 1, 0, 0xb, 1, 0xffff_ffff));
+        assert_eq!(
+            (code.selector, code.l, code.db, code.type_, code.present, code.limit),
+            (8, 1, 0, 0xb, 1, 0xffff_ffff)
+        );
         let data = segment_from_gdt(LINUX_BOOT_GDT[2], 2);
         assert_eq!((data.selector, data.db, data.type_, data.s), (16, 1, 3, 1));
         let tss = segment_from_gdt(LINUX_BOOT_GDT[3], 3);
