@@ -8,8 +8,10 @@
 
 // kube's derive macros repeat `#[serde(...)]` attributes on the generated types.
 #![allow(clippy::duplicated_attributes)]
+#![forbid(unsafe_code)]
 
 pub mod common;
+pub mod contract;
 pub mod drs_rule;
 pub mod generate;
 pub mod host_policy;
@@ -17,6 +19,7 @@ pub mod migration;
 pub mod vm;
 
 pub use common::{Conditions, GROUP, MAX_VCPUS, VERSION};
+pub use contract::HostFacts;
 pub use drover_topology::CpuSet;
 pub use drs_rule::{DRSRule, DRSRuleSpec, DRSRuleStatus};
 pub use host_policy::{HostPolicy, HostPolicySpec, HostPolicyStatus};

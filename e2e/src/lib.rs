@@ -4,6 +4,8 @@
 //! `e2e/cluster up --bare` and points `DROVER_E2E_KUBECONFIG` at it. Run alone, a
 //! test without that variable fails and says how to provide it.
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -6,6 +6,8 @@
 //! The tests run one at a time (a lock): they time fencing and migrations, and two
 //! of them at once on a 2-CPU machine would measure each other.
 
+#![forbid(unsafe_code)]
+
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};

@@ -1,6 +1,7 @@
 //! The CRDs install on a real kube-apiserver, the examples apply, and the API reads
 //! well from kubectl (short names, category, printer columns, explain).
 
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use drover_crds::{VirtualMachine, VirtualMachineStatus};

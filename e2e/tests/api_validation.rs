@@ -1,6 +1,7 @@
 //! The API server refuses bad Drover objects at `kubectl apply`, with a message that
 //! names the field. Runs against the real kube-apiserver of `e2e/cluster`.
 
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use drover_e2e::control_plane;

@@ -1,6 +1,7 @@
 //! The Helm chart lints, renders, and what it renders is accepted by the real API
 //! server (server-side dry run), with its CRDs the same as `crds/`.
 
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use drover_e2e::{control_plane, repo_root};

@@ -3,6 +3,7 @@
 //! agent) that can be stopped, cut off and healed, and `down` leaves nothing behind.
 //! Hosts need root: run as another user, these tests fail and say so.
 
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::net::SocketAddrV4;

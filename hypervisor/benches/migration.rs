@@ -128,7 +128,7 @@ fn drover_run(vmm: &Path, guest: &Path, case: &Case, key: &Path, lanes: Option<u
         body["lanes"] = lanes.into();
     }
     let body = body.to_string();
-    let (code, reply) = drover_hypervisor::api::request(&socket, "PUT", "/vm/migrate", Some(&body)).unwrap();
+    let (code, reply) = drover_vmm_api::client::request(&socket, "PUT", "/vm/migrate", Some(&body)).unwrap();
     assert_eq!(code, 204, "{reply}");
     wait_for(&log, "migration completed");
     let line =

@@ -22,31 +22,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
 
-use serde::Deserialize;
+use drover_vmm_api::api::{self as paths, CpusPatch, MAX_BODY, MigrateRequest, PriorityPatch, SnapshotRequest};
 
 use crate::Error;
 use crate::control::VmControl;
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct CpusPatch {
-    host_cpus: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct SnapshotRequest {
-    path: std::path::PathBuf,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct PriorityPatch {
-    shares: u32,
-}
-
-/// Largest request body accepted (the API's bodies are a few dozen bytes).
-const MAX_BODY: usize = 64 * 1024;
 
 /// Starts serving the API on `socket` in a thread of its own.
 pub fn serve(socket: &Path, control: Arc<VmControl>) -> Result<(), Error> {
@@ -111,7 +90,7 @@ fn serve_one(stream: UnixStream, control: &Arc<VmControl>) -> std::io::Result<()
     stream.flush()?;
     // The process ends soon after a power-off: answer first, or the caller would
     // see its connection close with no reply.
-    if (method.as_str(), path.as_str()) == ("PUT", "/vm/shutdown") {
+    if (method.as_str(), path.as_str()) == ("PUT", paths::SHUTDOWN) {
         let _ = stream.shutdown(std::net::Shutdown::Both);
         control.power_off();
     }
@@ -121,31 +100,31 @@ fn serve_one(stream: UnixStream, control: &Arc<VmControl>) -> std::io::Result<()
 /// Dispatches one request; returns the status code and the JSON reply, if any.
 fn route(method: &str, path: &str, body: &str, control: &Arc<VmControl>) -> (u16, Option<serde_json::Value>) {
     let result: Result<Option<serde_json::Value>, (u16, String)> = match (method, path) {
-        ("GET", "/vm") => serde_json::to_value(control.status()).map(Some).map_err(|e| (500, e.to_string())),
-        ("PUT", "/vm/pause") => control.pause().map(|_| None).map_err(|e| (500, e.to_string())),
-        ("PUT", "/vm/resume") => {
+        ("GET", paths::VM) => serde_json::to_value(control.status()).map(Some).map_err(|e| (500, e.to_string())),
+        ("PUT", paths::PAUSE) => control.pause().map(|_| None).map_err(|e| (500, e.to_string())),
+        ("PUT", paths::RESUME) => {
             control.resume();
             Ok(None)
         }
-        ("PUT", "/vm/snapshot") => serde_json::from_str::<SnapshotRequest>(body)
+        ("PUT", paths::SNAPSHOT) => serde_json::from_str::<SnapshotRequest>(body)
             .map_err(|e| (400, format!("body: {e}")))
             .and_then(|r| crate::snapshot::save(control, &r.path).map_err(|e| (500, e.to_string())))
             .and_then(|info| serde_json::to_value(info).map(Some).map_err(|e| (500, e.to_string()))),
-        ("PUT", "/vm/migrate") => serde_json::from_str::<crate::migration::send::MigrateRequest>(body)
+        ("PUT", paths::MIGRATE) => serde_json::from_str::<MigrateRequest>(body)
             .map_err(|e| (400, format!("body: {e}")))
             .and_then(|r| crate::migration::send::start(control.clone(), r).map_err(|e| (400, e.to_string())))
             .map(|_| None),
-        ("GET", "/vm/migration") => {
+        ("GET", paths::MIGRATION) => {
             serde_json::to_value(control.migration_status()).map(Some).map_err(|e| (500, e.to_string()))
         }
-        ("PUT", "/vm/migration/cancel") => control.cancel_migration().map(|_| None).map_err(|e| (409, e.to_string())),
+        ("PUT", paths::MIGRATION_CANCEL) => control.cancel_migration().map(|_| None).map_err(|e| (409, e.to_string())),
         // Powering off happens after the reply is written (see serve_one).
-        ("PUT", "/vm/shutdown") => Ok(None),
-        ("PATCH", "/vm/cpus") => serde_json::from_str::<CpusPatch>(body)
+        ("PUT", paths::SHUTDOWN) => Ok(None),
+        ("PATCH", paths::CPUS) => serde_json::from_str::<CpusPatch>(body)
             .map_err(|e| (400, format!("body: {e}")))
             .and_then(|p| control.set_host_cpus(&p.host_cpus).map_err(|e| (400, e.to_string())))
             .map(|_| None),
-        ("PATCH", "/vm/priority") => serde_json::from_str::<PriorityPatch>(body)
+        ("PATCH", paths::PRIORITY) => serde_json::from_str::<PriorityPatch>(body)
             .map_err(|e| (400, format!("body: {e}")))
             .and_then(|p| control.set_shares(p.shares).map_err(|e| (400, e.to_string())))
             .map(|_| None),
@@ -156,26 +135,4 @@ fn route(method: &str, path: &str, body: &str, control: &Arc<VmControl>) -> (u16
         Ok(None) => (204, None),
         Err((code, message)) => (code, Some(serde_json::json!({ "error": message }))),
     }
-}
-
-/// A minimal client for the API (tests, the agent, `drover-vmm api`): one request
-/// per connection; returns the status code and the body.
-pub fn request(socket: &Path, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String), Error> {
-    let io = |e: std::io::Error| Error::Io(format!("control socket {}: {e}", socket.display()));
-    let mut stream = UnixStream::connect(socket).map_err(io)?;
-    let body = body.unwrap_or("");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).map_err(io)?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(io)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::Io(format!("control socket {}: malformed response {head:?}", socket.display())))?;
-    Ok((status, body.to_string()))
 }

@@ -8,17 +8,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use drover_topology::CpuSet;
-use serde::{Deserialize, Serialize};
 use vmm_sys_util::signal::Killable;
 
 use crate::config::VmConfig;
 use crate::devices::PioBus;
 use crate::devices::VmExit;
-use crate::migration::status::{MigrationStatus, Phase};
 use crate::priority::Priority;
 use crate::state::VcpuState;
 use crate::vstate::vm::Vm;
 use crate::{Error, affinity};
+use drover_vmm_api::api::{MigrationPhase as Phase, MigrationStatus, VcpuStatus, VmStatus};
 use std::sync::Arc;
 
 /// The signal that kicks a vCPU thread out of KVM_RUN (the interrupted ioctl
@@ -549,44 +548,4 @@ fn thread_stat(tid: i32) -> Option<(Option<u32>, u64)> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Some((fields.get(36).and_then(|c| c.parse().ok()), ticks * 1000 / hz))
-}
-
-/// What `GET /vm` returns (the node agent reads it with this type too).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct VmStatus {
-    pub name: String,
-    /// `running` or `paused`.
-    pub state: String,
-    pub memory_mib: u64,
-    /// NUMA policy of guest memory, and the host nodes it is bound to.
-    pub numa_policy: String,
-    pub numa_nodes: String,
-    pub uptime_ms: u64,
-    /// From VMM start to the guest's first serial output.
-    pub boot_time_ms: Option<u64>,
-    pub shares: u32,
-    pub priority_mechanism: String,
-    /// When the host CPUs last changed (Unix ms), if they did.
-    pub cpus_changed_at_ms: Option<u64>,
-    /// When the priority last changed (Unix ms), if it did.
-    pub priority_changed_at_ms: Option<u64>,
-    pub vcpus: Vec<VcpuStatus>,
-}
-
-/// One vCPU in `GET /vm`.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct VcpuStatus {
-    pub index: u32,
-    /// Host thread id.
-    pub tid: i32,
-    /// Host CPUs the thread may run on.
-    pub host_cpus: String,
-    /// Host CPU it ran on last.
-    pub last_host_cpu: Option<u32>,
-    /// NUMA node of that CPU.
-    pub numa_node: Option<u32>,
-    /// CPU time used, in ms.
-    pub cpu_time_ms: u64,
 }

@@ -1,31 +1,10 @@
 //! What the host's KVM offers: whether it opens, its API version, vCPU limits and
 //! the capabilities Drover relies on (in-kernel irqchip, dirty logging, ...).
 
+pub use drover_vmm_api::KvmFacts;
 use kvm_ioctls::{Cap, Kvm};
-use serde::Serialize;
 
 use crate::Error;
-
-/// KVM facts of this host.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct KvmFacts {
-    /// `KVM_GET_API_VERSION` (12 on every Linux since 2.6.22).
-    pub api_version: i32,
-    /// Recommended vCPU count (`KVM_CAP_NR_VCPUS`).
-    pub recommended_vcpus: usize,
-    /// Hard vCPU limit (`KVM_CAP_MAX_VCPUS`).
-    pub max_vcpus: usize,
-    /// Capabilities Drover uses, with whether each is present.
-    pub capabilities: std::collections::BTreeMap<String, bool>,
-}
-
-impl KvmFacts {
-    /// Whether every capability Drover needs is present.
-    pub fn usable(&self) -> bool {
-        self.capabilities.values().all(|present| *present)
-    }
-}
 
 /// Capabilities the VMM needs, named as in the KVM API documentation.
 const REQUIRED: [(Cap, &str); 6] = [
@@ -46,7 +25,8 @@ pub fn probe() -> Result<KvmFacts, Error> {
 pub fn probe_device(path: &std::path::Path) -> Result<KvmFacts, Error> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::Config(format!("{}: a device path cannot contain NUL", path.display())))?;
-    let kvm = Kvm::new_with_path(&c_path).map_err(Error::KvmOpen)?;
+    let kvm =
+        Kvm::new_with_path(&c_path).map_err(|source| Error::KvmOpen { path: path.display().to_string(), source })?;
     Ok(KvmFacts {
         api_version: kvm.get_api_version(),
         recommended_vcpus: kvm.get_nr_vcpus(),

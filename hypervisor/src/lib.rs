@@ -35,8 +35,8 @@ pub const TEST_GUEST: &[u8] = include_bytes!(env!("DROVER_TEST_GUEST"));
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// `/dev/kvm` could not be opened.
-    #[error("cannot open /dev/kvm: {0} (is the kvm module loaded, and may this user open /dev/kvm?)")]
-    KvmOpen(#[source] kvm_ioctls::Error),
+    #[error("cannot open {path}: {source} (is the kvm module loaded, and may this user open it?)")]
+    KvmOpen { path: String, source: kvm_ioctls::Error },
     /// A KVM ioctl failed.
     #[error("KVM {what} failed: {source}")]
     Kvm { what: &'static str, source: kvm_ioctls::Error },
@@ -58,4 +58,13 @@ pub enum Error {
     /// Another I/O failure.
     #[error("{0}")]
     Io(String),
+}
+
+impl From<drover_vmm_api::Error> for Error {
+    fn from(e: drover_vmm_api::Error) -> Self {
+        match e {
+            drover_vmm_api::Error::Config(why) => Error::Config(why),
+            other => Error::Io(other.to_string()),
+        }
+    }
 }

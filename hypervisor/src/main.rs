@@ -3,13 +3,14 @@
 //! Exit status: 0 guest shut down, 1 VMM error (bad configuration, no KVM, kernel
 //! not loadable, ...; one log line says what), 2 bad command line, 3 guest reset,
 //! 4 guest fault (triple fault, emulation failure), 5 guest reported a failure,
-//! 6 the VM moved to another host (live migration).
+//! 6 the VM moved to another host (live migration): `drover_vmm_api::ExitStatus`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use drover_hypervisor::config::{CpuPlacement, NumaConfig, NumaPolicy, SerialOutput, Topology, VmConfig};
+use drover_vmm_api::ExitStatus;
 
 #[derive(Parser)]
 #[command(name = "drover-vmm", version, about = "Drover's VMM: one process per virtual machine, on KVM")]
@@ -51,7 +52,11 @@ enum Command {
     },
     /// Report what /dev/kvm offers (API version, vCPU limits, needed capabilities) as
     /// JSON; exit status 1 when it cannot run Drover VMs.
-    KvmCheck,
+    KvmCheck {
+        /// The KVM device to open.
+        #[arg(long, default_value = "/dev/kvm")]
+        device: PathBuf,
+    },
     /// Send one request to a running VMM's control API and print the reply, e.g.
     /// `drover-vmm api --socket /run/drover/vm.sock PATCH /vm/cpus '{"hostCpus":"0-1"}'`.
     Api {
@@ -236,17 +241,18 @@ impl RunArgs {
 fn finish(result: Result<drover_hypervisor::devices::VmExit, drover_hypervisor::Error>) -> ExitCode {
     match result {
         Ok(exit) => {
-            if matches!(exit.exit_code(), 0 | 6) {
+            let status = exit.exit_status();
+            if status.is_success() {
                 tracing::info!("{exit}");
             } else {
                 tracing::error!("{exit}");
             }
             // vCPU threads may be blocked in KVM_RUN; the process exit ends them.
-            std::process::exit(i32::from(exit.exit_code()));
+            std::process::exit(i32::from(status.code()));
         }
         Err(e) => {
             tracing::error!("{e}");
-            ExitCode::from(1)
+            ExitCode::from(ExitStatus::VmmError.code())
         }
     }
 }
@@ -261,12 +267,7 @@ fn serial_output(v: &str) -> SerialOutput {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: logs in files (the agent keeps them) stay plain.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    drover_logging::init(drover_logging::LogFormat::Text);
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => finish(args.into_config().and_then(|config| drover_hypervisor::vmm::run(&config))),
@@ -301,7 +302,7 @@ fn main() -> ExitCode {
             })();
             finish(result)
         }
-        Command::KvmCheck => match drover_hypervisor::kvm_probe::probe() {
+        Command::KvmCheck { device } => match drover_hypervisor::kvm_probe::probe_device(&device) {
             Ok(facts) => {
                 println!("{}", serde_json::to_string_pretty(&facts).unwrap_or_default());
                 if facts.usable() {
@@ -318,7 +319,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Api { socket, method, path, body } => {
-            match drover_hypervisor::api::request(&socket, &method, &path, body.as_deref()) {
+            match drover_vmm_api::client::request(&socket, &method, &path, body.as_deref()) {
                 Ok((status, reply)) => {
                     println!("{reply}");
                     if (200..300).contains(&status) { ExitCode::SUCCESS } else { ExitCode::FAILURE }

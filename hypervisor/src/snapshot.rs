@@ -6,7 +6,6 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use serde::Serialize;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::Error;
@@ -16,15 +15,7 @@ use crate::state::{STATE_VERSION, VmState};
 const STATE_FILE: &str = "state.bin";
 const MEMORY_FILE: &str = "memory.bin";
 
-/// What a snapshot wrote.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SnapshotInfo {
-    pub state_bytes: u64,
-    pub memory_bytes: u64,
-    /// How long the guest was paused for it, in ms.
-    pub paused_ms: u64,
-}
+pub use drover_vmm_api::api::SnapshotInfo;
 
 /// Pauses the VM (if it runs), writes its snapshot to `dir`, resumes it if it ran.
 pub fn save(control: &VmControl, dir: &Path) -> Result<SnapshotInfo, Error> {

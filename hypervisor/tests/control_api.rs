@@ -10,7 +10,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::GUEST;
-use drover_hypervisor::api::request;
+use drover_vmm_api::client::request;
 
 struct Vm {
     child: Child,

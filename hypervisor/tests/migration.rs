@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
-use drover_hypervisor::api::request;
+use drover_vmm_api::client::request;
 
 const VMM: &str = env!("CARGO_BIN_EXE_drover-vmm");
 

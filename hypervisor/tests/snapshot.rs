@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use drover_hypervisor::api::request;
+use drover_vmm_api::client::request;
 
 const DIGEST: &str = "drover.mode=digest drover.rounds=120 drover.mem=32";
 

@@ -10,9 +10,10 @@ pub enum Error {
     /// A VirtualMachine's spec cannot run on this host (missing file, bad value).
     #[error("{0}")]
     Config(String),
-    /// A VMM's control API refused a request or could not be reached.
+    /// A VMM's control API refused a request or could not be reached
+    /// (`drover_vmm_api::Error::Refused` carries the HTTP status to branch on).
     #[error("VMM control API: {0}")]
-    Vmm(String),
+    Vmm(#[from] drover_vmm_api::Error),
     /// A reference to another object does not resolve (missing Secret, missing VM).
     #[error("{0}")]
     Reference(String),

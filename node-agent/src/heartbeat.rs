@@ -217,7 +217,7 @@ mod tests {
 
     #[test]
     fn a_host_policy_sets_the_timing_unless_it_leaves_no_margin() {
-        use crate::host_facts::{HeartbeatFact, HostFacts, KvmFact, Offered, TopologyFact};
+        use drover_crds::contract::{HeartbeatFact, HostFacts, KvmFact, Offered, TopologyFact};
         let dir = tempfile::tempdir().unwrap();
         let settings = crate::settings::tests::settings(dir.path());
         let facts = |interval_seconds, lease_duration_seconds| HostFacts {
@@ -228,6 +228,7 @@ mod tests {
                 threads_per_core: 1,
                 numa_nodes: vec![],
                 memory_mib: 1,
+                sibling_groups: vec![],
             },
             offered: Offered { cpus: "0".into(), vcpus: 1, memory_mib: 1, memory_overcommit_ratio: 1.0 },
             policy: Some("p".into()),

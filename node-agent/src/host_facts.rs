@@ -6,131 +6,57 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+pub use drover_crds::contract::HostFacts;
+use drover_crds::contract::{HeartbeatFact, KvmFact, NumaFact, Offered, TopologyFact, annotations, labels};
 use drover_crds::host_policy::HostPolicy;
 use drover_topology::{CpuSet, HostTopology};
 use kube::core::{Selector, SelectorExt};
-use serde::Serialize;
 
 use crate::Error;
 use crate::settings::Settings;
 
-/// Label: `true` when this host can run Drover VMs (KVM usable and an agent runs).
-pub const LABEL_KVM: &str = "drover.dev/kvm";
-/// Label: online host CPUs.
-pub const LABEL_CPUS: &str = "drover.dev/cpus";
-/// Label: NUMA nodes.
-pub const LABEL_NUMA_NODES: &str = "drover.dev/numa-nodes";
-/// Label: `true` when cores have more than one hardware thread.
-pub const LABEL_SMT: &str = "drover.dev/smt";
-/// Annotation: the facts below, as JSON.
-pub const ANNOTATION_FACTS: &str = "drover.dev/host-facts";
-/// Annotation: the address migration targets on this host listen on.
-pub const ANNOTATION_MIGRATION_ADDRESS: &str = "drover.dev/migration-address";
-/// Annotation: the agent's HTTP endpoint (console logs, health).
-pub const ANNOTATION_AGENT_URL: &str = "drover.dev/agent-url";
-
-/// The facts of one host.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct HostFacts {
-    pub kvm: KvmFact,
-    pub topology: TopologyFact,
-    pub offered: Offered,
-    /// The HostPolicy that selects this host, if any.
-    pub policy: Option<String>,
-    /// Heartbeat interval and failure detection time (the Lease duration) from that
-    /// HostPolicy's `ha`, in seconds; without a policy the agent's flags apply.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub heartbeat: Option<HeartbeatFact>,
-}
-
-/// The HostPolicy's heartbeat settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct HeartbeatFact {
-    pub interval_seconds: u32,
-    pub lease_duration_seconds: u32,
-}
-
-/// Whether VMs can run here.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct KvmFact {
-    pub usable: bool,
-    /// Why not, when not.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    pub max_vcpus: usize,
-}
-
-/// CPUs and NUMA nodes.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TopologyFact {
-    pub cpus: String,
-    pub cores: usize,
-    pub threads_per_core: usize,
-    pub numa_nodes: Vec<NumaFact>,
-    pub memory_mib: u64,
-}
-
-/// One NUMA node.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NumaFact {
-    pub id: u32,
-    pub cpus: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub memory_mib: Option<u64>,
-}
-
-/// What VMs get here.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Offered {
-    /// Host CPUs VMs may run on (online minus reserved).
-    pub cpus: String,
-    /// vCPUs of Shared VMs that fit (CPUs × overcommit ratio).
-    pub vcpus: u64,
-    /// Guest memory that fits, MiB ((total − reserved) × overcommit ratio).
-    pub memory_mib: u64,
-    /// Guest memory per byte of host memory (1: none overcommitted).
-    pub memory_overcommit_ratio: f64,
-}
-
-impl HostFacts {
-    /// The host CPUs offered to VMs, parsed.
-    pub fn offered_cpus(&self) -> CpuSet {
-        CpuSet::parse(&self.offered.cpus).unwrap_or_default()
-    }
-}
-
 /// Gathers the facts: topology from `sysfs_root`, memory from `/proc/meminfo`, KVM
-/// from the KVM device, capacity from the first HostPolicy (by name) whose selector
+/// as the VMM finds it, capacity from the first HostPolicy (by name) whose selector
 /// matches the node's labels.
 pub fn gather(
-    sysfs_root: &Path,
-    kvm_device: &Path,
+    settings: &Settings,
     node_labels: &BTreeMap<String, String>,
     policies: &[HostPolicy],
 ) -> Result<HostFacts, Error> {
-    let topology = HostTopology::read(sysfs_root)
-        .map_err(|e| Error::Io(format!("host topology from {}: {e}", sysfs_root.display())))?;
+    let topology = HostTopology::read(&settings.sysfs_root)
+        .map_err(|e| Error::Io(format!("host topology from {}: {e}", settings.sysfs_root.display())))?;
     let memory_mib = meminfo_total_mib().unwrap_or(0);
-    let kvm = match drover_hypervisor::kvm_probe::probe_device(kvm_device) {
-        Ok(facts) if facts.usable() => KvmFact { usable: true, reason: None, max_vcpus: facts.max_vcpus },
-        Ok(facts) => {
-            let missing: Vec<&str> =
-                facts.capabilities.iter().filter(|(_, ok)| !**ok).map(|(name, _)| name.as_str()).collect();
-            KvmFact {
-                usable: false,
-                reason: Some(format!("/dev/kvm lacks {}", missing.join(", "))),
-                max_vcpus: facts.max_vcpus,
-            }
-        }
-        Err(e) => KvmFact { usable: false, reason: Some(format!("{} ({e})", kvm_device.display())), max_vcpus: 0 },
-    };
+    let kvm = probe_kvm(&settings.vmm, &settings.kvm_device);
     Ok(compute(&topology, memory_mib, kvm, node_labels, policies))
+}
+
+/// Whether the VMM can run VMs on `kvm_device`: `drover-vmm kvm-check` is the one
+/// judge of what the VMM needs, so the agent asks it rather than opening KVM itself.
+pub fn probe_kvm(vmm: &Path, kvm_device: &Path) -> KvmFact {
+    let output = match std::process::Command::new(vmm).arg("kvm-check").arg("--device").arg(kvm_device).output() {
+        Ok(output) => output,
+        Err(e) => {
+            return KvmFact {
+                usable: false,
+                reason: Some(format!("cannot run {} kvm-check: {e}", vmm.display())),
+                max_vcpus: 0,
+            };
+        }
+    };
+    match serde_json::from_slice::<drover_vmm_api::KvmFacts>(&output.stdout) {
+        Ok(facts) if facts.usable() => KvmFact { usable: true, reason: None, max_vcpus: facts.max_vcpus },
+        Ok(facts) => KvmFact {
+            usable: false,
+            reason: Some(format!("{} lacks {}", kvm_device.display(), facts.missing().join(", "))),
+            max_vcpus: facts.max_vcpus,
+        },
+        // No facts at all: the device did not open (the VMM's log line says why).
+        Err(_) => {
+            let log = String::from_utf8_lossy(&output.stderr);
+            let why = log.lines().last().map(str::trim).filter(|l| !l.is_empty()).unwrap_or("kvm-check failed");
+            KvmFact { usable: false, reason: Some(format!("{} ({why})", kvm_device.display())), max_vcpus: 0 }
+        }
+    }
 }
 
 /// The pure part of [`gather`].
@@ -164,6 +90,8 @@ pub fn compute(
     };
     let cores: std::collections::BTreeSet<(u32, u32)> = topology.cpus.iter().map(|c| (c.package, c.core)).collect();
     let threads_per_core = topology.cpus.iter().map(|c| c.siblings.len()).max().unwrap_or(1).max(1);
+    let sibling_groups: std::collections::BTreeSet<String> =
+        topology.cpus.iter().filter(|c| c.siblings.len() > 1).map(|c| c.siblings.to_string()).collect();
     HostFacts {
         kvm,
         topology: TopologyFact {
@@ -176,6 +104,7 @@ pub fn compute(
                 .map(|n| NumaFact { id: n.id, cpus: n.cpus.to_string(), memory_mib: n.memory_kib.map(|k| k / 1024) })
                 .collect(),
             memory_mib,
+            sibling_groups: sibling_groups.into_iter().collect(),
         },
         offered: Offered {
             cpus: offered_cpus.to_string(),
@@ -196,15 +125,15 @@ pub fn node_patch(facts: &HostFacts, settings: &Settings) -> serde_json::Value {
     serde_json::json!({
         "metadata": {
             "labels": {
-                LABEL_KVM: facts.kvm.usable.to_string(),
-                LABEL_CPUS: CpuSet::parse(&facts.topology.cpus).map(|s| s.len()).unwrap_or(0).to_string(),
-                LABEL_NUMA_NODES: facts.topology.numa_nodes.len().max(1).to_string(),
-                LABEL_SMT: (facts.topology.threads_per_core > 1).to_string(),
+                labels::KVM: facts.kvm.usable.to_string(),
+                labels::CPUS: CpuSet::parse(&facts.topology.cpus).map(|s| s.len()).unwrap_or(0).to_string(),
+                labels::NUMA_NODES: facts.topology.numa_nodes.len().max(1).to_string(),
+                labels::SMT: (facts.topology.threads_per_core > 1).to_string(),
             },
             "annotations": {
-                ANNOTATION_FACTS: serde_json::to_string(facts).unwrap_or_default(),
-                ANNOTATION_MIGRATION_ADDRESS: settings.address.to_string(),
-                ANNOTATION_AGENT_URL: settings.http_url(),
+                annotations::HOST_FACTS: serde_json::to_string(facts).unwrap_or_default(),
+                annotations::MIGRATION_ADDRESS: settings.address.to_string(),
+                annotations::AGENT_URL: settings.http_url(),
             }
         }
     })
@@ -239,15 +168,15 @@ pub async fn publish(
     let node_config = watcher::Config::default().fields(&format!("metadata.name={}", settings.node));
     let mut node_events = watcher(nodes.clone(), node_config).default_backoff().applied_objects().boxed();
     let mut published: Option<serde_json::Value> = None;
-    let mut labels = BTreeMap::new();
+    let mut node_labels = BTreeMap::new();
     loop {
         tokio::select! {
             event = node_events.next() => {
                 if let Some(Ok(node)) = event {
-                    labels = node.metadata.labels.unwrap_or_default();
+                    node_labels = node.metadata.labels.unwrap_or_default();
                     // Our own labels are part of what we publish, not an input.
-                    for own in [LABEL_KVM, LABEL_CPUS, LABEL_NUMA_NODES, LABEL_SMT] {
-                        labels.remove(own);
+                    for own in labels::AGENT_OWNED {
+                        node_labels.remove(own);
                     }
                 }
             }
@@ -255,9 +184,15 @@ pub async fn publish(
             _ = tokio::time::sleep(refresh) => {}
         }
         let list: Vec<HostPolicy> = store.state().iter().map(|p| (**p).clone()).collect();
-        let gathered = match gather(&settings.sysfs_root, &settings.kvm_device, &labels, &list) {
-            Ok(f) => f,
+        // Gathering runs the VMM's kvm-check: off the async threads.
+        let (for_gather, labels_now) = (settings.clone(), node_labels.clone());
+        let gathered = match tokio::task::spawn_blocking(move || gather(&for_gather, &labels_now, &list)).await {
+            Ok(Ok(f)) => f,
             Err(e) => {
+                tracing::error!("cannot gather host facts: {e}");
+                continue;
+            }
+            Ok(Err(e)) => {
                 tracing::error!("cannot gather host facts: {e}");
                 continue;
             }
@@ -325,6 +260,7 @@ mod tests {
         assert_eq!(facts.topology.cores, 8);
         assert_eq!(facts.topology.threads_per_core, 2);
         assert_eq!(facts.topology.numa_nodes.len(), 2);
+        assert_eq!(facts.topology.sibling_groups.len(), 8, "one group per core: {:?}", facts.topology.sibling_groups);
 
         let none = compute(&topology, 4096, usable(), &BTreeMap::new(), &[other]);
         assert_eq!(none.policy, None);
@@ -342,14 +278,14 @@ mod tests {
         let facts = compute(&topology, 8192, no_kvm, &BTreeMap::new(), &[]);
         let settings = crate::settings::tests::settings(root.path());
         let patch = node_patch(&facts, &settings);
-        let labels = &patch["metadata"]["labels"];
-        assert_eq!(labels[LABEL_KVM], "false");
-        assert_eq!(labels[LABEL_CPUS], "2");
-        assert_eq!(labels[LABEL_NUMA_NODES], "1");
-        assert_eq!(labels[LABEL_SMT], "false");
-        let annotations = &patch["metadata"]["annotations"];
-        assert_eq!(annotations[ANNOTATION_MIGRATION_ADDRESS], "10.77.0.11");
-        let facts: serde_json::Value = serde_json::from_str(annotations[ANNOTATION_FACTS].as_str().unwrap()).unwrap();
-        assert_eq!(facts["kvm"]["reason"], "/dev/kvm: not found");
+        let published = &patch["metadata"]["labels"];
+        assert_eq!(published[labels::KVM], "false");
+        assert_eq!(published[labels::CPUS], "2");
+        assert_eq!(published[labels::NUMA_NODES], "1");
+        assert_eq!(published[labels::SMT], "false");
+        let notes = &patch["metadata"]["annotations"];
+        assert_eq!(notes[annotations::MIGRATION_ADDRESS], "10.77.0.11");
+        let read_back = HostFacts::from_annotations(&serde_json::from_value(notes.clone()).unwrap());
+        assert_eq!(read_back.unwrap().unwrap(), facts, "the operator reads back what the agent wrote");
     }
 }

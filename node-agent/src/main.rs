@@ -67,6 +67,9 @@ struct Cli {
     /// Size at which a VM's serial log rotates (one older file is kept).
     #[arg(long, default_value_t = 1 << 20)]
     serial_log_bytes: u64,
+    /// Log lines as text or JSON (filter with RUST_LOG).
+    #[arg(long, value_enum, default_value_t = drover_logging::LogFormat::Text)]
+    log_format: drover_logging::LogFormat,
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
@@ -187,13 +190,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: logs in files stay plain.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    drover_logging::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

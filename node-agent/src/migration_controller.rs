@@ -27,8 +27,7 @@ use crate::vm_config;
 use crate::vm_dir::{Role, VmDir};
 use crate::vmm_client::{MigrationStatus, Phase, VmmClient};
 
-/// Key of the migration Secret that holds the secret.
-pub const SECRET_KEY: &str = "key";
+use drover_crds::contract::MIGRATION_SECRET_KEY as SECRET_KEY;
 
 /// How often a running migration is looked at (the VMM's API is local and cheap).
 const POLL: Duration = Duration::from_millis(50);

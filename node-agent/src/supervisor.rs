@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use drover_hypervisor::config::VmConfig;
+use drover_vmm_api::VmConfig;
 
 use crate::Error;
 use crate::fence;

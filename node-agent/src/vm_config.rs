@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use drover_crds::vm::{CpuPlacement, NumaPolicy, VirtualMachine};
-use drover_hypervisor::config::{self as vmm, VmConfig};
 use drover_topology::CpuSet;
+use drover_vmm_api::config::{self as vmm, VmConfig};
 
 use crate::Error;
 use crate::vm_dir::VmDir;

@@ -26,17 +26,13 @@ use crate::vm_dir::{Role, VmDir};
 use crate::vmm_client::{Phase, VmmClient, host_cpus};
 
 /// Held on every VM an agent has started, until its VMM has stopped.
-pub const FINALIZER: &str = "drover.dev/vm-agent";
+pub use drover_crds::contract::finalizers::VM_AGENT as FINALIZER;
 
 /// Ready condition reasons the agent uses.
 mod reason {
-    pub const RUNNING: &str = "Running";
-    pub const STARTING: &str = "Starting";
-    pub const INVALID_SPEC: &str = "InvalidSpec";
-    pub const NO_KVM: &str = "HostCannotRunVMs";
-    pub const STOPPED: &str = "Stopped";
-    pub const FAILED: &str = "VmmExited";
-    pub const LOST: &str = "VmmLost";
+    pub use drover_crds::contract::reasons::{
+        HOST_CANNOT_RUN_VMS as NO_KVM, INVALID_SPEC, RUNNING, STARTING, STOPPED, VMM_EXITED as FAILED, VMM_LOST as LOST,
+    };
 }
 
 /// How often a running VM's status is refreshed.

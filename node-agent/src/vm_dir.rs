@@ -19,6 +19,7 @@
 
 use std::path::{Path, PathBuf};
 
+use drover_vmm_api::ExitStatus;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -59,38 +60,37 @@ pub struct ExitRecord {
 }
 
 impl ExitRecord {
-    /// What the exit means, in words (drover-vmm's exit statuses).
+    /// The VMM's exit status, if it exited with one of drover-vmm's codes.
+    pub fn status(&self) -> Option<ExitStatus> {
+        self.code.and_then(ExitStatus::from_code)
+    }
+
+    /// What the exit means, in words.
     pub fn describe(&self) -> String {
-        match (self.code, self.signal) {
-            (Some(0), _) => "guest powered off".into(),
-            (Some(1), _) => "VMM error (see the VMM log)".into(),
-            (Some(2), _) => "VMM refused its configuration".into(),
-            (Some(3), _) => "guest reset".into(),
-            (Some(4), _) => "guest fault (triple fault or internal error)".into(),
-            (Some(5), _) => "guest reported a failure".into(),
-            (Some(6), _) => "migrated away".into(),
-            (Some(crate::monitor::EXIT_NOT_STARTED), _) => {
+        match (self.status(), self.code, self.signal) {
+            (Some(status), _, _) => status.describe().into(),
+            (None, Some(crate::monitor::EXIT_NOT_STARTED), _) => {
                 "the VMM program could not be started (see monitor.log)".into()
             }
-            (Some(n), _) => format!("VMM exited with status {n}"),
-            (None, Some(s)) => format!("VMM killed by signal {s}"),
-            (None, None) => "VMM ended for an unknown reason".into(),
+            (None, Some(n), _) => format!("VMM exited with status {n}"),
+            (None, None, Some(s)) => format!("VMM killed by signal {s}"),
+            (None, None, None) => "VMM ended for an unknown reason".into(),
         }
     }
 
     /// The guest ended it cleanly (power off): not a failure.
     pub fn is_clean(&self) -> bool {
-        self.code == Some(0)
+        self.status() == Some(ExitStatus::PoweredOff)
     }
 
     /// The guest asked for a reset (reboot).
     pub fn is_reset(&self) -> bool {
-        self.code == Some(3)
+        self.status() == Some(ExitStatus::Reset)
     }
 
     /// The VM now runs on another host.
     pub fn is_migrated(&self) -> bool {
-        self.code == Some(6)
+        self.status() == Some(ExitStatus::MigratedOut)
     }
 }
 

@@ -1,76 +1,62 @@
-//! Talking to a VMM through its control socket (`drover-vmm`'s API, read with the
-//! VMM's own reply types), from async code.
+//! Talking to a VMM through its control socket, from async code: `drover-vmm-api`'s
+//! blocking client, run on tokio's blocking threads.
 
 use std::path::{Path, PathBuf};
 
-use serde::de::DeserializeOwned;
+use drover_crds::VirtualMachineMigrationSpec;
+pub use drover_vmm_api::api::{MigrationPhase as Phase, MigrationStatus, VmStatus};
+use drover_vmm_api::{Client, MigrateRequest};
 
 use crate::Error;
-use drover_crds::VirtualMachineMigrationSpec;
-
-pub use drover_hypervisor::control::VmStatus;
-pub use drover_hypervisor::migration::status::{MigrationStatus, Phase};
 
 /// The host CPUs a VM's vCPUs may run on, as one CPU list (the union over vCPUs).
 pub fn host_cpus(vm: &VmStatus) -> String {
-    let mut all = std::collections::BTreeSet::new();
-    for vcpu in &vm.vcpus {
-        if let Ok(set) = drover_topology::CpuSet::parse(&vcpu.host_cpus) {
-            all.extend(set.iter());
-        }
-    }
-    drover_topology::CpuSet::from_iter(all).to_string()
+    vm.host_cpus().to_string()
 }
 
 /// A VMM's control socket.
 #[derive(Clone, Debug)]
 pub struct VmmClient {
-    socket: PathBuf,
+    client: Client,
 }
 
 impl VmmClient {
     pub fn new(socket: &Path) -> Self {
-        Self { socket: socket.to_path_buf() }
+        Self { client: Client::new(PathBuf::from(socket)) }
     }
 
-    async fn call(&self, method: &'static str, path: &'static str, body: Option<String>) -> Result<String, Error> {
-        let socket = self.socket.clone();
-        let (status, reply) = tokio::task::spawn_blocking(move || {
-            drover_hypervisor::api::request(&socket, method, path, body.as_deref())
-        })
-        .await
-        .map_err(|e| Error::Vmm(e.to_string()))?
-        .map_err(|e| Error::Vmm(e.to_string()))?;
-        if !(200..300).contains(&status) {
-            return Err(Error::Vmm(format!("{method} {path}: {status} {}", reply.trim())));
-        }
-        Ok(reply)
-    }
-
-    async fn get<T: DeserializeOwned>(&self, path: &'static str) -> Result<T, Error> {
-        let reply = self.call("GET", path, None).await?;
-        serde_json::from_str(&reply).map_err(|e| Error::Vmm(format!("GET {path}: {e}")))
+    /// Runs one request on a blocking thread.
+    async fn call<T: Send + 'static>(
+        &self,
+        request: impl FnOnce(&Client) -> Result<T, drover_vmm_api::Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let client = self.client.clone();
+        tokio::task::spawn_blocking(move || request(&client))
+            .await
+            .map_err(|e| Error::Io(format!("VMM control API call did not finish: {e}")))?
+            .map_err(Error::from)
     }
 
     pub async fn status(&self) -> Result<VmStatus, Error> {
-        self.get("/vm").await
+        self.call(|c| c.status()).await
     }
 
     pub async fn migration(&self) -> Result<MigrationStatus, Error> {
-        self.get("/vm/migration").await
+        self.call(|c| c.migration()).await
     }
 
     pub async fn set_host_cpus(&self, host_cpus: &str) -> Result<(), Error> {
-        self.call("PATCH", "/vm/cpus", Some(serde_json::json!({ "hostCpus": host_cpus }).to_string())).await.map(drop)
+        let host_cpus = host_cpus.to_string();
+        self.call(move |c| c.set_host_cpus(&host_cpus)).await
     }
 
     pub async fn set_shares(&self, shares: u32) -> Result<(), Error> {
-        self.call("PATCH", "/vm/priority", Some(serde_json::json!({ "shares": shares }).to_string())).await.map(drop)
+        self.call(move |c| c.set_shares(shares)).await
     }
 
     /// Asks the VMM to power the VM off.
     pub async fn shutdown(&self) -> Result<(), Error> {
-        self.call("PUT", "/vm/shutdown", None).await.map(drop)
+        self.call(|c| c.shutdown()).await
     }
 
     /// Starts a live migration to `destination`, with the limits `spec` sets.
@@ -82,20 +68,48 @@ impl VmmClient {
         spec: &VirtualMachineMigrationSpec,
         status_file: &Path,
     ) -> Result<(), Error> {
-        let mut body = serde_json::json!({ "destination": destination, "secret": secret, "statusFile": status_file });
-        if let Some(ms) = spec.max_downtime_millis {
-            body["maxDowntimeMs"] = ms.into();
-        }
-        if let Some(s) = spec.timeout_seconds {
-            body["timeoutSeconds"] = s.into();
-        }
-        if let Some(n) = spec.lanes {
-            body["lanes"] = n.into();
-        }
-        self.call("PUT", "/vm/migrate", Some(body.to_string())).await.map(drop)
+        let request = migrate_request(destination, secret, spec, status_file);
+        self.call(move |c| c.migrate(&request)).await
     }
 
     pub async fn cancel_migration(&self) -> Result<(), Error> {
-        self.call("PUT", "/vm/migration/cancel", None).await.map(drop)
+        self.call(|c| c.cancel_migration()).await
+    }
+}
+
+/// The VMM's migrate request for a VirtualMachineMigration's spec: its limits where
+/// it sets them, the VMM's defaults elsewhere.
+pub fn migrate_request(
+    destination: &str,
+    secret: &str,
+    spec: &VirtualMachineMigrationSpec,
+    status_file: &Path,
+) -> MigrateRequest {
+    let mut request = MigrateRequest::new(destination, secret);
+    if let Some(ms) = spec.max_downtime_millis {
+        request.max_downtime_ms = ms.into();
+    }
+    if let Some(s) = spec.timeout_seconds {
+        request.timeout_seconds = s.into();
+    }
+    request.lanes = spec.lanes;
+    request.status_file = Some(status_file.to_path_buf());
+    request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_migration_spec_sets_the_limits_it_names_and_keeps_the_vmms_defaults() {
+        let spec: VirtualMachineMigrationSpec =
+            serde_json::from_value(serde_json::json!({ "vmName": "db", "maxDowntimeMillis": 50, "lanes": 2 })).unwrap();
+        let request = migrate_request("10.0.0.2:49200", "s3cret", &spec, Path::new("/run/m.json"));
+        assert_eq!(request.max_downtime_ms, 50);
+        assert_eq!(request.lanes, Some(2));
+        assert_eq!(request.timeout_seconds, drover_vmm_api::api::DEFAULT_MIGRATION_TIMEOUT_SECONDS);
+        assert_eq!(request.secret.as_deref(), Some("s3cret"));
+        assert_eq!(request.status_file.as_deref(), Some(Path::new("/run/m.json")));
     }
 }

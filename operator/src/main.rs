@@ -15,13 +15,8 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: logs in files (the agent keeps them) stay plain.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    drover_logging::init(drover_logging::LogFormat::Text);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), kubeconfig = ?cli.kubeconfig, "starting");
     tracing::error!("nothing to run yet: controllers for placement, DRS and HA arrive in later issues");
     ExitCode::from(2)

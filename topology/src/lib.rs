@@ -2,6 +2,8 @@
 //! (with a configurable root, so tests use fixture trees), and the decisions that
 //! follow from it: which host CPUs a VM's vCPUs get, which NUMA nodes its memory.
 
+#![forbid(unsafe_code)]
+
 mod cpuset;
 mod placement;
 mod sysfs;

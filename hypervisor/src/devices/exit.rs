@@ -1,5 +1,7 @@
 //! How a VM ends, and the exit device through which a guest ends it.
 
+pub use drover_vmm_api::ExitStatus;
+
 /// The exit device's port (QEMU's isa-debug-exit default).
 pub const EXIT_PORT: u16 = 0x501;
 
@@ -27,14 +29,14 @@ pub enum VmExit {
 
 impl VmExit {
     /// The process exit status for this outcome (documented in the README).
-    pub fn exit_code(&self) -> u8 {
+    pub fn exit_status(&self) -> ExitStatus {
         match self {
-            VmExit::Shutdown | VmExit::PoweredOff => 0,
-            VmExit::VmmError(_) => 1,
-            VmExit::Reset => 3,
-            VmExit::Fault(_) => 4,
-            VmExit::GuestFailure(_) => 5,
-            VmExit::MigratedOut(_) => 6,
+            VmExit::Shutdown | VmExit::PoweredOff => ExitStatus::PoweredOff,
+            VmExit::VmmError(_) => ExitStatus::VmmError,
+            VmExit::Reset => ExitStatus::Reset,
+            VmExit::Fault(_) => ExitStatus::GuestFault,
+            VmExit::GuestFailure(_) => ExitStatus::GuestFailure,
+            VmExit::MigratedOut(_) => ExitStatus::MigratedOut,
         }
     }
 }

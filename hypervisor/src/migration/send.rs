@@ -9,52 +9,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::channel::SecureStream;
-use super::status::Phase;
 use super::wire::{self, Frame, Hello, PAGE_SIZE};
 use crate::Error;
 use crate::control::VmControl;
 use crate::devices::VmExit;
+use drover_vmm_api::api::MigrationPhase as Phase;
 
-/// A migration request (`PUT /vm/migrate`).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct MigrateRequest {
-    /// `host:port` of the target's `drover-vmm receive`.
-    pub destination: String,
-    /// The shared secret (give this or `secretFile`).
-    #[serde(default)]
-    pub secret: Option<String>,
-    /// A file holding the shared secret.
-    #[serde(default)]
-    pub secret_file: Option<std::path::PathBuf>,
-    /// Longest acceptable pause at switch-over, in ms.
-    #[serde(default = "default_downtime")]
-    pub max_downtime_ms: u64,
-    /// Give up (the VM keeps running here) after this many memory passes.
-    #[serde(default = "default_passes")]
-    pub max_passes: u32,
-    /// Give up after this many seconds.
-    #[serde(default = "default_timeout")]
-    pub timeout_seconds: u64,
-    /// Connections to carry pages on, 1 to 16, each with a thread at both ends
-    /// (default: one per two host CPUs, 1 to 8).
-    #[serde(default)]
-    pub lanes: Option<u32>,
-    /// A file to write the final figures to (`GET /vm/migration`'s JSON) when the
-    /// migration ends, before this VMM exits: on success it exits at once, and its
-    /// caller may not have read them yet.
-    #[serde(default)]
-    pub status_file: Option<std::path::PathBuf>,
-}
-
-/// Default downtime budget. A pass over the few pages a busy guest dirties while
-/// the last ones travel takes milliseconds here; 30 ms keeps the pause well under
-/// QEMU's 300 ms default while letting most guests converge without throttling.
-pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 30;
+pub use drover_vmm_api::api::{DEFAULT_MAX_DOWNTIME_MS, MigrateRequest};
 
 /// Below this estimated pause (µs), pre-copy stops even while passes still shrink.
 /// The pages of the last pass go while the guest is paused: a pass of 2 ms left
@@ -70,49 +34,38 @@ const SWITCHOVER_FIXED_US: u64 = 1000;
 /// can only raise the bandwidth estimate, never lower it.
 const BANDWIDTH_SAMPLE_BYTES: u64 = 1 << 20;
 
-fn default_downtime() -> u64 {
-    DEFAULT_MAX_DOWNTIME_MS
-}
-fn default_passes() -> u32 {
-    30
-}
-fn default_timeout() -> u64 {
-    600
-}
-
-impl MigrateRequest {
-    /// The number of lanes, checked.
-    fn lanes(&self) -> Result<u32, Error> {
-        match self.lanes {
-            Some(n) if (1..=wire::MAX_LANES).contains(&n) => Ok(n),
-            Some(n) => Err(Error::Config(format!("lanes is {n}: give 1 to {}", wire::MAX_LANES))),
-            // A lane keeps one CPU busy at each end while pages flow (AES-GCM,
-            // the kernel's TCP copies, CRC) and carries 2.5-3 GiB/s; lanes add up
-            // until the host's memory or link is the limit. The work is the same
-            // whatever the count, only spread: half the host's CPUs, up to 8,
-            // leaves the other half to the guests for the second or less it
-            // takes. Fully written 1 GiB guest on a 16-CPU host, 1/2/4/8 lanes:
-            // 405/214/166/95 ms (QEMU 313 ms). On a 2-CPU host, which source and
-            // target share, 2 lanes were no faster than 1.
-            None => Ok((std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).clamp(1, 8) as u32),
-        }
+/// The number of lanes a request asks for, checked.
+fn lanes(request: &MigrateRequest) -> Result<u32, Error> {
+    match request.lanes {
+        Some(n) if (1..=wire::MAX_LANES).contains(&n) => Ok(n),
+        Some(n) => Err(Error::Config(format!("lanes is {n}: give 1 to {}", wire::MAX_LANES))),
+        // A lane keeps one CPU busy at each end while pages flow (AES-GCM,
+        // the kernel's TCP copies, CRC) and carries 2.5-3 GiB/s; lanes add up
+        // until the host's memory or link is the limit. The work is the same
+        // whatever the count, only spread: half the host's CPUs, up to 8,
+        // leaves the other half to the guests for the second or less it
+        // takes. Fully written 1 GiB guest on a 16-CPU host, 1/2/4/8 lanes:
+        // 405/214/166/95 ms (QEMU 313 ms). On a 2-CPU host, which source and
+        // target share, 2 lanes were no faster than 1.
+        None => Ok((std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).clamp(1, 8) as u32),
     }
+}
 
-    fn secret(&self) -> Result<Vec<u8>, Error> {
-        match (&self.secret, &self.secret_file) {
-            (Some(s), None) if !s.is_empty() => Ok(s.as_bytes().to_vec()),
-            (None, Some(path)) => {
-                let bytes =
-                    std::fs::read(path).map_err(|e| Error::Config(format!("secretFile {}: {e}", path.display())))?;
-                let trimmed = bytes.trim_ascii().to_vec();
-                if trimmed.is_empty() {
-                    Err(Error::Config(format!("secretFile {} is empty", path.display())))
-                } else {
-                    Ok(trimmed)
-                }
+/// The shared secret a request gives, from the request or its file.
+fn secret(request: &MigrateRequest) -> Result<Vec<u8>, Error> {
+    match (&request.secret, &request.secret_file) {
+        (Some(s), None) if !s.is_empty() => Ok(s.as_bytes().to_vec()),
+        (None, Some(path)) => {
+            let bytes =
+                std::fs::read(path).map_err(|e| Error::Config(format!("secretFile {}: {e}", path.display())))?;
+            let trimmed = bytes.trim_ascii().to_vec();
+            if trimmed.is_empty() {
+                Err(Error::Config(format!("secretFile {} is empty", path.display())))
+            } else {
+                Ok(trimmed)
             }
-            _ => Err(Error::Config("give exactly one of secret and secretFile".into())),
         }
+        _ => Err(Error::Config("give exactly one of secret and secretFile".into())),
     }
 }
 
@@ -124,8 +77,8 @@ const RUN: usize = wire::BLOCK_PAGES as usize;
 /// Starts the migration in a thread of its own; progress goes to the control's
 /// migration status. Refused if one is under way.
 pub fn start(control: Arc<VmControl>, request: MigrateRequest) -> Result<(), Error> {
-    let secret = request.secret()?;
-    let lanes = request.lanes()?;
+    let secret = secret(&request)?;
+    let lanes = lanes(&request)?;
     if !control.begin_migration(&request.destination) {
         return Err(Error::Config("a migration is already under way".into()));
     }

@@ -64,7 +64,7 @@ pub struct Hello {
 }
 
 /// The most connections a migration may use.
-pub const MAX_LANES: u32 = 16;
+pub use drover_vmm_api::api::MAX_LANES;
 
 /// Pages travel in blocks of this many (1 MiB), each block always on the same
 /// connection: a page's newer copy never overtakes its older one.

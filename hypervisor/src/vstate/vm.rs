@@ -34,7 +34,7 @@ fn advise_huge_pages(memory: &GuestMemoryMmap) {
 impl Vm {
     /// Opens /dev/kvm, creates the VM, `mem_bytes` of RAM and the interrupt controllers.
     pub fn new(vcpus: u32, mem_bytes: u64) -> Result<Self, Error> {
-        let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+        let kvm = Kvm::new().map_err(|source| Error::KvmOpen { path: "/dev/kvm".into(), source })?;
         let max = kvm.get_max_vcpus();
         if vcpus as usize > max {
             return Err(Error::Config(format!("vcpus: {vcpus} is more than this host's KVM allows ({max})")));
