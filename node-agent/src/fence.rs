@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::Error;
-use crate::vm_dir::write_atomic;
+use crate::files::write_atomic;
 
 /// Path of the deadline file in a runtime directory.
 pub fn deadline_file(runtime_dir: &Path) -> PathBuf {

@@ -6,10 +6,12 @@
 //!
 //! Modules, in the order a VM meets them:
 //! - [`host_facts`]: what the host offers, published on its Node.
-//! - [`heartbeat`] and [`fence`]: the Lease, and the deadline past which no VM runs.
+//! - [`heartbeat`] and [`fence`]: the Lease, and the deadline past which no VM runs;
+//!   [`timing`]: how often, how long, and the margin between the two.
 //! - [`vm_controller`]: VirtualMachines placed here → VMMs, and status back.
 //! - [`vm_config`]: a VirtualMachine spec → the VMM's configuration.
-//! - [`supervisor`], [`vm_dir`], [`monitor`]: VMM processes that outlive the agent.
+//! - [`supervisor`], [`vm_dir`], [`monitor`]: VMM processes that outlive the agent;
+//!   [`process`]: signalling them through pidfds; [`files`]: the files they share.
 //! - [`vmm_client`]: the VMM's control API.
 //! - [`migration_controller`]: VirtualMachineMigrations, source and target.
 //! - [`console`]: the HTTP endpoint (health, serial console logs).
@@ -20,13 +22,16 @@ pub mod context;
 pub mod error;
 pub mod events;
 pub mod fence;
+pub mod files;
 pub mod heartbeat;
 pub mod host_facts;
 pub mod migration_controller;
 pub mod monitor;
+pub mod process;
 pub mod settings;
 pub mod status;
 pub mod supervisor;
+pub mod timing;
 pub mod vm_config;
 pub mod vm_controller;
 pub mod vm_dir;

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use drover_agent::context::Context;
-use drover_agent::heartbeat::{self, Timing};
+use drover_agent::heartbeat;
 use drover_agent::settings::Settings;
 use drover_agent::supervisor::Supervisor;
+use drover_agent::timing::Timing;
 use drover_agent::{Error, console, host_facts, migration_controller, vm_controller};
 use drover_crds::migration::VirtualMachineMigration;
 use drover_crds::vm::VirtualMachine;

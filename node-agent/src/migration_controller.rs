@@ -24,7 +24,7 @@ use crate::context::Context;
 use crate::status::{self, condition, now};
 use crate::supervisor::{VmmState, new_meta};
 use crate::vm_config;
-use crate::vm_dir::{Role, VmDir};
+use crate::vm_dir::{Role, StopReason, VmDir};
 use crate::vmm_client::{MigrationStatus, Phase, VmmClient};
 
 use drover_crds::contract::MIGRATION_SECRET_KEY as SECRET_KEY;
@@ -184,7 +184,7 @@ async fn stop_target(
         return Ok(());
     }
     if ctx.supervisor.state(&uid) == Some(VmmState::Running) {
-        ctx.supervisor.kill(&uid, "stopped: the migration failed; the VM runs on its source");
+        ctx.supervisor.kill(&uid, StopReason::MigrationFailed);
     }
     ctx.supervisor.forget(&uid);
     tracing::info!(migration = %migration.name_any(), "migration failed; receiving VMM stopped");
@@ -259,7 +259,7 @@ async fn drive_source(
     // While the VMM runs, its API; once it has ended, the figures it left.
     let progress = match (&client, &state) {
         (Some(client), Some(VmmState::Running)) => client.migration().await.ok(),
-        _ => local.as_ref().and_then(|l| crate::vm_dir::read_json::<MigrationStatus>(&l.dir.migration_figures()).ok()),
+        _ => local.as_ref().and_then(|l| crate::files::read_json::<MigrationStatus>(&l.dir.migration_figures()).ok()),
     };
     let ended = match (&state, &progress) {
         (Some(VmmState::Ended(record)), _) if record.is_migrated() => Some(Ok(())),

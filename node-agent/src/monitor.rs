@@ -19,14 +19,12 @@ use std::time::Duration;
 
 use crate::Error;
 use crate::fence;
-use crate::vm_dir::{ExitRecord, VmDir, unix_ms, write_atomic};
+use crate::files::write_atomic;
+use crate::vm_dir::{EXIT_NOT_STARTED, ExitRecord, StopReason, VmDir, unix_ms};
 
 /// How often the monitor checks the deadline and the child. The heartbeat margin
-/// (`heartbeat::Timing`) allows for this delay.
+/// (`timing::Timing`) allows for this delay.
 pub const POLL: Duration = Duration::from_millis(50);
-
-/// The exit status recorded when the VMM program could not be started at all.
-pub const EXIT_NOT_STARTED: i32 = 127;
 
 /// What the monitor is told to do.
 #[derive(Clone, Debug)]
@@ -112,7 +110,7 @@ pub fn run(args: &MonitorArgs) -> Result<ExitRecord, Error> {
             return Ok(record);
         }
         if !fence::within_deadline(&args.fence_file) {
-            args.dir.set_stop_reason("powered off by the host's isolation response: its heartbeat deadline passed");
+            args.dir.set_stop_reason(StopReason::Fenced);
             // SAFETY: kill(2) on our own child's pid; the child is not reaped yet
             // (try_wait above saw it running), so the pid cannot name another process.
             unsafe { libc::kill(pid, libc::SIGKILL) };

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use crate::heartbeat::Timing;
+use crate::timing::Timing;
 
 /// The agent's settings, from its command line.
 #[derive(Clone, Debug)]

@@ -13,8 +13,10 @@ use drover_vmm_api::VmConfig;
 
 use crate::Error;
 use crate::fence;
+use crate::files::write_atomic;
+use crate::process;
 use crate::settings::Settings;
-use crate::vm_dir::{ExitRecord, Role, VmDir, VmMeta, process_alive, unix_ms, write_atomic};
+use crate::vm_dir::{ExitRecord, Role, StopReason, VmDir, VmMeta, unix_ms};
 
 /// What a VMM is doing, as seen from outside.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -171,7 +173,7 @@ impl Supervisor {
         if let Some(record) = vm.dir.read_exit() {
             return Some(VmmState::Ended(record));
         }
-        let alive = VmDir::read_pid(&vm.dir.monitor_pid()).is_some_and(|pid| process_alive(pid, "drover-monitor"));
+        let alive = VmDir::read_pid(&vm.dir.monitor_pid()).is_some_and(|pid| process::runs(pid, "drover-monitor"));
         if alive {
             return Some(VmmState::Running);
         }
@@ -181,17 +183,20 @@ impl Supervisor {
 
     /// Powers a VM off now (SIGKILL to the VMM), recording why. The monitor records
     /// the exit.
-    pub fn kill(&self, uid: &str, reason: &str) {
+    pub fn kill(&self, uid: &str, reason: StopReason) {
         let Some(vm) = self.get(uid) else { return };
         vm.dir.set_stop_reason(reason);
-        if let Some(pid) = VmDir::read_pid(&vm.dir.vmm_pid()).filter(|pid| process_alive(*pid, "drover-vmm")) {
-            // SAFETY: kill(2) with a pid just checked to be a live drover-vmm.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        let Some(pid) = VmDir::read_pid(&vm.dir.vmm_pid()) else { return };
+        // The VMM is the monitor's child, not ours: its pid may have ended and been
+        // reused since the monitor wrote it. `kill_if_runs` signals through a pidfd
+        // opened before it checks the program, so only a checked drover-vmm dies.
+        if let Err(e) = process::kill_if_runs(pid, "drover-vmm") {
+            tracing::warn!(vm = %vm.meta.name, pid, "cannot power the VMM off: {e}");
         }
     }
 
     /// Powers off every VM of this host (the isolation response).
-    pub fn kill_all(&self, reason: &str) -> usize {
+    pub fn kill_all(&self, reason: StopReason) -> usize {
         let uids: Vec<String> = self.vms().keys().cloned().collect();
         let mut killed = 0;
         for uid in uids {

@@ -22,7 +22,7 @@ use crate::context::Context;
 use crate::status::{self, condition, time_ms};
 use crate::supervisor::{VmmState, new_meta};
 use crate::vm_config;
-use crate::vm_dir::{Role, VmDir};
+use crate::vm_dir::{Role, StopReason, VmDir, stop_was_requested};
 use crate::vmm_client::{Phase, VmmClient, host_cpus};
 
 /// Held on every VM an agent has started, until its VMM has stopped.
@@ -77,8 +77,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
                 return start(&vm, &api, &ctx, &uid, new).await;
             }
             let mut new = status.clone();
-            let clean =
-                record.is_clean() || stop_reason.as_deref().is_some_and(|r| r.starts_with("stopped on request"));
+            let clean = record.is_clean() || stop_reason.as_deref().is_some_and(stop_was_requested);
             new.phase = Some(if clean { VmPhase::Stopped } else { VmPhase::Failed });
             new.last_exit = Some(what.clone());
             new.cpu_usage = None;
@@ -138,7 +137,7 @@ async fn elsewhere(
             let handed_over = client.migration().await.map(|m| m.phase == Phase::Completed).unwrap_or(false);
             if !handed_over {
                 tracing::warn!(vm = %vm.name_any(), placed = ?vm.status.as_ref().and_then(|s| s.node_name.clone()), "VM runs here but is placed elsewhere: powering it off");
-                ctx.supervisor.kill(uid, "powered off: the VM is placed on another host");
+                ctx.supervisor.kill(uid, StopReason::PlacedElsewhere);
             }
             Ok(Action::requeue(POLL_BUSY))
         }
@@ -167,7 +166,7 @@ async fn delete(
     state: Option<VmmState>,
 ) -> Result<Action, Error> {
     if state == Some(VmmState::Running) {
-        ctx.supervisor.kill(uid, "stopped on request: the VirtualMachine was deleted");
+        ctx.supervisor.kill(uid, StopReason::Deleted);
         return Ok(Action::requeue(POLL_BUSY));
     }
     ctx.supervisor.forget(uid);
@@ -317,7 +316,7 @@ async fn running(vm: &VirtualMachine, api: &Api<VirtualMachine>, ctx: &Context, 
         tracing::info!(vm = %vm.name_any(), "took over the VM a migration brought here");
     }
     if vm.spec.run_strategy == RunStrategy::Halted {
-        ctx.supervisor.kill(uid, "stopped on request: spec.runStrategy is Halted");
+        ctx.supervisor.kill(uid, StopReason::Halted);
         return Ok(Action::requeue(POLL_BUSY));
     }
     let client = VmmClient::new(&local.dir.api_socket());

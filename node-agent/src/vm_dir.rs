@@ -23,6 +23,11 @@ use drover_vmm_api::ExitStatus;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::files::{read_json, write_atomic};
+
+/// The exit status the monitor records when the VMM program could not be started
+/// at all (a shell's "command not found"; no drover-vmm exit code uses it).
+pub const EXIT_NOT_STARTED: i32 = 127;
 
 /// What a VMM does for its VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,9 +74,7 @@ impl ExitRecord {
     pub fn describe(&self) -> String {
         match (self.status(), self.code, self.signal) {
             (Some(status), _, _) => status.describe().into(),
-            (None, Some(crate::monitor::EXIT_NOT_STARTED), _) => {
-                "the VMM program could not be started (see monitor.log)".into()
-            }
+            (None, Some(EXIT_NOT_STARTED), _) => "the VMM program could not be started (see monitor.log)".into(),
             (None, Some(n), _) => format!("VMM exited with status {n}"),
             (None, None, Some(s)) => format!("VMM killed by signal {s}"),
             (None, None, None) => "VMM ended for an unknown reason".into(),
@@ -92,6 +95,45 @@ impl ExitRecord {
     pub fn is_migrated(&self) -> bool {
         self.status() == Some(ExitStatus::MigratedOut)
     }
+}
+
+/// Why a VMM was stopped from outside, as `stop-reason` records it; the VM's
+/// `lastExit` shows the text after the exit's own description.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The host's heartbeat deadline passed: the isolation response.
+    Fenced,
+    /// The VirtualMachine was deleted.
+    Deleted,
+    /// `spec.runStrategy` is Halted.
+    Halted,
+    /// The VM is placed on another host, yet a VMM of it runs here.
+    PlacedElsewhere,
+    /// The migration this VMM was receiving failed; the VM runs on its source.
+    MigrationFailed,
+}
+
+/// How the texts of stops someone asked for begin.
+const REQUESTED: &str = "stopped on request";
+
+impl StopReason {
+    /// The text recorded (and read back, perhaps by a later agent).
+    pub fn text(self) -> &'static str {
+        match self {
+            StopReason::Fenced => "powered off by the host's isolation response: its heartbeat deadline passed",
+            StopReason::Deleted => "stopped on request: the VirtualMachine was deleted",
+            StopReason::Halted => "stopped on request: spec.runStrategy is Halted",
+            StopReason::PlacedElsewhere => "powered off: the VM is placed on another host",
+            StopReason::MigrationFailed => "stopped: the migration failed; the VM runs on its source",
+        }
+    }
+}
+
+/// Whether a recorded stop reason is one someone asked for: the VM then ends
+/// Stopped, not Failed. Reasons are kept as text (an agent that restarts reads what
+/// an earlier one wrote), so this goes by the words such texts begin with.
+pub fn stop_was_requested(recorded: &str) -> bool {
+    recorded.starts_with(REQUESTED)
 }
 
 /// Paths of one VM's runtime directory.
@@ -149,9 +191,9 @@ impl VmDir {
     }
     /// Records why the VMM is being stopped from outside, unless a reason is already
     /// recorded (the first reason is the true one: a fenced VM stays "fenced").
-    pub fn set_stop_reason(&self, reason: &str) {
+    pub fn set_stop_reason(&self, reason: StopReason) {
         if self.read_stop_reason().is_none() {
-            let _ = write_atomic(&self.stop_reason(), reason.as_bytes());
+            let _ = write_atomic(&self.stop_reason(), reason.text().as_bytes());
         }
     }
     pub fn read_pid(path: &Path) -> Option<i32> {
@@ -159,40 +201,40 @@ impl VmDir {
     }
 }
 
-/// Reads a JSON file.
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Error> {
-    let text = std::fs::read(path).map_err(|e| Error::io(path.display(), e))?;
-    serde_json::from_slice(&text).map_err(|e| Error::Io(format!("{}: {e}", path.display())))
-}
-
-/// Writes a file so that readers see the old or the new content, never half: a
-/// temporary file renamed over the old one.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).map_err(|e| Error::io(tmp.display(), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path.display(), e))
-}
-
 /// Unix time in milliseconds.
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Whether `pid` is alive and runs a program whose command line contains `name`
-/// (pids are reused; a stale pid file must not adopt a stranger).
-pub fn process_alive(pid: i32, name: &str) -> bool {
-    match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmdline) => {
-            // A zombie has an empty command line: it has ended.
-            !cmdline.is_empty() && String::from_utf8_lossy(&cmdline).contains(name) && !is_zombie(pid)
-        }
-        Err(_) => false,
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
-        .unwrap_or(false)
+    #[test]
+    fn only_deletion_and_halting_are_stops_on_request() {
+        use StopReason::*;
+        for (reason, requested) in
+            [(Fenced, false), (Deleted, true), (Halted, true), (PlacedElsewhere, false), (MigrationFailed, false)]
+        {
+            assert_eq!(stop_was_requested(reason.text()), requested, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn the_first_stop_reason_is_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = VmDir { path: root.path().to_path_buf() };
+        assert_eq!(dir.read_stop_reason(), None);
+        dir.set_stop_reason(StopReason::Fenced);
+        dir.set_stop_reason(StopReason::Deleted);
+        assert_eq!(dir.read_stop_reason().as_deref(), Some(StopReason::Fenced.text()));
+    }
+
+    #[test]
+    fn exits_are_described() {
+        let record = |code, signal| ExitRecord { code, signal, at_ms: 0 };
+        assert!(record(Some(EXIT_NOT_STARTED), None).describe().contains("could not be started"));
+        assert_eq!(record(None, Some(9)).describe(), "VMM killed by signal 9");
+        assert_eq!(record(None, None).describe(), "VMM ended for an unknown reason");
+    }
 }
