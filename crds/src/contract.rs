@@ -106,6 +106,10 @@ pub mod reasons {
     pub const TARGET_NOT_READY: &str = "TargetNotReady";
     /// Migration failed while or after the source sent.
     pub const MIGRATION_FAILED: &str = "Failed";
+    /// VM CpuConfigApplied: the running VM's host CPUs and priority are what the spec asks.
+    pub const CPU_CONFIG_IN_EFFECT: &str = "Applied";
+    /// VM CpuConfigApplied=False: the VMM refused the change (the message says why).
+    pub const CPU_CONFIG_REFUSED: &str = "Refused";
 }
 
 /// The heartbeat: one `coordination.k8s.io/v1` Lease per host, renewed by its agent.

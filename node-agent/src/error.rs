@@ -27,4 +27,22 @@ impl Error {
     pub fn io(what: impl std::fmt::Display, e: std::io::Error) -> Self {
         Error::Io(format!("{what}: {e}"))
     }
+
+    /// A write conflict (someone else wrote first): not a failure, just a reason to
+    /// look again.
+    pub fn is_conflict(&self) -> bool {
+        self.api_code() == Some(409)
+    }
+
+    /// The object is gone.
+    pub fn is_not_found(&self) -> bool {
+        self.api_code() == Some(404)
+    }
+
+    fn api_code(&self) -> Option<u16> {
+        match self {
+            Error::Kube(kube::Error::Api(status)) => Some(status.code),
+            _ => None,
+        }
+    }
 }

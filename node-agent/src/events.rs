@@ -5,6 +5,19 @@
 use kube::Resource;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
+/// Reasons of the agent's Events that are no condition's reason (those are in
+/// `drover_crds::contract::reasons`, and Events reuse them).
+pub mod reasons {
+    /// The agent started a VM's VMM.
+    pub const STARTED: &str = "Started";
+    /// A VM's VMM ended in failure (its Ready condition says how).
+    pub const FAILED: &str = "Failed";
+    /// Host CPUs or priority changed on a running VM.
+    pub const CPU_CONFIG_CHANGED: &str = "CpuConfigChanged";
+    /// A migration ended with the VM on its target.
+    pub const SUCCEEDED: &str = "Succeeded";
+}
+
 /// Publishes the agent's events.
 #[derive(Clone)]
 pub struct Events {

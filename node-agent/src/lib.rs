@@ -17,6 +17,7 @@
 //! - [`console`]: the HTTP endpoint (health, serial console logs).
 //! - [`events`]: Kubernetes Events for what happened to a VM.
 
+pub mod conditions;
 pub mod console;
 pub mod context;
 pub mod error;

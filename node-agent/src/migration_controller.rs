@@ -21,7 +21,7 @@ use kube::{Api, ResourceExt};
 
 use crate::Error;
 use crate::context::Context;
-use crate::status::{self, condition, now};
+use crate::status::{self, now};
 use crate::supervisor::{VmmState, new_meta};
 use crate::vm_config;
 use crate::vm_dir::{Role, StopReason, VmDir};
@@ -377,6 +377,16 @@ async fn set_vm_migrating(
     }
     status::write_vm(vms, &fresh, &status, &ctx.manager()).await?;
     Ok(())
+}
+
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    crate::conditions::condition(type_, ok, reason, message, generation, now())
 }
 
 async fn read_secret(ctx: &Context, migration: &VirtualMachineMigration) -> Result<Vec<u8>, Error> {

@@ -5,38 +5,15 @@
 
 use drover_crds::migration::{VirtualMachineMigration, VirtualMachineMigrationStatus};
 use drover_crds::vm::{VirtualMachine, VirtualMachineStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
 use crate::Error;
 
-/// `Time` from Unix milliseconds.
-pub fn time_ms(ms: u64) -> Option<Time> {
-    k8s_openapi::jiff::Timestamp::from_millisecond(ms as i64).ok().map(Time)
-}
-
-/// Now.
+/// Now, for the shells that stamp conditions (decisions are given the time).
 pub fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
-}
-
-/// A condition as the API conventions describe it.
-pub fn condition(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: impl Into<String>,
-    generation: Option<i64>,
-) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message: message.into(),
-        observed_generation: generation,
-        last_transition_time: now(),
-    }
 }
 
 /// Writes a VM's status if it changed. Returns whether a write happened.
@@ -91,12 +68,6 @@ fn status_with_nulls<T: serde::Serialize>(old: Option<&T>, new: &T) -> Result<se
     Ok(patch)
 }
 
-/// Whether an error is a write conflict (someone else wrote first): not a failure,
-/// just a reason to look again.
-pub fn is_conflict(e: &Error) -> bool {
-    matches!(e, Error::Kube(kube::Error::Api(s)) if s.code == 409)
-}
-
 /// What a controller does with an error about `object`: a conflict is retried at
 /// once; anything else is logged and tried again after `after`.
 pub fn retry<K: kube::Resource<DynamicType = ()>>(
@@ -105,7 +76,7 @@ pub fn retry<K: kube::Resource<DynamicType = ()>>(
     after: std::time::Duration,
 ) -> kube::runtime::controller::Action {
     use kube::runtime::controller::Action;
-    if is_conflict(error) {
+    if error.is_conflict() {
         return Action::requeue(std::time::Duration::from_millis(100));
     }
     tracing::warn!(kind = %K::kind(&()), name = %object.name_any(), "{error}");
