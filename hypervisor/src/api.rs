@@ -16,10 +16,13 @@
 //! | `PUT /vm/migration/cancel` | stop it; the VM keeps running here |
 //! | `PATCH /vm/cpus` `{"hostCpus": "0-3"}` | move the running vCPUs to other host CPUs |
 //! | `PATCH /vm/priority` `{"shares": 2000}` | change the running vCPUs' priority |
+//!
+//! The server stands outside the VMM, as Firecracker's does: it works on the
+//! [`VmControl`] that `vmm::start` hands back, and `main.rs` starts it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use drover_vmm_api::api::{self as paths, CpusPatch, MAX_BODY, MigrateRequest, PriorityPatch, SnapshotRequest};
@@ -27,11 +30,24 @@ use drover_vmm_api::api::{self as paths, CpusPatch, MAX_BODY, MigrateRequest, Pr
 use crate::Error;
 use crate::control::VmControl;
 
-/// Starts serving the API on `socket` in a thread of its own.
-pub fn serve(socket: &Path, control: Arc<VmControl>) -> Result<(), Error> {
+/// The control API being served; dropping it removes the socket file (the thread
+/// serving it ends with the process).
+pub struct ApiServer {
+    socket: PathBuf,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Starts serving the API of the VM `control` runs on `socket`, in a thread of its own.
+pub fn serve(socket: &Path, control: Arc<VmControl>) -> Result<ApiServer, Error> {
     let _ = std::fs::remove_file(socket); // a stale socket of a VMM that is gone
     let listener =
         UnixListener::bind(socket).map_err(|e| Error::Io(format!("control socket {}: {e}", socket.display())))?;
+    let server = ApiServer { socket: socket.to_path_buf() };
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -42,7 +58,7 @@ pub fn serve(socket: &Path, control: Arc<VmControl>) -> Result<(), Error> {
             }
         })
         .map_err(|e| Error::Io(format!("starting the API thread: {e}")))?;
-    Ok(())
+    Ok(server)
 }
 
 /// Reads one request, answers it, closes the connection.

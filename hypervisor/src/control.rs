@@ -11,10 +11,10 @@ use drover_topology::CpuSet;
 use vmm_sys_util::signal::Killable;
 
 use crate::config::VmConfig;
-use crate::devices::PioBus;
-use crate::devices::VmExit;
+use crate::devices::{PioBus, serial::FirstOutput};
+use crate::exit::VmExit;
 use crate::priority::Priority;
-use crate::state::VcpuState;
+use crate::state::{STATE_VERSION, VcpuState, VmState};
 use crate::vstate::vm::Vm;
 use crate::{Error, affinity};
 use drover_vmm_api::api::{MigrationPhase as Phase, MigrationStatus, VcpuStatus, VmStatus};
@@ -61,7 +61,7 @@ pub fn install_kick_handler() -> Result<(), Error> {
 pub struct VmControl {
     config: VmConfig,
     started: Instant,
-    first_output: std::sync::OnceLock<Instant>,
+    first_output: Arc<FirstOutput>,
     /// Host thread id of each vCPU (0 until its thread starts).
     tids: Mutex<Vec<i32>>,
     /// vCPU threads, for kicking them out of KVM_RUN.
@@ -84,7 +84,8 @@ pub struct VmControl {
     priority: Mutex<Option<Priority>>,
     priority_changed_at: Mutex<Option<SystemTime>>,
     events: Sender<VmExit>,
-    vm: Arc<Vm>,
+    vm: Vm,
+    /// The devices, for their state (set once they exist; they report to no one).
     bus: std::sync::OnceLock<Arc<PioBus>>,
     migration: Mutex<MigrationStatus>,
     migrating: AtomicBool,
@@ -116,14 +117,15 @@ impl VmControl {
         placement: Vec<CpuSet>,
         numa_nodes: CpuSet,
         events: Sender<VmExit>,
-        vm: Arc<Vm>,
+        vm: Vm,
+        first_output: Arc<FirstOutput>,
     ) -> Self {
         let vcpus = config.vcpus as usize;
         let shares = config.shares;
         Self {
             config,
             started,
-            first_output: std::sync::OnceLock::new(),
+            first_output,
             tids: Mutex::new(vec![0; vcpus]),
             handles: Mutex::new(Vec::with_capacity(vcpus)),
             paused: AtomicBool::new(false),
@@ -214,7 +216,13 @@ impl VmControl {
         let _ = self.events.send(exit);
     }
 
-    /// Records the device bus (made after the control, which it reports to).
+    /// The channel on which the VM's outcome is reported (for its devices).
+    pub fn exits(&self) -> &Sender<VmExit> {
+        &self.events
+    }
+
+    /// Records the device bus (made after the control: a restored VM's devices
+    /// come from its state, and the control is made before the state arrives).
     pub fn set_bus(&self, bus: Arc<PioBus>) {
         let _ = self.bus.set(bus);
     }
@@ -227,6 +235,18 @@ impl VmControl {
     /// The state of the devices the VMM emulates.
     pub fn serial_state(&self) -> crate::state::SerialState {
         self.bus.get().map(|b| b.serial_state()).unwrap_or_default()
+    }
+
+    /// The whole state of the paused VM (everything but memory), for a snapshot
+    /// or a migration's switch-over.
+    pub fn save_state(&self) -> Result<VmState, Error> {
+        Ok(VmState {
+            version: STATE_VERSION,
+            config: self.config.clone(),
+            vcpus: self.save_vcpus()?,
+            kvm: crate::state::save_vm(&self.vm.fd)?,
+            serial: self.serial_state(),
+        })
     }
 
     /// The host CPUs planned for vCPU `index`.
@@ -251,11 +271,6 @@ impl VmControl {
     /// Records a vCPU thread (for kicking it).
     pub fn register(&self, handle: JoinHandle<()>) {
         lock(&self.handles).push(handle);
-    }
-
-    /// Called by the serial device on the guest's first byte of output.
-    pub fn note_output(&self) {
-        let _ = self.first_output.set(Instant::now());
     }
 
     /// Called by a vCPU thread before each KVM_RUN: parks it while the VM is paused.
@@ -524,7 +539,7 @@ impl VmControl {
             numa_policy: format!("{:?}", self.config.numa.policy),
             numa_nodes: self.numa_nodes.to_string(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
-            boot_time_ms: self.first_output.get().map(|t| t.duration_since(self.started).as_millis() as u64),
+            boot_time_ms: self.first_output.at().map(|t| t.duration_since(self.started).as_millis() as u64),
             shares: self.shares.load(Ordering::Relaxed),
             priority_mechanism: lock(&self.priority)
                 .as_ref()

@@ -4,12 +4,14 @@
 //! - `arch`: x86-64 layout, CPUID, registers, ACPI, PVH
 //! - `boot`: loads the kernel and boot structures
 //! - `vstate`: the KVM VM and its vCPU threads; `memory`: NUMA binding of guest RAM
-//! - `devices`: serial, i8042, exit device
+//! - `devices`: serial, i8042, exit device; `exit`: how a VM ends
 //! - `affinity`: host CPUs of the vCPU threads; `priority`: their CPU shares
-//! - `control`: the running VM (pause, resume, live CPU and priority changes);
-//!   `api`: the control API on a Unix socket
-//! - `state`: VM state outside memory; `snapshot`: state + memory to files and back
-//! - `vmm`: puts it together and runs the VM
+//! - `control`: the running VM (pause, resume, live CPU and priority changes)
+//! - `state`: VM state outside memory; `restore`: where a VM's first state comes
+//!   from; `snapshot`: state + memory to files and back
+//! - `vmm`: puts it together and starts the VM
+//! - `api`: the control API on a Unix socket, served on a started VM's control
+//!   (by `main.rs`; nothing in the VMM depends on it)
 //! - `kvm_probe`: what the host's KVM offers
 
 pub mod affinity;
@@ -19,10 +21,12 @@ pub mod boot;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod exit;
 pub mod kvm_probe;
 pub mod memory;
 pub mod migration;
 pub mod priority;
+pub mod restore;
 pub mod snapshot;
 pub mod state;
 pub mod vmm;

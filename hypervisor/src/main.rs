@@ -10,6 +10,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use drover_hypervisor::config::{CpuPlacement, NumaConfig, NumaPolicy, SerialOutput, Topology, VmConfig};
+use drover_hypervisor::exit::VmExit;
+use drover_hypervisor::restore::Origin;
+use drover_hypervisor::{api, vmm};
 use drover_vmm_api::ExitStatus;
 
 #[derive(Parser)]
@@ -237,8 +240,18 @@ impl RunArgs {
     }
 }
 
+/// Builds and starts the VM, serves its control API if it has a socket, and
+/// waits until the VM ends.
+fn run_vm(config: &VmConfig, origin: Origin) -> Result<VmExit, drover_hypervisor::Error> {
+    let vm = vmm::start(config, origin)?;
+    let api = config.api_socket.as_deref().map(|socket| api::serve(socket, vm.control().clone())).transpose()?;
+    let exit = vm.wait();
+    drop(api);
+    Ok(exit)
+}
+
 /// Ends the process with the VM's exit status (or 1 and the error).
-fn finish(result: Result<drover_hypervisor::devices::VmExit, drover_hypervisor::Error>) -> ExitCode {
+fn finish(result: Result<VmExit, drover_hypervisor::Error>) -> ExitCode {
     match result {
         Ok(exit) => {
             let status = exit.exit_status();
@@ -270,11 +283,11 @@ fn main() -> ExitCode {
     drover_logging::init(drover_logging::LogFormat::Text);
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => finish(args.into_config().and_then(|config| drover_hypervisor::vmm::run(&config))),
+        Command::Run(args) => finish(args.into_config().and_then(|config| run_vm(&config, Origin::Boot))),
         Command::Restore { from, here } => {
             let result = drover_hypervisor::snapshot::load(&from).and_then(|snapshot| {
                 let config = here.apply(snapshot.config().clone());
-                drover_hypervisor::vmm::launch(&config, drover_hypervisor::vmm::Origin::Restore(Box::new(snapshot)))
+                run_vm(&config, Origin::Restore(Box::new(snapshot)))
             });
             finish(result)
         }
@@ -290,15 +303,12 @@ fn main() -> ExitCode {
                     let config = here.apply(expected.clone());
                     let source =
                         drover_hypervisor::migration::receive::Prefaulted::new(&listen, secret.trim_ascii(), expected);
-                    return drover_hypervisor::vmm::launch(
-                        &config,
-                        drover_hypervisor::vmm::Origin::Restore(Box::new(source)),
-                    );
+                    return run_vm(&config, Origin::Restore(Box::new(source)));
                 }
                 let incoming =
                     drover_hypervisor::migration::receive::accept(&listen, secret.trim_ascii(), expected.as_ref())?;
                 let config = here.apply(incoming.config.clone());
-                drover_hypervisor::vmm::launch(&config, drover_hypervisor::vmm::Origin::Restore(Box::new(incoming)))
+                run_vm(&config, Origin::Restore(Box::new(incoming)))
             })();
             finish(result)
         }

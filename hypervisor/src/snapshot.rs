@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::Error;
 use crate::control::VmControl;
-use crate::state::{STATE_VERSION, VmState};
+use crate::state::VmState;
 
 const STATE_FILE: &str = "state.bin";
 const MEMORY_FILE: &str = "memory.bin";
@@ -35,21 +35,10 @@ pub fn save(control: &VmControl, dir: &Path) -> Result<SnapshotInfo, Error> {
     })
 }
 
-/// The whole state of the paused VM (everything but memory).
-pub fn capture(control: &VmControl) -> Result<VmState, Error> {
-    Ok(VmState {
-        version: STATE_VERSION,
-        config: control.config().clone(),
-        vcpus: control.save_vcpus()?,
-        kvm: crate::state::save_vm(&control.vm().fd)?,
-        serial: control.serial_state(),
-    })
-}
-
 fn write(control: &VmControl, dir: &Path) -> Result<(u64, u64), Error> {
     let io = |what: &str, e: std::io::Error| Error::Io(format!("snapshot {}: {what}: {e}", dir.display()));
     std::fs::create_dir_all(dir).map_err(|e| io("creating the directory", e))?;
-    let state = capture(control)?.encode()?;
+    let state = control.save_state()?.encode()?;
     std::fs::write(dir.join(STATE_FILE), &state).map_err(|e| io(STATE_FILE, e))?;
     let memory = &control.vm().memory;
     // Large volatile copies straight into the file: no user-space buffer needed.
@@ -98,7 +87,7 @@ impl Snapshot {
     }
 }
 
-impl crate::vmm::RestoreSource for Snapshot {
+impl crate::restore::RestoreSource for Snapshot {
     fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error> {
         for region in memory.iter() {
             memory

@@ -1,58 +1,54 @@
-//! Builds a VM from its configuration and runs it until the guest ends it.
+//! Builds a VM from its configuration and starts it: guest memory, devices, vCPU
+//! threads. What drives the running VM (the control API, a migration) works on the
+//! [`VmControl`] it hands back; the VMM itself serves no API (as in Firecracker,
+//! `main.rs` starts the API server on the VMM, never the reverse).
 
 use std::sync::Arc;
-use std::sync::mpsc;
+use std::sync::mpsc::{self, Receiver};
 use std::time::Instant;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{cpuid, layout, regs};
 use crate::boot::BootEntry;
 use crate::config::{SerialOutput, VmConfig};
 use crate::control::{self, VmControl};
-use crate::devices::{PioBus, VmExit, serial};
-use crate::state::VmState;
+use crate::devices::{PioBus, serial};
+use crate::exit::VmExit;
+use crate::restore::{Origin, RestoreSource};
 use crate::vstate::{vcpu::Vcpu, vm::Vm};
-use crate::{Error, affinity, api, boot, memory};
+use crate::{Error, affinity, boot, memory};
 
-/// Where a restored VM comes from: a snapshot, or a migration source.
-///
-/// The VMM calls, in order: `load`; `restored` once every vCPU and device holds
-/// its state; `before_run` once the vCPU threads are up but held; `running` once
-/// they run. For a migration target everything after `load` is downtime.
-pub trait RestoreSource {
-    /// Fills guest memory and returns the rest of the VM's state.
-    fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error>;
-    /// The VM is restored; its vCPU threads start (held) after this returns.
-    fn restored(&mut self) -> Result<(), Error> {
-        Ok(())
+/// A VM whose vCPUs run: its control, for whatever drives it, and the channel on
+/// which its vCPUs, devices, control API and migrations report how it ends.
+pub struct RunningVm {
+    control: Arc<VmControl>,
+    exits: Receiver<VmExit>,
+}
+
+impl RunningVm {
+    /// The running VM's control (pause, resume, live changes, migration, status).
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
     }
-    /// The last word before the vCPUs run; an error keeps them from ever running.
-    fn before_run(&mut self) -> Result<(), Error> {
-        Ok(())
+
+    /// Waits for the first outcome a vCPU, a device, the API or a migration
+    /// reports, and cleans up what would outlive the process.
+    pub fn wait(self) -> VmExit {
+        self.exits.recv().unwrap_or_else(|_| VmExit::VmmError("every vCPU thread ended without an outcome".into()))
     }
-    /// Called once the vCPUs run.
-    fn running(&mut self) {}
 }
 
-/// Where a VM's first state comes from.
-pub enum Origin {
-    /// Boot the kernel of the configuration.
-    Boot,
-    /// Continue a VM saved elsewhere.
-    Restore(Box<dyn RestoreSource>),
+impl Drop for RunningVm {
+    /// Also when whoever started the VM gives up on it (its API socket failed).
+    fn drop(&mut self) {
+        self.control.cleanup();
+    }
 }
 
-/// Boots the VM described by `config` and runs it until it stops; returns why.
-pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
-    launch(config, Origin::Boot)
-}
-
-/// Builds the VM, starts its vCPUs, serves its API, and waits for the first
-/// outcome a vCPU, a device or the API reports.
-pub fn launch(config: &VmConfig, origin: Origin) -> Result<VmExit, Error> {
+/// Builds the VM (booting it, or restoring it from `origin`) and starts its vCPUs.
+pub fn start(config: &VmConfig, origin: Origin) -> Result<RunningVm, Error> {
     let started = Instant::now();
     config.validate()?;
     let topology = config.topology();
@@ -63,20 +59,33 @@ pub fn launch(config: &VmConfig, origin: Origin) -> Result<VmExit, Error> {
         )));
     }
     let placement = affinity::plan(config)?;
-    let (events_tx, events) = mpsc::channel();
+    let (exits_tx, exits) = mpsc::channel();
 
     let mem_bytes = config.memory_mib << 20;
-    let vm = Arc::new(Vm::new(config.vcpus, mem_bytes)?);
+    let vm = Vm::new(config.vcpus, mem_bytes)?;
     tracing::debug!(us = started.elapsed().as_micros() as u64, "KVM VM created");
     let numa_nodes = numa_nodes(config, &placement)?;
     memory::bind(&vm.memory, config.numa.policy, &numa_nodes)?;
-    let control = Arc::new(VmControl::new(config.clone(), started, placement, numa_nodes, events_tx, vm.clone()));
 
-    let (vcpus, mut source) = prepare(config, &vm, &control, &apic_ids, origin)?;
+    // The control comes before the guest's state: for a migration target,
+    // everything after the state arrives is downtime.
+    let first_output = Arc::new(serial::FirstOutput::default());
+    let control =
+        Arc::new(VmControl::new(config.clone(), started, placement, numa_nodes, exits_tx, vm, first_output.clone()));
+    let Prepared { fds, serial, msrs, mut source } = prepare(config, control.vm(), &apic_ids, origin)?;
+    let bus = Arc::new(PioBus::new(serial, first_output, control.exits().clone()));
+    control.set_bus(bus.clone());
+    let msrs = Arc::new(msrs);
+    let vcpus: Vec<Vcpu> = (0..config.vcpus)
+        .zip(fds)
+        .map(|(index, fd)| Vcpu { index, fd, bus: bus.clone(), control: control.clone(), msrs: msrs.clone() })
+        .collect();
+    let running = RunningVm { control, exits };
+    let control = &running.control;
     tracing::debug!(us = started.elapsed().as_micros() as u64, "guest loaded, vCPUs created");
     control::install_kick_handler()?;
     match source.as_mut() {
-        None => spawn_vcpus(vcpus, &control)?,
+        None => spawn_vcpus(vcpus, control)?,
         Some(source) => {
             // A restored VM's vCPU threads start held: for a migration target they
             // come up while `Ready` and `Go` cross the network, and run only if
@@ -84,7 +93,7 @@ pub fn launch(config: &VmConfig, origin: Origin) -> Result<VmExit, Error> {
             let at = Instant::now();
             control.hold();
             source.restored()?;
-            spawn_vcpus(vcpus, &control)?;
+            spawn_vcpus(vcpus, control)?;
             let spawned = at.elapsed().as_micros() as u64;
             source.before_run()?;
             control.resume();
@@ -97,17 +106,8 @@ pub fn launch(config: &VmConfig, origin: Origin) -> Result<VmExit, Error> {
         }
     }
     control.clone().apply_priority_in_background();
-    if let Some(socket) = &config.api_socket {
-        api::serve(socket, control.clone())?;
-    }
     tracing::info!(name = %config.name, vcpus = config.vcpus, memory_mib = config.memory_mib, setup_us = started.elapsed().as_micros() as u64, "VM started");
-
-    let exit = events.recv().unwrap_or_else(|_| VmExit::VmmError("every vCPU thread ended without an outcome".into()));
-    control.cleanup();
-    if let Some(socket) = &config.api_socket {
-        let _ = std::fs::remove_file(socket);
-    }
-    Ok(exit)
+    Ok(running)
 }
 
 /// Starts a thread for each vCPU.
@@ -119,21 +119,21 @@ fn spawn_vcpus(vcpus: Vec<Vcpu>, control: &VmControl) -> Result<(), Error> {
     Ok(())
 }
 
-/// The vCPUs ready to run, and the restore source to tell when they do.
-type Prepared = (Vec<Vcpu>, Option<Box<dyn RestoreSource>>);
+/// What `prepare` makes: the vCPU fds, set up; the serial port; the MSRs each
+/// vCPU saves; the restore source to tell when the vCPUs run.
+struct Prepared {
+    fds: Vec<kvm_ioctls::VcpuFd>,
+    serial: serial::SerialPort,
+    msrs: Vec<u32>,
+    source: Option<Box<dyn RestoreSource>>,
+}
 
 /// Loads the guest (or restores it), sets up devices, creates the vCPUs.
 ///
 /// What does not depend on the guest's state (the vCPUs themselves, the serial
 /// port's interrupt and output) is set up before the state is loaded: a migration
 /// target loads it while the guest is paused, and does the rest beforehand.
-fn prepare(
-    config: &VmConfig,
-    vm: &Vm,
-    control: &Arc<VmControl>,
-    apic_ids: &[u32],
-    origin: Origin,
-) -> Result<Prepared, Error> {
+fn prepare(config: &VmConfig, vm: &Vm, apic_ids: &[u32], origin: Origin) -> Result<Prepared, Error> {
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(format!("eventfd: {e}")))?;
     vm.fd.register_irqfd(&irq, serial::COM1_GSI).map_err(|source| Error::Kvm { what: "KVM_IRQFD", source })?;
     let trigger = serial::IrqTrigger(irq);
@@ -178,14 +178,7 @@ fn prepare(
             (serial, msrs, Some(source))
         }
     };
-    let bus = Arc::new(PioBus::new(serial, control.clone()));
-    control.set_bus(bus.clone());
-    let msrs = Arc::new(msrs);
-    let vcpus = (0..config.vcpus)
-        .zip(fds)
-        .map(|(index, fd)| Vcpu { index, fd, bus: bus.clone(), control: control.clone(), msrs: msrs.clone() })
-        .collect();
-    Ok((vcpus, source))
+    Ok(Prepared { fds, serial, msrs, source })
 }
 
 /// Sets each new vCPU up to boot: CPUID and topology, FPU, LAPIC lines; the first

@@ -1,7 +1,7 @@
 //! The i8042 keyboard controller, as far as a VM needs it: the CPU-reset command
 //! (0xfe on port 0x64) that Linux and BIOSes use to reboot.
 
-use super::VmExit;
+use crate::exit::VmExit;
 
 const COMMAND_PORT: u16 = 0x64;
 const CMD_RESET_CPU: u8 = 0xfe;

@@ -16,6 +16,26 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// When the guest first wrote to the serial port: set once by the vCPU that
+/// writes, read by the control API (a VM's boot time is its first output).
+#[derive(Debug, Default)]
+pub struct FirstOutput(std::sync::OnceLock<std::time::Instant>);
+
+impl FirstOutput {
+    /// Notes an output byte (only the first one counts).
+    pub fn note(&self) {
+        // Checked first: every later byte then costs one load, not a clock read.
+        if self.0.get().is_none() {
+            let _ = self.0.set(std::time::Instant::now());
+        }
+    }
+
+    /// When the first byte came, if one did.
+    pub fn at(&self) -> Option<std::time::Instant> {
+        self.0.get().copied()
+    }
+}
+
 /// The serial port with its output.
 pub type SerialPort = Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>;
 

@@ -12,8 +12,8 @@ use super::channel::SecureStream;
 use super::wire::{self, Frame, PAGE_SIZE, WireError};
 use crate::Error;
 use crate::config::VmConfig;
+use crate::restore::RestoreSource;
 use crate::state::VmState;
-use crate::vmm::RestoreSource;
 
 /// A source that has authenticated and said what VM it sends.
 pub struct Incoming {

@@ -15,7 +15,7 @@ use super::channel::SecureStream;
 use super::wire::{self, Frame, Hello, PAGE_SIZE};
 use crate::Error;
 use crate::control::VmControl;
-use crate::devices::VmExit;
+use crate::exit::VmExit;
 use drover_vmm_api::api::MigrationPhase as Phase;
 
 pub use drover_vmm_api::api::{DEFAULT_MAX_DOWNTIME_MS, MigrateRequest};
@@ -426,7 +426,7 @@ fn precopy_and_switch(
             lane.out.flush().map_err(|e| Error::Migration(format!("sending: {e}")))?;
         }
         step("last pages sent");
-        let state = crate::snapshot::capture(control)?.encode()?;
+        let state = control.save_state()?.encode()?;
         step("state captured");
         let out = &mut lanes[0].out;
         wire::write_frame(out, &Frame::State(state)).map_err(wire_err)?;

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::control::VmControl;
-use crate::devices::{PioBus, VmExit};
+use crate::devices::PioBus;
+use crate::exit::VmExit;
 
 /// KVM_SYSTEM_EVENT_* types.
 const SYSTEM_EVENT_SHUTDOWN: u32 = 1;

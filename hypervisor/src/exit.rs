@@ -1,9 +1,8 @@
-//! How a VM ends, and the exit device through which a guest ends it.
+//! How a VM ends: the outcomes its vCPUs, devices, control API and migrations
+//! report (each through the VMM's one exit channel), and the process exit status
+//! each stands for.
 
 pub use drover_vmm_api::ExitStatus;
-
-/// The exit device's port (QEMU's isa-debug-exit default).
-pub const EXIT_PORT: u16 = 0x501;
 
 /// Why a VM stopped running.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,9 +55,4 @@ impl std::fmt::Display for VmExit {
             VmExit::MigratedOut(to) => write!(f, "migrated to {to}; the VM runs there"),
         }
     }
-}
-
-/// The outcome a value written to the exit device stands for.
-pub fn from_guest(value: u8) -> VmExit {
-    if value == 0 { VmExit::Shutdown } else { VmExit::GuestFailure(value) }
 }

@@ -1,0 +1,37 @@
+//! Where a VM's first state comes from: a boot, or a VM saved elsewhere (a
+//! snapshot, a migration source). The VMM drives a [`RestoreSource`] through the
+//! restore; the sources (`snapshot`, `migration::receive`) implement it without
+//! knowing the VMM.
+
+use vm_memory::GuestMemoryMmap;
+
+use crate::Error;
+use crate::state::VmState;
+
+/// Where a restored VM comes from: a snapshot, or a migration source.
+///
+/// The VMM calls, in order: `load`; `restored` once every vCPU and device holds
+/// its state; `before_run` once the vCPU threads are up but held; `running` once
+/// they run. For a migration target everything after `load` is downtime.
+pub trait RestoreSource {
+    /// Fills guest memory and returns the rest of the VM's state.
+    fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error>;
+    /// The VM is restored; its vCPU threads start (held) after this returns.
+    fn restored(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    /// The last word before the vCPUs run; an error keeps them from ever running.
+    fn before_run(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    /// Called once the vCPUs run.
+    fn running(&mut self) {}
+}
+
+/// Where a VM's first state comes from.
+pub enum Origin {
+    /// Boot the kernel of the configuration.
+    Boot,
+    /// Continue a VM saved elsewhere.
+    Restore(Box<dyn RestoreSource>),
+}
