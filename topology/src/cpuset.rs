@@ -108,3 +108,17 @@ mod tests {
         }
     }
 }
+
+/// A CPU set travels as its CPU list (`"0-3,8"`), as everywhere else in Drover.
+impl serde::Serialize for CpuSet {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CpuSet {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let list = String::deserialize(deserializer)?;
+        CpuSet::parse(&list).map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,123 @@
+//! Whether a live migration may start now, and where it goes: the VM must run and
+//! not be moving already; a target the user named must be able to take it (the
+//! placement filter: ready, rules, capacity), else placement picks one away from
+//! the source; and the limits on migrations at once (per cluster, out of each
+//! host, into each host) must leave room. A request that can never work is
+//! refused (the migration ends Failed, nothing moves); one that only has to wait
+//! for a slot or for capacity stays Pending with the reason.
+
+use drover_topology::CpuSet;
+use serde::{Deserialize, Serialize};
+
+use crate::lifecycle::Phase;
+use crate::placement::{Cluster, Reason};
+use crate::snapshot::{Key, Migration, Vm};
+
+/// Migrations at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// In the whole cluster.
+    pub cluster: u32,
+    /// Out of one host.
+    pub outgoing_per_host: u32,
+    /// Into one host.
+    pub incoming_per_host: u32,
+}
+
+impl Default for Limits {
+    /// KubeVirt's defaults for the first two (5 per cluster, 2 out of a node); 2
+    /// into a host, which KubeVirt does not limit: a host receiving many VMs at
+    /// once (an evacuation) spends its memory bandwidth and CPUs on all of them.
+    fn default() -> Self {
+        Self { cluster: 5, outgoing_per_host: 2, incoming_per_host: 2 }
+    }
+}
+
+/// A migration to decide on.
+#[derive(Clone, Debug)]
+pub struct Request<'a> {
+    pub key: &'a Key,
+    /// The VM, if it exists.
+    pub vm: Option<&'a Vm>,
+    pub vm_phase: Option<Phase>,
+    /// The host the user named, if any.
+    pub target: Option<&'a str>,
+}
+
+/// The decision.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Admission {
+    /// Reserve the target and let the agents go.
+    Approve { source: String, target: String, cpus: Option<CpuSet>, why: String },
+    /// Not now; why.
+    Wait { why: String },
+    /// Never; why (the migration fails, the VM stays where it is).
+    Refuse { why: String },
+}
+
+/// Decides on `request`; `active` are the approved migrations that have not ended.
+pub fn admit(cluster: &Cluster, request: &Request, active: &[Migration], limits: &Limits) -> Admission {
+    let refuse = |why: String| Admission::Refuse { why };
+    let Some(vm) = request.vm else {
+        return refuse(format!("VirtualMachine {} not found", request.key.name));
+    };
+    let name = &vm.key.name;
+    let (Some(source), Some(Phase::Running)) = (vm.host.as_deref(), request.vm_phase) else {
+        let phase = request.vm_phase.map(|p| format!("{p:?}")).unwrap_or_else(|| "no phase".into());
+        return refuse(format!("VM {name} is not running ({phase}): only a running VM migrates"));
+    };
+    if let Some(other) = active.iter().find(|m| m.vm == vm.key && &m.key != request.key) {
+        return refuse(format!("VM {name} is already moving (migration {})", other.key.name));
+    }
+    if request.target == Some(source) {
+        return refuse(format!("the target {source} is the host VM {name} runs on"));
+    }
+    let others: Vec<&Migration> = active.iter().filter(|m| &m.key != request.key).collect();
+    if others.len() as u32 >= limits.cluster {
+        return Admission::Wait { why: format!("{} migrations run at once, the cluster's limit", others.len()) };
+    }
+    let outgoing = others.iter().filter(|m| m.source == source).count() as u32;
+    if outgoing >= limits.outgoing_per_host {
+        return Admission::Wait { why: format!("{outgoing} migrations leave {source} already, its limit") };
+    }
+    let incoming = |host: &str| others.iter().filter(|m| m.target.as_deref() == Some(host)).count() as u32;
+    match request.target {
+        Some(target) => match cluster.fit_on(vm, target) {
+            Err(reason) => refuse(format!("target {target} cannot take VM {name}: {}", explain_one(target, reason))),
+            Ok(_) if incoming(target) >= limits.incoming_per_host => Admission::Wait {
+                why: format!("{} migrations come into {target} already, its limit", incoming(target)),
+            },
+            Ok(placement) => Admission::Approve {
+                source: source.to_string(),
+                target: target.to_string(),
+                cpus: placement.cpus.clone(),
+                why: format!("to {}, as requested", placement.message()),
+            },
+        },
+        None => {
+            let veto = |host: &crate::snapshot::Host| {
+                if host.name == source {
+                    Some(Reason::Source)
+                } else if incoming(&host.name) >= limits.incoming_per_host {
+                    Some(Reason::IncomingLimit(limits.incoming_per_host))
+                } else {
+                    None
+                }
+            };
+            match cluster.place_where(vm, veto) {
+                Ok(placement) => Admission::Approve {
+                    source: source.to_string(),
+                    target: placement.host.clone(),
+                    cpus: placement.cpus.clone(),
+                    why: format!("to {}, chosen by placement", placement.message()),
+                },
+                Err(none) => Admission::Wait { why: none.message() },
+            }
+        }
+    }
+}
+
+fn explain_one(host: &str, reason: Reason) -> String {
+    let u = crate::placement::Unschedulable { vm: Key::new("", ""), reasons: vec![(host.to_string(), reason)] };
+    u.per_host().pop().map(|s| s.trim_start_matches(&format!("{host}: ")).to_string()).unwrap_or_default()
+}
