@@ -17,6 +17,9 @@ pub enum Error {
     /// A reference to another object does not resolve (missing Secret, missing VM).
     #[error("{0}")]
     Reference(String),
+    /// Every port of the migration range (`--migration-ports`) is taken.
+    #[error("no free migration port in {low}-{high}")]
+    NoFreePort { low: u16, high: u16 },
     /// The host does not hold its heartbeat lease: no VM may start.
     #[error("this host does not hold its heartbeat lease; VMs start again once it does")]
     NotLeased,

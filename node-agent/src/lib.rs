@@ -28,6 +28,7 @@ pub mod heartbeat;
 pub mod host_facts;
 pub mod migration_controller;
 pub mod monitor;
+pub mod next;
 pub mod process;
 pub mod settings;
 pub mod status;

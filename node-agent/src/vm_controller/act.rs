@@ -4,6 +4,8 @@
 //! world knows (a spec's files on this host, a write that conflicts, a VMM that
 //! refuses a change), each followed by the pure function that says what it means.
 
+use drover_crds::contract::finalizers::VM_AGENT as FINALIZER;
+use drover_crds::contract::reasons;
 use drover_crds::vm::{VirtualMachine, VirtualMachineStatus, VmPhase};
 use drover_topology::CpuSet;
 use kube::api::{Patch, PatchParams};
@@ -20,7 +22,6 @@ use crate::supervisor::new_meta;
 use crate::vm_config;
 use crate::vm_dir::{Role, StopReason, VmDir, unix_ms};
 use crate::vmm_client::{VmmClient, host_cpus};
-use drover_crds::contract::{finalizers::VM_AGENT as FINALIZER, reasons};
 
 /// The controller's log lines keep the target they had before it was split into
 /// modules: operators filter on it, and the e2e tests read the log.
@@ -31,7 +32,7 @@ pub async fn act(plan: Plan, vm: &VirtualMachine, ctx: &Context, uid: &str) -> R
     let mut plan = plan;
     loop {
         match plan {
-            Plan::Wait(next) => return Ok(action(next)),
+            Plan::Wait(next) => return Ok(next.into()),
             Plan::TakeOver(rest) => {
                 ctx.supervisor.set_role(uid, Role::Run)?;
                 tracing::info!(target: TARGET, vm = %vm.name_any(), "took over the VM a migration brought here");
@@ -42,11 +43,11 @@ pub async fn act(plan: Plan, vm: &VirtualMachine, ctx: &Context, uid: &str) -> R
                     tracing::warn!(target: TARGET, vm = %vm.name_any(), placed = ?vm.status.as_ref().and_then(|s| s.node_name.clone()), "VM runs here but is placed elsewhere: powering it off");
                 }
                 ctx.supervisor.kill(uid, reason);
-                return Ok(action(Next::After(POLL_BUSY)));
+                return Ok(Next::After(POLL_BUSY).into());
             }
             Plan::Forget => {
                 ctx.supervisor.forget(uid);
-                return Ok(action(Next::Change));
+                return Ok(Next::Change.into());
             }
             Plan::Reboot(rest) => {
                 tracing::info!(target: TARGET, vm = %vm.name_any(), "guest reset: starting it again");
@@ -55,25 +56,18 @@ pub async fn act(plan: Plan, vm: &VirtualMachine, ctx: &Context, uid: &str) -> R
             }
             Plan::ReleaseFinalizer => {
                 remove_finalizer(&api, vm).await?;
-                return Ok(action(Next::Change));
+                return Ok(Next::Change.into());
             }
             Plan::Deleted => {
                 ctx.supervisor.forget(uid);
                 remove_finalizer(&api, vm).await?;
                 tracing::info!(target: TARGET, vm = %vm.name_any(), "deleted");
-                return Ok(action(Next::Change));
+                return Ok(Next::Change.into());
             }
             Plan::Report(report) => return write_report(*report, &api, vm, ctx, uid).await,
             Plan::Start { status, offered } => return start(&api, vm, ctx, uid, *status, &offered).await,
             Plan::Run { offered } => return run(&api, vm, ctx, uid, &offered).await,
         }
-    }
-}
-
-fn action(next: Next) -> Action {
-    match next {
-        Next::Change => Action::await_change(),
-        Next::After(after) => Action::requeue(after),
     }
 }
 
@@ -96,7 +90,7 @@ async fn write_report(
     if report.forget {
         ctx.supervisor.forget(uid);
     }
-    Ok(action(report.next))
+    Ok(report.next.into())
 }
 
 fn publish(ctx: &Context, vm: &VirtualMachine, event: Event) {
@@ -125,7 +119,7 @@ async fn start(
             let refused = decide::invalid_spec(vm, status, &e.to_string(), status::now());
             status::write_vm(api, vm, &refused, &ctx.manager()).await?;
             ctx.events.warning(vm, reasons::INVALID_SPEC, "Start", e.to_string());
-            return Ok(action(Next::Change));
+            return Ok(Next::Change.into());
         }
     };
     add_finalizer(api, vm).await?;
@@ -135,7 +129,7 @@ async fn start(
     let starting = decide::starting(vm, status, &config, ctx.node(), status::now());
     let fresh = api.get_status(&vm.name_any()).await?;
     if fresh.status.as_ref().and_then(|s| s.node_name.as_deref()) != Some(ctx.node()) {
-        return Ok(action(Next::After(POLL_BUSY)));
+        return Ok(Next::After(POLL_BUSY).into());
     }
     status::write_vm(api, &fresh, &starting, &ctx.manager()).await?;
     let meta = new_meta(&vm.namespace().unwrap_or_default(), &vm.name_any(), uid, Role::Run);
@@ -154,7 +148,7 @@ async fn start(
             config.cpus.host_cpus.as_deref().unwrap_or("all")
         ),
     );
-    Ok(action(Next::After(POLL_BUSY)))
+    Ok(Next::After(POLL_BUSY).into())
 }
 
 /// A VM whose VMM runs here: apply spec changes, report.
@@ -165,11 +159,11 @@ async fn run(
     uid: &str,
     offered: &CpuSet,
 ) -> Result<Action, Error> {
-    let Some(local) = ctx.supervisor.get(uid) else { return Ok(action(Next::After(POLL_BUSY))) };
+    let Some(local) = ctx.supervisor.get(uid) else { return Ok(Next::After(POLL_BUSY).into()) };
     let client = VmmClient::new(&local.dir.api_socket());
     let Ok(mut vmm) = client.status().await else {
         // The VMM is still setting up its control socket.
-        return Ok(action(Next::After(POLL_BUSY)));
+        return Ok(Next::After(POLL_BUSY).into());
     };
 
     // Live changes: host CPUs and priority, applied without a restart.
@@ -220,7 +214,7 @@ async fn run(
     {
         tracing::info!(target: TARGET, vm = %vm.name_any(), boot_ms = ?new.boot_millis, since_start_ms = unix_ms().saturating_sub(started_ms), "running");
     }
-    Ok(action(Next::After(POLL_RUNNING)))
+    Ok(Next::After(POLL_RUNNING).into())
 }
 
 async fn add_finalizer(api: &Api<VirtualMachine>, vm: &VirtualMachine) -> Result<(), Error> {

@@ -14,6 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use crate::conditions::condition;
 use crate::events;
 use crate::host_facts::HostFacts;
+pub use crate::next::Next;
 use crate::supervisor::VmmState;
 use crate::vm_dir::{ExitRecord, Role, StopReason, stop_was_requested};
 
@@ -50,15 +51,6 @@ pub struct LocalVmm {
     /// Whether it reports its outgoing migration completed; asked only of a running
     /// VMM whose VM is placed elsewhere.
     pub handed_over: bool,
-}
-
-/// When to look at the VM again.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Next {
-    /// When it changes.
-    Change,
-    /// After this long, or when it changes.
-    After(Duration),
 }
 
 /// What to do.

@@ -1,0 +1,117 @@
+//! Which end of a migration this host is to play now, from the migration's status
+//! alone (pure): the target gets ready and publishes where it listens, the source
+//! sends once it knows, a failed target lets go of its receiving VMM; otherwise the
+//! step is the other side's.
+
+use std::time::Duration;
+
+use drover_crds::migration::{MigrationPhase, VirtualMachineMigrationStatus};
+
+use crate::next::Next;
+
+/// How often the hosts involved look at a migration that waits on the other side,
+/// in case an update was missed.
+pub const POLL_INVOLVED: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// Target: start a receiving VMM and publish its address.
+    PrepareTarget,
+    /// Target of a failed migration: stop its receiving VMM.
+    StopTarget,
+    /// Source: start the send, or follow it.
+    DriveSource,
+    /// Nothing for this host to do now.
+    Wait(Next),
+}
+
+/// The part `node` plays in a migration whose status is `status`.
+pub fn part(status: &VirtualMachineMigrationStatus, node: &str) -> Part {
+    let active =
+        matches!(status.phase, Some(MigrationPhase::Scheduled | MigrationPhase::Running | MigrationPhase::Switchover));
+    if status.target_node.as_deref() == Some(node) {
+        if active && status.target_address.is_none() {
+            return Part::PrepareTarget;
+        }
+        if status.phase == Some(MigrationPhase::Failed) {
+            return Part::StopTarget;
+        }
+    }
+    if status.source_node.as_deref() == Some(node) && active && status.target_address.is_some() {
+        return Part::DriveSource;
+    }
+    let involved = [&status.source_node, &status.target_node].iter().any(|n| n.as_deref() == Some(node));
+    Part::Wait(if active && involved { Next::After(POLL_INVOLVED) } else { Next::Change })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PHASES: [Option<MigrationPhase>; 7] = [
+        None,
+        Some(MigrationPhase::Pending),
+        Some(MigrationPhase::Scheduled),
+        Some(MigrationPhase::Running),
+        Some(MigrationPhase::Switchover),
+        Some(MigrationPhase::Succeeded),
+        Some(MigrationPhase::Failed),
+    ];
+
+    fn status(
+        phase: Option<MigrationPhase>,
+        source: &str,
+        target: &str,
+        address: bool,
+    ) -> VirtualMachineMigrationStatus {
+        VirtualMachineMigrationStatus {
+            phase,
+            source_node: Some(source.into()),
+            target_node: Some(target.into()),
+            target_address: address.then(|| "10.0.0.2:49200".into()),
+            ..Default::default()
+        }
+    }
+
+    /// Every phase × this host's role × target address published or not.
+    #[test]
+    fn the_part_of_each_host() {
+        use MigrationPhase::*;
+        let wait_involved = Part::Wait(Next::After(POLL_INVOLVED));
+        let wait = Part::Wait(Next::Change);
+        for phase in PHASES {
+            let active = matches!(phase, Some(Scheduled | Running | Switchover));
+            for address in [false, true] {
+                // (source, target) as seen from host "me".
+                let source = status(phase, "me", "other", address);
+                let target = status(phase, "other", "me", address);
+                let neither = status(phase, "a", "b", address);
+                let want_source = if active && address {
+                    Part::DriveSource
+                } else if active {
+                    wait_involved
+                } else {
+                    wait
+                };
+                let want_target = match (active, address, phase) {
+                    (true, false, _) => Part::PrepareTarget,
+                    (_, _, Some(Failed)) => Part::StopTarget,
+                    (true, true, _) => wait_involved,
+                    _ => wait,
+                };
+                let case = format!("{phase:?}, address {address}");
+                assert_eq!(part(&source, "me"), want_source, "source: {case}");
+                assert_eq!(part(&target, "me"), want_target, "target: {case}");
+                assert_eq!(part(&neither, "me"), wait, "neither: {case}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_host_that_is_both_ends_prepares_first() {
+        let both = status(Some(MigrationPhase::Scheduled), "me", "me", false);
+        assert_eq!(part(&both, "me"), Part::PrepareTarget);
+        let both = status(Some(MigrationPhase::Scheduled), "me", "me", true);
+        assert_eq!(part(&both, "me"), Part::DriveSource);
+    }
+}

@@ -1,0 +1,167 @@
+//! The source's shell: looks at the migration's VM, this host's VMM that runs it and
+//! what that VMM says of the send, decides (`decide`), and carries it out: asks the
+//! VMM to migrate (`PUT /vm/migrate`), copies its progress into the migration's
+//! status, and at the end moves the VM's `status.nodeName` to the target or leaves
+//! the VM running here.
+
+use drover_crds::contract::reasons;
+use drover_crds::migration::{MigrationPhase, VirtualMachineMigration, VirtualMachineMigrationStatus};
+use drover_crds::vm::VirtualMachine;
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+
+use super::failure::Failure;
+use super::report::{self, TARGET};
+use super::secret;
+use crate::Error;
+use crate::context::Context;
+use crate::events;
+use crate::files::read_json;
+use crate::next::Next;
+use crate::status;
+use crate::supervisor::{LocalVm, VmmState};
+use crate::vm_dir::Role;
+use crate::vmm_client::{MigrationStatus, VmmClient};
+
+mod decide;
+
+use decide::{Observed, POLL, Plan};
+
+/// Starts the send, or follows it.
+pub async fn drive(
+    migration: &VirtualMachineMigration,
+    api: &Api<VirtualMachineMigration>,
+    vms: &Api<VirtualMachine>,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let vm = vms.get_opt(&migration.spec.vm_name).await?;
+    let uid = vm.as_ref().and_then(|vm| vm.uid()).unwrap_or_default();
+    let local = vm.as_ref().and_then(|_| ctx.supervisor.get(&uid)).filter(|l| l.meta.role == Role::Run);
+    let state = local.as_ref().and_then(|_| ctx.supervisor.state(&uid));
+    let sending = migration.status.as_ref().is_some_and(|s| s.phase != Some(MigrationPhase::Scheduled));
+    let progress = match &local {
+        Some(local) if sending => progress(local, state.as_ref()).await,
+        _ => None,
+    };
+    let observed =
+        Observed { migration, node: ctx.node(), vm: vm.as_ref(), local: state, progress, now: status::now() };
+    let shell = Shell { migration, api, vms, ctx };
+    match decide::decide(&observed) {
+        Plan::Fail { status, failure, release_vm } => {
+            report::fail(api, migration, &status, &failure, ctx).await?;
+            if let (true, Some(vm)) = (release_vm, &vm) {
+                set_migrating(vms, vm, ctx, None).await?;
+            }
+            Ok(Action::await_change())
+        }
+        Plan::Send { status, address } => {
+            // Only `Send` follows from a running VMM of an existing VM.
+            let (Some(vm), Some(local)) = (&vm, &local) else { return Ok(Action::await_change()) };
+            shell.send(vm, local, &status, &address).await
+        }
+        Plan::Follow { status, write } => {
+            if write {
+                status::write_migration(api, migration, &status, &ctx.manager()).await?;
+            }
+            Ok(Next::After(POLL).into())
+        }
+        Plan::Succeed { status, target } => {
+            let Some(vm) = &vm else { return Ok(Action::await_change()) };
+            shell.succeed(vm, &status, &target).await
+        }
+    }
+}
+
+/// What the source's steps act on.
+struct Shell<'a> {
+    migration: &'a VirtualMachineMigration,
+    api: &'a Api<VirtualMachineMigration>,
+    vms: &'a Api<VirtualMachine>,
+    ctx: &'a Context,
+}
+
+/// What the VMM says of the send: its API while it runs; once it has ended, the
+/// figures it left.
+async fn progress(local: &LocalVm, state: Option<&VmmState>) -> Option<MigrationStatus> {
+    match state {
+        Some(VmmState::Running) => VmmClient::new(&local.dir.api_socket()).migration().await.ok(),
+        _ => read_json::<MigrationStatus>(&local.dir.migration_figures()).ok(),
+    }
+}
+
+impl Shell<'_> {
+    /// Records the send as started, then asks the VMM to migrate.
+    async fn send(
+        &self,
+        vm: &VirtualMachine,
+        local: &LocalVm,
+        running: &VirtualMachineMigrationStatus,
+        address: &str,
+    ) -> Result<Action, Error> {
+        let Shell { migration, api, vms, ctx } = *self;
+        let name = migration.name_any();
+        let secret = match secret::read(ctx, migration).await {
+            Ok(secret) => String::from_utf8_lossy(&secret).into_owned(),
+            Err(e) => {
+                let failure = Failure::source(e.to_string());
+                let status = failure.status(
+                    migration.status.clone().unwrap_or_default(),
+                    migration.metadata.generation,
+                    status::now(),
+                );
+                report::fail(api, migration, &status, &failure, ctx).await?;
+                return Ok(Action::await_change());
+            }
+        };
+        status::write_migration(api, migration, running, &ctx.manager()).await?;
+        let figures = local.dir.migration_figures();
+        let _ = std::fs::remove_file(&figures);
+        let client = VmmClient::new(&local.dir.api_socket());
+        if let Err(e) = client.migrate(address, secret.trim(), &migration.spec, &figures).await {
+            // The status now on record is the Running one just written.
+            let fresh = api.get_status(&name).await?;
+            let failure = Failure::source(e.to_string());
+            let status =
+                failure.status(fresh.status.clone().unwrap_or_default(), fresh.metadata.generation, status::now());
+            report::fail(api, &fresh, &status, &failure, ctx).await?;
+            set_migrating(vms, vm, ctx, None).await?;
+            return Ok(Action::await_change());
+        }
+        tracing::info!(target: TARGET, migration = %name, to = %address, "migration started");
+        set_migrating(vms, vm, ctx, Some(&name)).await?;
+        Ok(Next::After(POLL).into())
+    }
+
+    /// The VM runs on the target: its status names the target from now on, then the
+    /// migration is Succeeded.
+    async fn succeed(
+        &self,
+        vm: &VirtualMachine,
+        status: &VirtualMachineMigrationStatus,
+        target: &str,
+    ) -> Result<Action, Error> {
+        let Shell { migration, api, vms, ctx } = *self;
+        let vm = vms.get_status(&vm.name_any()).await?;
+        let moved = decide::moved(&vm, ctx.node(), target, status::now());
+        status::write_vm(vms, &vm, &moved, &ctx.manager()).await?;
+        status::write_migration(api, migration, status, &ctx.manager()).await?;
+        tracing::info!(target: TARGET, migration = %migration.name_any(), to = %target, downtime_us = ?status.downtime_micros, total_ms = ?status.total_millis, bytes = ?status.bytes_transferred, passes = ?status.iterations, "migration succeeded");
+        let figures = decide::figures(ctx.node(), target, status);
+        ctx.events.normal(&vm, reasons::MIGRATED, "Migrate", figures.clone());
+        ctx.events.normal(migration, events::reasons::SUCCEEDED, "Migrate", figures);
+        Ok(Action::await_change())
+    }
+}
+
+/// Marks the VM as migrating (or no longer), keeping the rest of its status.
+async fn set_migrating(
+    vms: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    ctx: &Context,
+    migration: Option<&str>,
+) -> Result<(), Error> {
+    let fresh = vms.get_status(&vm.name_any()).await?;
+    let status = decide::migrating(&fresh, migration);
+    status::write_vm(vms, &fresh, &status, &ctx.manager()).await?;
+    Ok(())
+}
