@@ -18,7 +18,7 @@ pub fn plan(config: &VmConfig) -> Result<Vec<CpuSet>, Error> {
 
 /// The host topology, read from sysfs.
 pub fn host_topology() -> Result<HostTopology, Error> {
-    HostTopology::read(std::path::Path::new(SYSFS_ROOT)).map_err(|e| Error::Io(format!("host topology: {e}")))
+    HostTopology::read(std::path::Path::new(SYSFS_ROOT)).map_err(Error::Topology)
 }
 
 /// `plan` for a given host topology and process affinity (testable on fixtures).
@@ -57,7 +57,7 @@ pub fn thread_affinity(tid: i32) -> Result<CpuSet, Error> {
     // SAFETY: the pointer and size describe `set`, which outlives the call.
     let rc = unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
     if rc != 0 {
-        return Err(Error::Io(format!("sched_getaffinity({tid}): {}", std::io::Error::last_os_error())));
+        return Err(Error::last_os_error(format!("sched_getaffinity({tid})")));
     }
     // SAFETY: CPU_ISSET reads `set` within CPU_SETSIZE.
     Ok((0..libc::CPU_SETSIZE as u32).filter(|c| unsafe { libc::CPU_ISSET(*c as usize, &set) }).collect())
@@ -74,7 +74,7 @@ pub fn pin_thread(tid: i32, cpus: &CpuSet) -> Result<(), Error> {
     // SAFETY: the pointer and size describe `set`, which outlives the call.
     let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if rc != 0 {
-        return Err(Error::Io(format!("pinning thread {tid} to CPUs {cpus}: {}", std::io::Error::last_os_error())));
+        return Err(Error::last_os_error(format!("pinning thread {tid} to CPUs {cpus}")));
     }
     Ok(())
 }

@@ -25,7 +25,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use drover_vmm_api::api::{self as paths, CpusPatch, MAX_BODY, MigrateRequest, PriorityPatch, SnapshotRequest};
+use drover_vmm_api::api::{self as paths, CpusPatch, MAX_BODY, PriorityPatch, SnapshotRequest};
 
 use crate::Error;
 use crate::control::VmControl;
@@ -46,7 +46,7 @@ impl Drop for ApiServer {
 pub fn serve(socket: &Path, control: Arc<VmControl>) -> Result<ApiServer, Error> {
     let _ = std::fs::remove_file(socket); // a stale socket of a VMM that is gone
     let listener =
-        UnixListener::bind(socket).map_err(|e| Error::Io(format!("control socket {}: {e}", socket.display())))?;
+        UnixListener::bind(socket).map_err(|e| Error::io(format!("control socket {}", socket.display()), e))?;
     let server = ApiServer { socket: socket.to_path_buf() };
     std::thread::Builder::new()
         .name("api".into())
@@ -57,7 +57,7 @@ pub fn serve(socket: &Path, control: Arc<VmControl>) -> Result<ApiServer, Error>
                 }
             }
         })
-        .map_err(|e| Error::Io(format!("starting the API thread: {e}")))?;
+        .map_err(|e| Error::io("starting the API thread", e))?;
     Ok(server)
 }
 
@@ -80,12 +80,17 @@ fn serve_one(stream: UnixStream, control: &Arc<VmControl>) -> std::io::Result<()
             length = value.trim().parse().unwrap_or(0);
         }
     }
-    let (code, reply) = if length > MAX_BODY {
-        (413, Some(serde_json::json!({ "error": format!("body larger than {MAX_BODY} bytes") })))
+    let result = if length > MAX_BODY {
+        Err(Error::BodyTooLarge { limit: MAX_BODY })
     } else {
         let mut body = vec![0; length];
         reader.read_exact(&mut body)?;
         route(&method, &path, &String::from_utf8_lossy(&body), control)
+    };
+    let (code, reply) = match result {
+        Ok(Some(json)) => (200, Some(json)),
+        Ok(None) => (204, None),
+        Err(e) => (status_code(&e), Some(serde_json::json!({ "error": e.to_string() }))),
     };
     let body = reply.map(|v| v.to_string()).unwrap_or_default();
     let reason = match code {
@@ -113,42 +118,83 @@ fn serve_one(stream: UnixStream, control: &Arc<VmControl>) -> std::io::Result<()
     Ok(())
 }
 
-/// Dispatches one request; returns the status code and the JSON reply, if any.
-fn route(method: &str, path: &str, body: &str, control: &Arc<VmControl>) -> (u16, Option<serde_json::Value>) {
-    let result: Result<Option<serde_json::Value>, (u16, String)> = match (method, path) {
-        ("GET", paths::VM) => serde_json::to_value(control.status()).map(Some).map_err(|e| (500, e.to_string())),
-        ("PUT", paths::PAUSE) => control.pause().map(|_| None).map_err(|e| (500, e.to_string())),
+/// The status code of a refused request: the one place an error becomes a code.
+/// 400: the request is wrong (its body, a value out of range); 404: no such
+/// request; 409: not in the VM's present state (a migration under way, none to
+/// cancel, too late to cancel); 413: body too large; 500: the VMM failed doing it.
+pub fn status_code(e: &Error) -> u16 {
+    match e {
+        Error::Config(_) | Error::Body(_) => 400,
+        Error::NoSuchRequest { .. } => 404,
+        Error::MigrationUnderWay | Error::NoMigration | Error::HandedOver => 409,
+        Error::BodyTooLarge { .. } => 413,
+        Error::KvmOpen { .. }
+        | Error::Kvm { .. }
+        | Error::Kernel { .. }
+        | Error::Memory(_)
+        | Error::Migration(_)
+        | Error::Wire(_)
+        | Error::Channel(_)
+        | Error::State(_)
+        | Error::PauseTimedOut { .. }
+        | Error::Topology(_)
+        | Error::Io { .. }
+        | Error::Reply(_)
+        | Error::Internal(_) => 500,
+    }
+}
+
+/// Dispatches one request; returns the JSON reply, if any.
+fn route(method: &str, path: &str, body: &str, control: &Arc<VmControl>) -> Result<Option<serde_json::Value>, Error> {
+    fn parse<'a, T: serde::Deserialize<'a>>(body: &'a str) -> Result<T, Error> {
+        serde_json::from_str(body).map_err(Error::Body)
+    }
+    fn reply(value: impl serde::Serialize) -> Result<Option<serde_json::Value>, Error> {
+        serde_json::to_value(value).map(Some).map_err(Error::Reply)
+    }
+    match (method, path) {
+        ("GET", paths::VM) => reply(control.status()),
+        ("PUT", paths::PAUSE) => control.pause().map(|()| None),
         ("PUT", paths::RESUME) => {
             control.resume();
             Ok(None)
         }
-        ("PUT", paths::SNAPSHOT) => serde_json::from_str::<SnapshotRequest>(body)
-            .map_err(|e| (400, format!("body: {e}")))
-            .and_then(|r| crate::snapshot::save(control, &r.path).map_err(|e| (500, e.to_string())))
-            .and_then(|info| serde_json::to_value(info).map(Some).map_err(|e| (500, e.to_string()))),
-        ("PUT", paths::MIGRATE) => serde_json::from_str::<MigrateRequest>(body)
-            .map_err(|e| (400, format!("body: {e}")))
-            .and_then(|r| crate::migration::send::start(control.clone(), r).map_err(|e| (400, e.to_string())))
-            .map(|_| None),
-        ("GET", paths::MIGRATION) => {
-            serde_json::to_value(control.migration_status()).map(Some).map_err(|e| (500, e.to_string()))
+        ("PUT", paths::SNAPSHOT) => {
+            let request: SnapshotRequest = parse(body)?;
+            reply(crate::snapshot::save(control, &request.path)?)
         }
-        ("PUT", paths::MIGRATION_CANCEL) => control.cancel_migration().map(|_| None).map_err(|e| (409, e.to_string())),
+        ("PUT", paths::MIGRATE) => crate::migration::send::start(control.clone(), parse(body)?).map(|()| None),
+        ("GET", paths::MIGRATION) => reply(control.migration_status()),
+        ("PUT", paths::MIGRATION_CANCEL) => control.cancel_migration().map(|()| None),
         // Powering off happens after the reply is written (see serve_one).
         ("PUT", paths::SHUTDOWN) => Ok(None),
-        ("PATCH", paths::CPUS) => serde_json::from_str::<CpusPatch>(body)
-            .map_err(|e| (400, format!("body: {e}")))
-            .and_then(|p| control.set_host_cpus(&p.host_cpus).map_err(|e| (400, e.to_string())))
-            .map(|_| None),
-        ("PATCH", paths::PRIORITY) => serde_json::from_str::<PriorityPatch>(body)
-            .map_err(|e| (400, format!("body: {e}")))
-            .and_then(|p| control.set_shares(p.shares).map_err(|e| (400, e.to_string())))
-            .map(|_| None),
-        (method, path) => Err((404, format!("no such request: {method} {path}"))),
-    };
-    match result {
-        Ok(Some(json)) => (200, Some(json)),
-        Ok(None) => (204, None),
-        Err((code, message)) => (code, Some(serde_json::json!({ "error": message }))),
+        ("PATCH", paths::CPUS) => control.set_host_cpus(&parse::<CpusPatch>(body)?.host_cpus).map(|()| None),
+        ("PATCH", paths::PRIORITY) => control.set_shares(parse::<PriorityPatch>(body)?.shares).map(|()| None),
+        (method, path) => Err(Error::NoSuchRequest { method: method.into(), path: path.into() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_gets_its_status_code() {
+        let body = serde_json::from_str::<CpusPatch>("{}").unwrap_err();
+        let cases = [
+            (Error::Config("shares: 0 is out of range 1-10000".into()), 400),
+            (Error::Body(body), 400),
+            (Error::NoSuchRequest { method: "GET".into(), path: "/nope".into() }, 404),
+            (Error::MigrationUnderWay, 409),
+            (Error::NoMigration, 409),
+            (Error::HandedOver, 409),
+            (Error::BodyTooLarge { limit: MAX_BODY }, 413),
+            (Error::io("writing 500 to cpu.shares", std::io::Error::from_raw_os_error(libc::EACCES)), 500),
+            (Error::PauseTimedOut { parked: 0, vcpus: 1, waited: std::time::Duration::from_secs(5) }, 500),
+            (Error::State("vCPUs did not save their state within 10 s".into()), 500),
+        ];
+        for (error, code) in cases {
+            assert_eq!(status_code(&error), code, "{error}");
+        }
     }
 }

@@ -54,7 +54,7 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 /// Installs the kick handler (once per process, before vCPU threads start).
 pub fn install_kick_handler() -> Result<(), Error> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
-        .map_err(|e| Error::Io(format!("installing the vCPU kick signal handler: {e}")))
+        .map_err(|e| Error::io("installing the vCPU kick signal handler", e.into()))
 }
 
 /// Shared by the vCPU threads, the API thread and the main thread.
@@ -183,10 +183,10 @@ impl VmControl {
     /// the point of no return.
     pub fn cancel_migration(&self) -> Result<(), Error> {
         if self.handed_over.load(Ordering::Acquire) {
-            return Err(Error::Migration("too late to cancel: the target has the VM".into()));
+            return Err(Error::HandedOver);
         }
         if !self.migrating.load(Ordering::Acquire) {
-            return Err(Error::Migration("no migration is running".into()));
+            return Err(Error::NoMigration);
         }
         self.migration_cancel.store(true, Ordering::Release);
         for socket in lock(&self.migration_sockets).iter() {
@@ -379,7 +379,11 @@ impl VmControl {
         let mut parked = lock(&self.parked);
         while *parked < self.config.vcpus {
             if Instant::now() > deadline {
-                return Err(Error::Io(format!("only {} of {} vCPUs paused within 5 s", *parked, self.config.vcpus)));
+                return Err(Error::PauseTimedOut {
+                    parked: *parked,
+                    vcpus: self.config.vcpus,
+                    waited: Duration::from_secs(5),
+                });
             }
             drop(parked);
             // Kick again every 2 ms until every thread has parked (a thread may be

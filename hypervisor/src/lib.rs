@@ -21,6 +21,7 @@ pub mod boot;
 pub mod config;
 pub mod control;
 pub mod devices;
+mod error;
 pub mod exit;
 pub mod kvm_probe;
 pub mod memory;
@@ -32,43 +33,7 @@ pub mod state;
 pub mod vmm;
 pub mod vstate;
 
+pub use error::Error;
+
 /// The test guest image built with this crate (see `guest/`), for tests and benchmarks.
 pub const TEST_GUEST: &[u8] = include_bytes!(env!("DROVER_TEST_GUEST"));
-
-/// Errors of the VMM. Each says what to fix.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// `/dev/kvm` could not be opened.
-    #[error("cannot open {path}: {source} (is the kvm module loaded, and may this user open it?)")]
-    KvmOpen { path: String, source: kvm_ioctls::Error },
-    /// A KVM ioctl failed.
-    #[error("KVM {what} failed: {source}")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
-    /// The configuration is wrong; the message names the field.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// The kernel cannot be loaded.
-    #[error("kernel {path}: {why}")]
-    Kernel { path: String, why: String },
-    /// Guest memory cannot be set up.
-    #[error("guest memory: {0}")]
-    Memory(String),
-    /// A live migration failed.
-    #[error("migration: {0}")]
-    Migration(String),
-    /// Saving or restoring VM state failed.
-    #[error("VM state: {0}")]
-    State(String),
-    /// Another I/O failure.
-    #[error("{0}")]
-    Io(String),
-}
-
-impl From<drover_vmm_api::Error> for Error {
-    fn from(e: drover_vmm_api::Error) -> Self {
-        match e {
-            drover_vmm_api::Error::Config(why) => Error::Config(why),
-            other => Error::Io(other.to_string()),
-        }
-    }
-}

@@ -80,8 +80,7 @@ pub fn populated_pages(memory: &GuestMemoryMmap, threads: usize) -> Result<Vec<(
     // 16 Ki pages (64 MiB of guest memory, 128 KiB of page map) per piece; a
     // multiple of 64, so pieces own whole words of the bitmap.
     const PIECE: u64 = 1 << 14;
-    let pagemap =
-        std::fs::File::open("/proc/self/pagemap").map_err(|e| Error::Io(format!("/proc/self/pagemap: {e}")))?;
+    let pagemap = std::fs::File::open("/proc/self/pagemap").map_err(|e| Error::io("/proc/self/pagemap", e))?;
     let mut out = Vec::new();
     // (first host page, the bitmap words it fills)
     let mut pieces: Vec<(u64, &mut [u64])> = Vec::new();
@@ -111,7 +110,7 @@ pub fn populated_pages(memory: &GuestMemoryMmap, threads: usize) -> Result<Vec<(
             .collect();
         workers
             .into_iter()
-            .try_for_each(|w| w.join().unwrap_or_else(|_| Err(Error::Io("a page map reader panicked".into()))))
+            .try_for_each(|w| w.join().unwrap_or_else(|_| Err(Error::Internal("a page map reader panicked".into()))))
     })?;
     Ok(out)
 }
@@ -123,7 +122,7 @@ fn read_present(pagemap: &std::fs::File, first: u64, words: &mut [u64]) -> Resul
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
     let mut entries = vec![0u8; words.len() * 64 * 8];
-    pagemap.read_exact_at(&mut entries, first * 8).map_err(|e| Error::Io(format!("/proc/self/pagemap: {e}")))?;
+    pagemap.read_exact_at(&mut entries, first * 8).map_err(|e| Error::io("/proc/self/pagemap", e))?;
     for (word, entries) in words.iter_mut().zip(entries.chunks_exact(64 * 8)) {
         for (bit, entry) in (0..).zip(entries.chunks_exact(8)) {
             let bits =

@@ -119,14 +119,14 @@ fn sanitize(name: &str) -> String {
 }
 
 fn write(path: &Path, value: &str) -> Result<(), Error> {
-    std::fs::write(path, value).map_err(|e| Error::Io(format!("writing {value} to {}: {e}", path.display())))
+    std::fs::write(path, value).map_err(|e| Error::io(format!("writing {value} to {}", path.display()), e))
 }
 
 fn renice(tid: i32, nice: i32) -> Result<(), Error> {
     // SAFETY: setpriority takes plain integers; `tid` names a thread of this process.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
     if rc != 0 {
-        return Err(Error::Io(format!("setting nice {nice} on thread {tid}: {}", std::io::Error::last_os_error())));
+        return Err(Error::last_os_error(format!("setting nice {nice} on thread {tid}")));
     }
     Ok(())
 }

@@ -36,7 +36,7 @@ pub fn save(control: &VmControl, dir: &Path) -> Result<SnapshotInfo, Error> {
 }
 
 fn write(control: &VmControl, dir: &Path) -> Result<(u64, u64), Error> {
-    let io = |what: &str, e: std::io::Error| Error::Io(format!("snapshot {}: {what}: {e}", dir.display()));
+    let io = |what: &str, e: std::io::Error| Error::io(format!("snapshot {}: {what}", dir.display()), e);
     std::fs::create_dir_all(dir).map_err(|e| io("creating the directory", e))?;
     let state = control.save_state()?.encode()?;
     std::fs::write(dir.join(STATE_FILE), &state).map_err(|e| io(STATE_FILE, e))?;
@@ -65,11 +65,11 @@ pub struct Snapshot {
 /// Opens a snapshot, checking its state and the size of its memory file.
 pub fn load(dir: &Path) -> Result<Snapshot, Error> {
     let bytes = std::fs::read(dir.join(STATE_FILE))
-        .map_err(|e| Error::Io(format!("snapshot {}: {STATE_FILE}: {e}", dir.display())))?;
+        .map_err(|e| Error::io(format!("snapshot {}: {STATE_FILE}", dir.display()), e))?;
     let state = VmState::decode(&bytes)?;
     let path = dir.join(MEMORY_FILE);
     let expected = state.config.memory_mib << 20;
-    let memory = File::open(&path).map_err(|e| Error::Io(format!("snapshot {}: {e}", path.display())))?;
+    let memory = File::open(&path).map_err(|e| Error::io(format!("snapshot {}", path.display()), e))?;
     let size = memory.metadata().map(|m| m.len()).unwrap_or(0);
     if size != expected {
         return Err(Error::State(format!(

@@ -113,7 +113,7 @@ pub fn start(config: &VmConfig, origin: Origin) -> Result<RunningVm, Error> {
 /// Starts a thread for each vCPU.
 fn spawn_vcpus(vcpus: Vec<Vcpu>, control: &VmControl) -> Result<(), Error> {
     for vcpu in vcpus {
-        let handle = vcpu.spawn().map_err(|e| Error::Io(format!("starting a vCPU thread: {e}")))?;
+        let handle = vcpu.spawn().map_err(|e| Error::io("starting a vCPU thread", e))?;
         control.register(handle);
     }
     Ok(())
@@ -134,7 +134,7 @@ struct Prepared {
 /// port's interrupt and output) is set up before the state is loaded: a migration
 /// target loads it while the guest is paused, and does the rest beforehand.
 fn prepare(config: &VmConfig, vm: &Vm, apic_ids: &[u32], origin: Origin) -> Result<Prepared, Error> {
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(format!("eventfd: {e}")))?;
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?;
     vm.fd.register_irqfd(&irq, serial::COM1_GSI).map_err(|source| Error::Kvm { what: "KVM_IRQFD", source })?;
     let trigger = serial::IrqTrigger(irq);
     let out = serial_output(&config.serial)?;
@@ -249,7 +249,7 @@ fn serial_output(out: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>, E
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|e| Error::Io(format!("serial output {}: {e}", path.display())))?,
+                .map_err(|e| Error::io(format!("serial output {}", path.display()), e))?,
         ),
     })
 }

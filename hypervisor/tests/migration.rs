@@ -460,9 +460,17 @@ fn cancel_keeps_the_vm_running_here() {
     // when the cancel arrives, whatever the machine's speed.
     assert_eq!(source.migrate_within(&listen, &key, 1).0, 204);
     wait_until(|| source.migration()["phase"] == "PreCopy", "pre-copy");
+    // One migration at a time: a second one is refused as a conflict, not a bad request.
+    let (code, body) = source.migrate_within(&listen, &key, 1);
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("a migration is already under way"), "{body}");
     let (code, body) = request(&source.socket, "PUT", "/vm/migration/cancel", None).unwrap();
     assert_eq!(code, 204, "cancel: {body}");
     wait_until(|| source.migration()["phase"] == "Cancelled", "the migration to stop");
+    wait_until(
+        || request(&source.socket, "PUT", "/vm/migration/cancel", None).unwrap().0 == 409,
+        "a second cancel to find no migration",
+    );
     target.assert_refused();
     source.assert_finishes_with(&want);
 }

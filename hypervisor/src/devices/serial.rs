@@ -54,7 +54,7 @@ impl SocketOutput {
     pub fn listen(path: &std::path::Path) -> Result<Self, crate::Error> {
         let _ = std::fs::remove_file(path);
         let listener = std::os::unix::net::UnixListener::bind(path)
-            .map_err(|e| crate::Error::Io(format!("serial socket {}: {e}", path.display())))?;
+            .map_err(|e| crate::Error::io(format!("serial socket {}", path.display()), e))?;
         let clients = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let accepted = clients.clone();
         std::thread::Builder::new()
@@ -67,7 +67,7 @@ impl SocketOutput {
                     }
                 }
             })
-            .map_err(|e| crate::Error::Io(format!("serial socket thread: {e}")))?;
+            .map_err(|e| crate::Error::io("serial socket thread", e))?;
         Ok(Self { clients })
     }
 }

@@ -25,10 +25,6 @@ pub struct Incoming {
     peer: String,
 }
 
-fn wire_err(e: WireError) -> Error {
-    Error::Migration(e.to_string())
-}
-
 /// How long the source has to open its other lanes once welcomed.
 const LANE_WAIT: Duration = Duration::from_secs(10);
 
@@ -44,12 +40,12 @@ pub fn accept(listen: &str, secret: &[u8], expected: Option<&VmConfig>) -> Resul
     wire::read_preamble(&mut tcp).map_err(|e| Error::Migration(format!("refused {peer}: {e}")))?;
     let mut stream = SecureStream::accept(tcp, secret, &wire::preamble())
         .map_err(|e| Error::Migration(format!("refused {peer}: {e}")))?;
-    let hello = match wire::read_frame(&mut stream).map_err(wire_err)? {
+    let hello = match wire::read_frame(&mut stream)? {
         Frame::Hello(h) => h,
-        other => return Err(wire_err(WireError::Unexpected { got: other.name(), want: "Hello" })),
+        other => return Err(Error::Wire(WireError::Unexpected { got: other.name(), want: "Hello" })),
     };
     if hello.version != wire::VERSION {
-        return Err(wire_err(WireError::WrongVersion(hello.version)));
+        return Err(Error::Wire(WireError::WrongVersion(hello.version)));
     }
     if let Some(want) = expected {
         let (a, b) = (&hello.config, want);
@@ -58,17 +54,17 @@ pub fn accept(listen: &str, secret: &[u8], expected: Option<&VmConfig>) -> Resul
             let why = format!("the source sends {}, this target expects {}", shape(a), shape(b));
             let _ = wire::write_frame(&mut stream, &Frame::Abort(why.clone()));
             let _ = stream.flush();
-            return Err(wire_err(WireError::WrongShape(why)));
+            return Err(Error::Wire(WireError::WrongShape(why)));
         }
     }
     if !(1..=wire::MAX_LANES).contains(&hello.lanes) {
         let why = format!("{} lanes announced (1 to {} allowed)", hello.lanes, wire::MAX_LANES);
         let _ = wire::write_frame(&mut stream, &Frame::Abort(why.clone()));
         let _ = stream.flush();
-        return Err(wire_err(WireError::Malformed { kind: "Hello", why }));
+        return Err(Error::Wire(WireError::Malformed { kind: "Hello", why }));
     }
     tracing::info!(%peer, vcpus = hello.config.vcpus, memory_mib = hello.config.memory_mib, lanes = hello.lanes, "migration source authenticated");
-    wire::write_frame(&mut stream, &Frame::Welcome).map_err(wire_err)?;
+    wire::write_frame(&mut stream, &Frame::Welcome)?;
     stream.flush().map_err(|e| Error::Migration(format!("to {peer}: {e}")))?;
     let lanes = accept_lanes(&listener, secret, &hello).map_err(|e| Error::Migration(format!("from {peer}: {e}")))?;
     Ok(Incoming { stream, lanes, config: hello.config, peer })
@@ -77,8 +73,8 @@ pub fn accept(listen: &str, secret: &[u8], expected: Option<&VmConfig>) -> Resul
 /// A connection from the source: blocking, with a read timeout (a source that
 /// stalls this long is gone; the VM here never ran).
 fn prepare(tcp: TcpStream) -> Result<TcpStream, Error> {
-    tcp.set_nonblocking(false).map_err(|e| Error::Io(e.to_string()))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| Error::Io(e.to_string()))?;
+    tcp.set_nonblocking(false).map_err(|e| Error::io("a migration connection", e))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| Error::io("a migration connection", e))?;
     Ok(tcp)
 }
 
@@ -90,7 +86,7 @@ fn accept_lanes(listener: &TcpListener, secret: &[u8], hello: &wire::Hello) -> R
         return Ok(Vec::new());
     }
     let mut lanes: Vec<Option<SecureStream>> = (0..wanted).map(|_| None).collect();
-    listener.set_nonblocking(true).map_err(|e| Error::Io(e.to_string()))?;
+    listener.set_nonblocking(true).map_err(|e| Error::io("the migration listener", e))?;
     let deadline = Instant::now() + LANE_WAIT;
     let mut opened = 0;
     while opened < wanted {
@@ -109,7 +105,7 @@ fn accept_lanes(listener: &TcpListener, secret: &[u8], hello: &wire::Hello) -> R
             Err(e) => return Err(Error::Migration(format!("accepting a lane: {e}"))),
         };
         let mut tcp = prepare(tcp)?;
-        wire::read_preamble(&mut tcp).map_err(wire_err)?;
+        wire::read_preamble(&mut tcp)?;
         let mut index = [0u8; 4];
         tcp.read_exact(&mut index).map_err(|e| Error::Migration(format!("a lane's index: {e}")))?;
         let index = u32::from_le_bytes(index);
@@ -131,7 +127,7 @@ impl Incoming {
     }
 
     fn send(&mut self, frame: Frame) -> Result<(), Error> {
-        wire::write_frame(&mut self.stream, &frame).map_err(wire_err)?;
+        wire::write_frame(&mut self.stream, &frame)?;
         self.stream.flush().map_err(|e| Error::Migration(format!("to {}: {e}", self.peer)))
     }
 
@@ -169,7 +165,7 @@ impl Incoming {
         if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
         }
-        state.ok_or_else(|| wire_err(WireError::Unexpected { got: "Done", want: "State" }))
+        state.ok_or(Error::Wire(WireError::Unexpected { got: "Done", want: "State" }))
     }
 }
 
@@ -294,7 +290,7 @@ impl RestoreSource for Prefaulted {
 
 /// Checks that `count` pages from `first` lie inside guest memory.
 fn check_pages(memory: &GuestMemoryMmap, first: u64, count: u64) -> Result<(), Error> {
-    let out = |page| wire_err(WireError::PageOutOfRange { page });
+    let out = |page| Error::Wire(WireError::PageOutOfRange { page });
     let last = first.checked_add(count.saturating_sub(1)).ok_or(out(first))?;
     let start = first.checked_mul(PAGE_SIZE as u64).ok_or(out(first))?;
     let end = last.checked_mul(PAGE_SIZE as u64).and_then(|a| a.checked_add(PAGE_SIZE as u64 - 1)).ok_or(out(last))?;
@@ -321,7 +317,7 @@ impl RestoreSource for Incoming {
         match self.frame()? {
             Frame::Go => Ok(()),
             Frame::Abort(why) => Err(Error::Migration(format!("the source gave up: {why}"))),
-            other => Err(wire_err(WireError::Unexpected { got: other.name(), want: "Go" })),
+            other => Err(Error::Wire(WireError::Unexpected { got: other.name(), want: "Go" })),
         }
     }
 

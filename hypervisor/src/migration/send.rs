@@ -80,7 +80,7 @@ pub fn start(control: Arc<VmControl>, request: MigrateRequest) -> Result<(), Err
     let secret = secret(&request)?;
     let lanes = lanes(&request)?;
     if !control.begin_migration(&request.destination) {
-        return Err(Error::Config("a migration is already under way".into()));
+        return Err(Error::MigrationUnderWay);
     }
     std::thread::Builder::new()
         .name("migration".into())
@@ -132,7 +132,7 @@ pub fn start(control: Arc<VmControl>, request: MigrateRequest) -> Result<(), Err
             }
             control.finish_migration();
         })
-        .map_err(|e| Error::Io(format!("starting the migration thread: {e}")))?;
+        .map_err(|e| Error::io("starting the migration thread", e))?;
     Ok(())
 }
 
@@ -157,14 +157,13 @@ enum Outcome {
     Unknown(Error),
 }
 
-impl From<Error> for Outcome {
-    fn from(e: Error) -> Self {
-        Outcome::Failed(e)
+impl<E> From<E> for Outcome
+where
+    Error: From<E>,
+{
+    fn from(e: E) -> Self {
+        Outcome::Failed(e.into())
     }
-}
-
-fn wire_err(e: wire::WireError) -> Error {
-    Error::Migration(e.to_string())
 }
 
 fn migrate(
@@ -184,28 +183,27 @@ fn migrate(
     let connect = || -> Result<TcpStream, Error> {
         let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
             .map_err(|e| Error::Migration(format!("connecting to {}: {e}", req.destination)))?;
-        tcp.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| Error::Io(e.to_string()))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| Error::io("a migration connection", e))?;
         if let Ok(clone) = tcp.try_clone() {
             control.add_migration_socket(clone);
         }
         Ok(tcp)
     };
     let mut tcp = connect()?;
-    wire::write_preamble(&mut tcp).map_err(wire_err)?;
-    let mut main =
-        SecureStream::initiate(tcp, secret, &wire::preamble()).map_err(|e| Error::Migration(e.to_string()))?;
+    wire::write_preamble(&mut tcp)?;
+    let mut main = SecureStream::initiate(tcp, secret, &wire::preamble())?;
     let mut session = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut session)
-        .map_err(|_| Error::Io("no random numbers".into()))?;
+        .map_err(|_| Error::Internal("no random numbers for the migration session".into()))?;
     let hello = Hello { version: wire::VERSION, config: control.config().clone(), lanes, session };
-    wire::write_frame(&mut main, &Frame::Hello(Box::new(hello))).map_err(wire_err)?;
+    wire::write_frame(&mut main, &Frame::Hello(Box::new(hello)))?;
     main.flush().map_err(|e| Error::Migration(format!("sending to the target: {e}")))?;
     // The target says whether it takes this VM before the other lanes connect.
     expect(&mut main, "Welcome")?;
     let mut outs = vec![main];
     for index in 1..lanes {
         let mut tcp = connect()?;
-        wire::write_preamble(&mut tcp).map_err(wire_err)?;
+        wire::write_preamble(&mut tcp)?;
         tcp.write_all(&index.to_le_bytes()).map_err(|e| Error::Migration(format!("opening lane {index}: {e}")))?;
         outs.push(
             SecureStream::initiate(tcp, secret, &wire::lane_prologue(&session, index))
@@ -291,7 +289,7 @@ fn send_pages(
 /// switch-over's estimate short (26 ms estimated, 38 ms taken).
 fn sync(lanes: &mut [Lane]) -> Result<(), Error> {
     for lane in lanes.iter_mut() {
-        wire::write_frame(&mut lane.out, &Frame::Sync).map_err(wire_err)?;
+        wire::write_frame(&mut lane.out, &Frame::Sync)?;
         lane.out.flush().map_err(|e| Error::Migration(format!("sending: {e}")))?;
     }
     lanes.iter_mut().try_for_each(|lane| expect(&mut lane.out, "Synced"))
@@ -422,15 +420,15 @@ fn precopy_and_switch(
         tracing::debug!(pages = last_pages, "switch-over: pages to send paused");
         send_pages(control, lanes, &dirty, last_pages, false)?;
         for lane in lanes.iter_mut().skip(1) {
-            wire::write_frame(&mut lane.out, &Frame::Done).map_err(wire_err)?;
+            wire::write_frame(&mut lane.out, &Frame::Done)?;
             lane.out.flush().map_err(|e| Error::Migration(format!("sending: {e}")))?;
         }
         step("last pages sent");
         let state = control.save_state()?.encode()?;
         step("state captured");
         let out = &mut lanes[0].out;
-        wire::write_frame(out, &Frame::State(state)).map_err(wire_err)?;
-        wire::write_frame(out, &Frame::Done).map_err(wire_err)?;
+        wire::write_frame(out, &Frame::State(state))?;
+        wire::write_frame(out, &Frame::Done)?;
         out.flush().map_err(|e| Error::Migration(format!("sending: {e}")))?;
         expect(out, "Ready")?;
         step("target ready");
@@ -444,7 +442,7 @@ fn precopy_and_switch(
     control.commit_migration();
     let out = &mut lanes[0].out;
     let confirmed = (|| -> Result<(), Error> {
-        wire::write_frame(out, &Frame::Go).map_err(wire_err)?;
+        wire::write_frame(out, &Frame::Go)?;
         out.flush().map_err(|e| Error::Migration(format!("sending Go: {e}")))?;
         expect(out, "Resumed")
     })();
@@ -465,7 +463,7 @@ fn expect(out: &mut SecureStream, want: &'static str) -> Result<(), Error> {
     match wire::read_frame(out) {
         Ok(f) if f.name() == want => Ok(()),
         Ok(Frame::Abort(why)) => Err(Error::Migration(format!("the target gave up: {why}"))),
-        Ok(f) => Err(wire_err(wire::WireError::Unexpected { got: f.name(), want })),
+        Ok(f) => Err(Error::Wire(wire::WireError::Unexpected { got: f.name(), want })),
         Err(e) => Err(Error::Migration(format!("waiting for {want} from the target: {e}"))),
     }
 }
@@ -591,7 +589,7 @@ impl Sender {
     /// Sends pages `from..to` of the run in `buf` (encrypted in place: `buf` is
     /// spent afterwards).
     fn write_pages(&mut self, out: &mut SecureStream, page: u64, from: usize, to: usize) -> Result<(), Error> {
-        wire::write_pages(out, page, &mut self.buf[from * PAGE_SIZE..to * PAGE_SIZE]).map_err(wire_err)?;
+        wire::write_pages(out, page, &mut self.buf[from * PAGE_SIZE..to * PAGE_SIZE])?;
         self.pages += (to - from) as u64;
         self.bytes += ((to - from) * PAGE_SIZE) as u64 + 21;
         Ok(())
@@ -600,7 +598,7 @@ impl Sender {
     fn flush_zero(&mut self, out: &mut SecureStream) -> Result<(), Error> {
         if !self.zero.is_empty() {
             self.bytes += self.zero.len() as u64 * 8 + 13;
-            wire::write_frame(out, &Frame::Zero(std::mem::take(&mut self.zero))).map_err(wire_err)?;
+            wire::write_frame(out, &Frame::Zero(std::mem::take(&mut self.zero)))?;
         }
         Ok(())
     }
