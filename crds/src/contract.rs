@@ -11,10 +11,12 @@
 //! | phase | set by | means |
 //! | --- | --- | --- |
 //! | `Pending` | operator | no host yet; the `Scheduled` condition says why |
+//! | (`status.allocatedCpus`) | operator | host CPUs held for it; the agent pins the vCPUs there unless the spec names CPUs |
 //! | `Scheduled` | operator | placed (`status.nodeName`); the agent there is to start it |
 //! | `Starting` | agent | its VMM is starting (recorded before the start, with the resourceVersion decided on) |
 //! | `Running` | agent | the guest runs on `status.nodeName` |
 //! | `Migrating` | agent (source) | a migration moves it; it keeps running on the source |
+//! | `Stopping` | operator | a stop was asked for (a Manual `stop`/`restart` request, a host's maintenance); the agent powers the VM off and reports `Stopped` |
 //! | `Stopped`, `Failed` | agent | its VMM ended (`lastExit`, the `Ready` condition say how); what next is the operator's call |
 //! | `Unknown` | operator | its host stopped renewing its Lease |
 //!
@@ -57,12 +59,36 @@ pub mod annotations {
     pub const MIGRATION_ADDRESS: &str = "drover.dev/migration-address";
     /// The agent's HTTP endpoint (console logs, health).
     pub const AGENT_URL: &str = "drover.dev/agent-url";
+    /// On a VirtualMachine, set by users: `start`, `stop` or `restart` (Manual run
+    /// strategy; `kubectl annotate vm NAME drover.dev/request=start`). The operator
+    /// carries it out and removes it.
+    pub const REQUEST: &str = "drover.dev/request";
+    /// On a Node, set by the operator: where the host's maintenance stands
+    /// (`in maintenance: no VM runs here`, or what the evacuation waits for).
+    pub const MAINTENANCE_STATUS: &str = "drover.dev/maintenance-status";
+    /// On a Node, set by the operator: `Ready`, or why the host takes no VMs (its
+    /// heartbeat Lease, its facts, its KVM), as the operator judges it.
+    pub const HOST_HEALTH: &str = "drover.dev/host-health";
 }
+
+/// Labels the operator sets on the VirtualMachineMigrations it makes.
+pub mod migration_labels {
+    /// The VM a migration moves (on every migration; old ones are pruned by it).
+    pub const VM: &str = "drover.dev/vm";
+    /// The host whose maintenance made the migration.
+    pub const MAINTENANCE_HOST: &str = "drover.dev/maintenance-host";
+}
+
+/// The field manager of every operator write (leader or not: one replica writes at a time).
+pub const OPERATOR_FIELD_MANAGER: &str = "drover-operator";
 
 /// Finalizers, each held by the part that must clean up before the object goes.
 pub mod finalizers {
     /// On every VM an agent has started, until its VMM has stopped.
     pub const VM_AGENT: &str = "drover.dev/vm-agent";
+    /// On every migration the operator approved, until it has ended and its
+    /// Secret is gone; deleting a running migration cancels it first.
+    pub const MIGRATION_OPERATOR: &str = "drover.dev/migration-operator";
 }
 
 /// Condition types.
@@ -78,6 +104,10 @@ pub mod conditions {
     /// Migration: the VM runs on the target (True), is on its way (False, Running),
     /// or stays on the source (False, with the reason).
     pub const SUCCEEDED: &str = "Succeeded";
+    /// VM: the spec changed in a way only a restart applies (the message names the fields).
+    pub const RESTART_REQUIRED: &str = "RestartRequired";
+    /// Migration: the operator approved it (True) or why not yet (False).
+    pub const APPROVED: &str = "Approved";
 }
 
 /// Condition and Event reasons.
@@ -106,6 +136,26 @@ pub mod reasons {
     pub const TARGET_NOT_READY: &str = "TargetNotReady";
     /// Migration failed while or after the source sent.
     pub const MIGRATION_FAILED: &str = "Failed";
+    /// VM Scheduled: placed on a host (the message has the score and the runner-up).
+    pub const PLACED: &str = "Placed";
+    /// VM Scheduled: no host can take it (the message says why, host by host).
+    pub const UNSCHEDULABLE: &str = "Unschedulable";
+    /// VM Scheduled: waiting to restart after failures (the restart backoff).
+    pub const BACK_OFF: &str = "BackOff";
+    /// VM Ready: stopped as its run strategy (Manual, Halted) wants.
+    pub const NOT_REQUESTED: &str = "NotRequested";
+    /// VM RestartRequired.
+    pub const SPEC_CHANGED: &str = "SpecChanged";
+    /// Migration Approved: target reserved.
+    pub const APPROVED: &str = "Approved";
+    /// Migration Approved=False: waiting for a slot or a target.
+    pub const WAITING: &str = "Waiting";
+    /// Migration failed: the request cannot work (the message says why; nothing moved).
+    pub const REFUSED: &str = "Refused";
+    /// Migration failed: deleted, or stopped on request, before it finished.
+    pub const CANCELLED: &str = "Cancelled";
+    /// Migration failed: `spec.timeoutSeconds` passed.
+    pub const TIMED_OUT: &str = "TimedOut";
     /// VM CpuConfigApplied: the running VM's host CPUs and priority are what the spec asks.
     pub const CPU_CONFIG_IN_EFFECT: &str = "Applied";
     /// VM CpuConfigApplied=False: the VMM refused the change (the message says why).

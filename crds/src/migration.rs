@@ -135,6 +135,10 @@ pub struct VirtualMachineMigrationStatus {
     /// VMMs prove they know; set by the operator when it approves the migration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
+    /// Host CPUs the operator holds for the VM on the target (Dedicated VMs); the
+    /// target agent runs the received vCPUs there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_cpus: Option<String>,
     /// `address:port` the target's receiving VMM listens on (set by the target agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_address: Option<String>,

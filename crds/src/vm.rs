@@ -184,7 +184,7 @@ pub struct CpuTopology {
 }
 
 /// Shared or Dedicated host CPUs.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum CpuPlacement {
     #[default]
     Shared,
@@ -376,6 +376,24 @@ pub struct VirtualMachineStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_count: Option<i32>,
 
+    /// Failures in a row and when the next restart may come (the restart backoff);
+    /// gone after a stable run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_failure: Option<StartFailure>,
+
+    /// Host CPUs the operator holds for this VM on its host, as a CPU list: a
+    /// Dedicated VM's own CPUs (whole cores unless it allows siblings), or for a
+    /// Shared VM the CPUs no Dedicated VM holds. The agent runs the vCPUs on them
+    /// when `spec.cpu.hostCpus` is not set; it changes while the VM runs when a
+    /// Dedicated VM arrives on or leaves the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_cpus: Option<String>,
+
+    /// The boot settings the running VM was started with, as the agent started it:
+    /// a spec that differs in these needs a restart (the RestartRequired condition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booted_with: Option<BootedWith>,
+
     /// The VirtualMachineMigration moving the VM now, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<String>,
@@ -406,6 +424,76 @@ pub struct VirtualMachineStatus {
     /// Where the agent serves the VM's serial console log (HTTP GET).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console_url: Option<String>,
+}
+
+/// Restart backoff of a VM that keeps failing.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StartFailure {
+    /// Failures in a row (each followed by a restart).
+    pub consecutive_fail_count: i32,
+    /// The restart waits until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<Time>,
+}
+
+/// What a running VM was started with that only a restart changes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BootedWith {
+    pub vcpus: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<CpuTopology>,
+    pub placement: CpuPlacement,
+    pub memory: String,
+    pub kernel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+}
+
+impl BootedWith {
+    /// The restart-only settings of `spec`.
+    pub fn of(spec: &VirtualMachineSpec) -> Self {
+        Self {
+            vcpus: spec.cpu.vcpus,
+            topology: spec.cpu.topology,
+            placement: spec.cpu.placement,
+            memory: spec.memory.size.clone(),
+            kernel: spec.boot.kernel.clone(),
+            initrd: spec.boot.initrd.clone(),
+            cmdline: spec.boot.cmdline.clone(),
+        }
+    }
+
+    /// The spec fields that differ from what the VM was started with.
+    pub fn differences(&self, spec: &VirtualMachineSpec) -> Vec<&'static str> {
+        let now = Self::of(spec);
+        let mut fields = Vec::new();
+        if self.vcpus != now.vcpus {
+            fields.push("spec.cpu.vcpus");
+        }
+        if self.topology != now.topology {
+            fields.push("spec.cpu.topology");
+        }
+        if self.placement != now.placement {
+            fields.push("spec.cpu.placement");
+        }
+        if self.memory != now.memory {
+            fields.push("spec.memory.size");
+        }
+        if self.kernel != now.kernel {
+            fields.push("spec.boot.kernel");
+        }
+        if self.initrd != now.initrd {
+            fields.push("spec.boot.initrd");
+        }
+        if self.cmdline != now.cmdline {
+            fields.push("spec.boot.cmdline");
+        }
+        fields
+    }
 }
 
 /// Lifecycle phase of a VirtualMachine.
