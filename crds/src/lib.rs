@@ -16,6 +16,7 @@ pub mod drs_rule;
 pub mod generate;
 pub mod host_policy;
 pub mod migration;
+pub mod quantity;
 pub mod vm;
 
 pub use common::{Conditions, GROUP, MAX_VCPUS, VERSION};

@@ -441,14 +441,21 @@ pub struct StartFailure {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct BootedWith {
+    /// spec.cpu.vcpus at start.
     pub vcpus: u32,
+    /// spec.cpu.topology at start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology: Option<CpuTopology>,
+    /// spec.cpu.placement at start.
     pub placement: CpuPlacement,
+    /// spec.memory.size at start.
     pub memory: String,
+    /// spec.boot.kernel at start.
     pub kernel: String,
+    /// spec.boot.initrd at start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
+    /// spec.boot.cmdline at start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
 }
