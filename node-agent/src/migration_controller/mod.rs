@@ -12,8 +12,8 @@
 //!
 //! Each reconcile first decides from the migration's status alone which end this
 //! host plays now (`part`, pure); that end then observes what it needs (the VM,
-//! this host's VMM of it, what the VMM reports), decides (`target::decide`,
-//! `source::decide`, pure) and carries the plan out.
+//! this host's VMM of it, what the VMM reports), decides (`target_side::decide`,
+//! `source_side::decide`, pure) and carries the plan out.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,8 +32,8 @@ mod part;
 mod ports;
 mod report;
 mod secret;
-mod source;
-mod target;
+mod source_side;
+mod target_side;
 
 use part::Part;
 
@@ -43,9 +43,9 @@ pub async fn reconcile(migration: Arc<VirtualMachineMigration>, ctx: Arc<Context
     let api: Api<VirtualMachineMigration> = Api::namespaced(ctx.client.clone(), &ns);
     let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
     match part::part(status, ctx.node()) {
-        Part::PrepareTarget => target::prepare(&migration, &api, &vms, &ctx).await,
-        Part::StopTarget => target::stop(&migration, &vms, &ctx).await,
-        Part::DriveSource => source::drive(&migration, &api, &vms, &ctx).await,
+        Part::PrepareTarget => target_side::prepare(&migration, &api, &vms, &ctx).await,
+        Part::StopTarget => target_side::stop(&migration, &vms, &ctx).await,
+        Part::DriveSource => source_side::drive(&migration, &api, &vms, &ctx).await,
         Part::Wait(next) => Ok(next.into()),
     }
 }

@@ -101,6 +101,7 @@ pub struct Event {
     pub note: String,
 }
 
+/// What to do about the VM, as `o` finds it.
 pub fn decide(o: &Observed) -> Plan {
     let status = o.vm.status.clone().unwrap_or_default();
     if status.node_name.as_deref() != Some(o.node) {

@@ -49,6 +49,7 @@ pub enum Plan {
     Succeed { status: Box<VirtualMachineMigrationStatus>, target: String },
 }
 
+/// What the source does for a migration whose target has published its address.
 pub fn decide(o: &Observed) -> Plan {
     let mut status = o.migration.status.clone().unwrap_or_default();
     let Some(vm) = o.vm else {
