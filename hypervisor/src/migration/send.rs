@@ -79,15 +79,13 @@ const RUN: usize = wire::BLOCK_PAGES as usize;
 pub fn start(control: Arc<VmControl>, request: MigrateRequest) -> Result<(), Error> {
     let secret = secret(&request)?;
     let lanes = lanes(&request)?;
-    if !control.begin_migration(&request.destination) {
-        return Err(Error::MigrationUnderWay);
-    }
+    control.migration().begin(&request.destination)?;
     std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
             let started = Instant::now();
             let result = migrate(&control, &request, &secret, lanes, started);
-            control.update_migration(|s| s.total_ms = started.elapsed().as_millis() as u64);
+            control.migration().update(|s| s.total_ms = started.elapsed().as_millis() as u64);
             match result {
                 Ok(()) => {
                     let s = control.migration_status();
@@ -105,13 +103,13 @@ pub fn start(control: Arc<VmControl>, request: MigrateRequest) -> Result<(), Err
                     control.end(VmExit::MigratedOut(request.destination.clone()));
                 }
                 Err(Outcome::Failed(e)) => {
-                    let cancelled = control.migration_cancelled();
+                    let cancelled = control.migration().cancelled();
                     tracing::warn!(
                         "migration to {} {}: {e}; the VM keeps running here",
                         request.destination,
                         if cancelled { "cancelled" } else { "failed" }
                     );
-                    control.update_migration(|s| {
+                    control.migration().update(|s| {
                         s.phase = if cancelled { Phase::Cancelled } else { Phase::Failed };
                         s.error = Some(e.to_string());
                     });
@@ -121,7 +119,7 @@ pub fn start(control: Arc<VmControl>, request: MigrateRequest) -> Result<(), Err
                         "migration to {}: {e}; the VM stays paused here until someone checks the target",
                         request.destination
                     );
-                    control.update_migration(|s| {
+                    control.migration().update(|s| {
                         s.phase = Phase::Unknown;
                         s.error = Some(e.to_string());
                     });
@@ -130,7 +128,7 @@ pub fn start(control: Arc<VmControl>, request: MigrateRequest) -> Result<(), Err
             if !matches!(control.migration_status().phase, Phase::Completed) {
                 write_status_file(&control, &request);
             }
-            control.finish_migration();
+            control.migration().finish();
         })
         .map_err(|e| Error::io("starting the migration thread", e))?;
     Ok(())
@@ -185,7 +183,7 @@ fn migrate(
             .map_err(|e| Error::Migration(format!("connecting to {}: {e}", req.destination)))?;
         tcp.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| Error::io("a migration connection", e))?;
         if let Ok(clone) = tcp.try_clone() {
-            control.add_migration_socket(clone);
+            control.migration().add_socket(clone);
         }
         Ok(tcp)
     };
@@ -308,7 +306,7 @@ fn precopy_and_switch(
     deadline: Instant,
 ) -> Result<(), Outcome> {
     let vm = control.vm();
-    control.update_migration(|s| s.phase = Phase::PreCopy);
+    control.migration().update(|s| s.phase = Phase::PreCopy);
     // Pass 1: every page that is not zero (the target starts with zeroed memory).
     // Pages the host never gave the guest are zero without reading them; the rest
     // are read and their zero pages skipped.
@@ -325,7 +323,7 @@ fn precopy_and_switch(
     sync(lanes)?;
     let (bytes, pages) = sent(lanes);
     let mut bandwidth = rate(bytes, pass_start.elapsed());
-    control.update_migration(|s| {
+    control.migration().update(|s| {
         s.pass = 1;
         s.bandwidth_bps = bandwidth;
         s.bytes_sent = bytes;
@@ -350,7 +348,7 @@ fn precopy_and_switch(
         let estimate_us = (count * PAGE_SIZE as u64 * 1_000_000).checked_div(bandwidth.max(1)).unwrap_or(u64::MAX);
         let estimate_ms = estimate_us.saturating_add(SWITCHOVER_FIXED_US).div_ceil(1000);
         tracing::debug!(pass, dirty_pages = count, estimate_us, bandwidth, "migration pass");
-        control.update_migration(|s| {
+        control.migration().update(|s| {
             s.dirty_pages = count;
             s.estimated_downtime_ms = estimate_ms;
             s.bytes_sent = sent(lanes).0;
@@ -394,7 +392,7 @@ fn precopy_and_switch(
         if moved >= BANDWIDTH_SAMPLE_BYTES || measured > bandwidth {
             bandwidth = measured;
         }
-        control.update_migration(|s| {
+        control.migration().update(|s| {
             s.pass = pass;
             s.bandwidth_bps = bandwidth;
             s.dirty_rate_bps = rate(count * PAGE_SIZE as u64, elapsed);
@@ -404,7 +402,7 @@ fn precopy_and_switch(
     throttle.hand_over();
 
     // Switch-over: pause, last pages, state; then the handshake that hands the VM over.
-    control.update_migration(|s| s.phase = Phase::Switchover);
+    control.migration().update(|s| s.phase = Phase::Switchover);
     let paused_at = Instant::now();
     // The vCPUs save their state as they park, while the last pages go.
     control.pause_and_save()?;
@@ -439,7 +437,7 @@ fn precopy_and_switch(
         return Err(e.into());
     }
     // The point of no return: from here on this VMM never runs the guest again.
-    control.commit_migration();
+    control.migration().commit();
     let out = &mut lanes[0].out;
     let confirmed = (|| -> Result<(), Error> {
         wire::write_frame(out, &Frame::Go)?;
@@ -448,14 +446,14 @@ fn precopy_and_switch(
     })();
     let downtime = paused_at.elapsed();
     let (bytes, pages) = sent(lanes);
-    control.update_migration(|s| {
+    control.migration().update(|s| {
         s.downtime_ms = Some(downtime.as_millis() as u64);
         s.downtime_us = Some(downtime.as_micros() as u64);
         s.bytes_sent = bytes;
         s.pages_sent = pages;
     });
     confirmed.map_err(Outcome::Unknown)?;
-    control.update_migration(|s| s.phase = Phase::Completed);
+    control.migration().update(|s| s.phase = Phase::Completed);
     Ok(())
 }
 
@@ -469,7 +467,7 @@ fn expect(out: &mut SecureStream, want: &'static str) -> Result<(), Error> {
 }
 
 fn check(control: &VmControl, deadline: Instant) -> Result<(), Error> {
-    if control.migration_cancelled() {
+    if control.migration().cancelled() {
         return Err(Error::Migration("cancelled".into()));
     }
     if Instant::now() > deadline {

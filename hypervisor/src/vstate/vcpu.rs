@@ -41,7 +41,7 @@ impl Vcpu {
 
     fn run_loop(&mut self) {
         loop {
-            self.control.pause_point(self.index, &|| crate::state::save_vcpu(&self.fd, &self.msrs));
+            self.control.pause_point(self.index, || crate::state::save_vcpu(&self.fd, &self.msrs));
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => self.bus.write(port, data),
                 Ok(VcpuExit::IoIn(port, data)) => self.bus.read(port, data),
