@@ -120,6 +120,9 @@ pub struct Observed {
     pub failures: u32,
     /// Its host is in maintenance and the VM asks to stay stopped through it.
     pub held_by_maintenance: bool,
+    /// It was stopped to start elsewhere (its host's maintenance, `onMaintenance:
+    /// Restart`): it starts again whatever its run strategy (Halted aside).
+    pub maintenance_restart: bool,
     pub deleting: bool,
 }
 
@@ -175,6 +178,9 @@ pub fn decide(vm: &Observed, now_ms: u64, backoff: &Backoff) -> Decision {
                 d.consume_request = true;
                 d
             };
+            if ended && vm.maintenance_restart {
+                return start_again(vm, now_ms, backoff, 0, "stopped for its host's maintenance; starting elsewhere");
+            }
             match (vm.request, active) {
                 (Some(PowerRequest::Stop), true) => consume(decision(Action::Stop, "stop requested")),
                 (Some(PowerRequest::Restart), true) if phase != Some(Phase::Stopping) => {
@@ -211,6 +217,9 @@ pub fn decide(vm: &Observed, now_ms: u64, backoff: &Backoff) -> Decision {
             let Some(end) = vm.ended else {
                 return decision(Action::Wait, "stopped, how is not known yet");
             };
+            if vm.maintenance_restart {
+                return start_again(vm, now_ms, backoff, 0, "stopped for its host's maintenance; starting elsewhere");
+            }
             if end.clean && vm.strategy == RunStrategy::RerunOnFailure {
                 return decision(Action::Wait, "stopped cleanly; RerunOnFailure restarts only after a failure");
             }
@@ -261,6 +270,7 @@ mod tests {
             request: None,
             failures: 0,
             held_by_maintenance: false,
+            maintenance_restart: false,
             deleting: false,
         }
     }
@@ -315,6 +325,10 @@ mod tests {
         assert_eq!(decide(&o, 0, &b).action, Action::RestartElsewhere { failures: 0 });
         o.held_by_maintenance = true;
         assert_eq!(decide(&o, 0, &b).action, Action::Wait);
+        let mut rerun = ended(vm(RerunOnFailure, None, Some("h1")), true, 0, 1);
+        rerun.host_takes_vms = false;
+        rerun.maintenance_restart = true;
+        assert_eq!(decide(&rerun, 0, &b).action, Action::RestartElsewhere { failures: 0 }, "onMaintenance: Restart");
     }
 
     #[test]

@@ -69,6 +69,10 @@ pub mod annotations {
     /// On a Node, set by the operator: `Ready`, or why the host takes no VMs (its
     /// heartbeat Lease, its facts, its KVM), as the operator judges it.
     pub const HOST_HEALTH: &str = "drover.dev/host-health";
+    /// On a VirtualMachine, set by the operator when it stops the VM for its
+    /// host's maintenance: `<host>/Restart` (start it elsewhere) or `<host>/Stop`
+    /// (keep it stopped until the maintenance ends). Removed when that is done.
+    pub const STOPPED_FOR_MAINTENANCE: &str = "drover.dev/stopped-for-maintenance";
 }
 
 /// Labels the operator sets on the VirtualMachineMigrations it makes.

@@ -1,0 +1,51 @@
+//! What every controller shares: the client, the stores, the hosts' heartbeats,
+//! the overlay of the operator's own writes, the placement lock, Events, metrics.
+
+use std::sync::Arc;
+
+use drover_core::snapshot::Snapshot;
+use drover_crds::migration::VirtualMachineMigration;
+use drover_crds::vm::VirtualMachine;
+
+use crate::events::Events;
+use crate::heartbeats::{self, SharedClock};
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+use crate::snapshot::{self, World};
+use crate::stores::{Nudger, Overlay, Stores};
+
+pub struct Context {
+    pub client: kube::Client,
+    pub settings: Arc<Settings>,
+    pub stores: Stores,
+    pub clock: SharedClock,
+    pub events: Events,
+    pub metrics: Arc<Metrics>,
+    /// Placements and migration approvals take it, one at a time: each decides on
+    /// the capacity the one before left (its write is in the overlay by then).
+    pub placement: tokio::sync::Mutex<()>,
+    pub vm_writes: Overlay<VirtualMachine>,
+    pub migration_writes: Overlay<VirtualMachineMigration>,
+    pub nudger: Nudger,
+}
+
+impl Context {
+    /// The cluster now: the stores, with the operator's newer writes over them.
+    pub fn snapshot(&self) -> Snapshot {
+        let nodes = self.stores.nodes.state();
+        let policies = self.stores.policies.state();
+        let vms = self.vm_writes.apply(self.stores.vms.state());
+        let rules = self.stores.rules.state();
+        let migrations = self.migration_writes.apply(self.stores.migrations.state());
+        let clock = self.clock.clone();
+        let heartbeat = move |host: &str| heartbeats::heartbeat(&clock, host);
+        snapshot::build(&World {
+            nodes: &nodes,
+            policies: &policies,
+            vms: &vms,
+            rules: &rules,
+            migrations: &migrations,
+            heartbeat: &heartbeat,
+        })
+    }
+}

@@ -1,0 +1,178 @@
+//! Hosts: maintenance mode and the host-health annotation.
+//!
+//! A Node tainted `drover.dev/maintenance` (any value, NoExecute) is emptied, each
+//! VM by its `onMaintenance` ([`drover_core::maintenance`]); its Node says where
+//! the evacuation stands (`drover.dev/maintenance-status`), and an Event marks
+//! the moment it is empty. Removing the taint returns the host to service: the
+//! annotation goes, and VMs held stopped for it start again by their run strategy.
+//! Every host also carries the operator's view of its health
+//! (`drover.dev/host-health`), so `kubectl get node -o yaml` says why it takes no VMs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_core::maintenance::{OnMaintenance, Resident, Step, evacuate};
+use drover_crds::contract::{annotations, conditions, migration_labels};
+use drover_crds::migration::{MigrationPhase, MigrationTrigger};
+use drover_crds::vm::{MaintenanceAction, VirtualMachine, VmPhase};
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+
+use crate::Error;
+use crate::context::Context;
+use crate::events::reasons as event_reasons;
+use crate::snapshot::{in_maintenance, migration_active};
+use crate::vm::mine::Mine;
+use crate::writes::{apply_status, patch_metadata};
+
+pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciled("host");
+    let name = node.name_any();
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let mut notes = serde_json::Map::new();
+    if crate::snapshot::facts(&node).is_some() {
+        let health = crate::heartbeats::heartbeat(&ctx.clock, &name).problem().unwrap_or_else(|| "Ready".to_string());
+        if node.annotations().get(annotations::HOST_HEALTH) != Some(&health) {
+            notes.insert(annotations::HOST_HEALTH.into(), health.into());
+        }
+    }
+    let previous = node.annotations().get(annotations::MAINTENANCE_STATUS).cloned();
+    let mut requeue = Duration::from_secs(30);
+    if in_maintenance(&node) {
+        let evacuation = plan(&ctx, &name);
+        for step in &evacuation.steps {
+            carry_out(&ctx, &name, step).await?;
+        }
+        let summary = evacuation.summary();
+        if previous.as_deref() != Some(summary.as_str()) {
+            notes.insert(annotations::MAINTENANCE_STATUS.into(), summary.clone().into());
+            if evacuation.done() {
+                tracing::info!(host = %name, "in maintenance: no VM runs there");
+                ctx.events.normal(node.as_ref(), event_reasons::IN_MAINTENANCE, "Maintenance", summary);
+            } else {
+                tracing::info!(host = %name, "{summary}");
+            }
+        }
+        if !evacuation.done() {
+            requeue = Duration::from_secs(1);
+        }
+    } else if previous.is_some() {
+        notes.insert(annotations::MAINTENANCE_STATUS.into(), serde_json::Value::Null);
+        tracing::info!(host = %name, "back in service");
+        ctx.events.normal(
+            node.as_ref(),
+            event_reasons::BACK_IN_SERVICE,
+            "Maintenance",
+            format!("{name} takes VMs again"),
+        );
+        // VMs held stopped for the maintenance start again.
+        ctx.nudger.poke();
+    }
+    if !notes.is_empty() {
+        patch_metadata(&nodes, node.as_ref(), serde_json::json!({ "annotations": notes })).await?;
+    }
+    Ok(Action::requeue(requeue))
+}
+
+/// The evacuation of `host` as the stores show it.
+fn plan(ctx: &Context, host: &str) -> drover_core::maintenance::Evacuation {
+    let vms = ctx.vm_writes.apply(ctx.stores.vms.state());
+    let migrations = ctx.migration_writes.apply(ctx.stores.migrations.state());
+    let residents: Vec<Resident> = vms
+        .iter()
+        .filter(|v| v.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(host))
+        .filter(|v| {
+            v.status.as_ref().and_then(|s| s.phase).is_some_and(|p| {
+                matches!(
+                    p,
+                    VmPhase::Scheduled | VmPhase::Starting | VmPhase::Running | VmPhase::Migrating | VmPhase::Stopping
+                )
+            })
+        })
+        .map(|v| {
+            let ns = v.namespace().unwrap_or_default();
+            let moving = migrations.iter().find(|m| {
+                m.namespace().as_deref() == Some(ns.as_str())
+                    && m.spec.vm_name == v.name_any()
+                    && (migration_active(m)
+                        || matches!(m.status.as_ref().and_then(|s| s.phase), None | Some(MigrationPhase::Pending)))
+            });
+            Resident {
+                vm: crate::snapshot::key(v.as_ref()),
+                action: match v.spec.on_maintenance {
+                    MaintenanceAction::LiveMigrate => OnMaintenance::LiveMigrate,
+                    MaintenanceAction::Restart => OnMaintenance::Restart,
+                    MaintenanceAction::Stop => OnMaintenance::Stop,
+                },
+                stopping: v.status.as_ref().and_then(|s| s.phase) == Some(VmPhase::Stopping),
+                migration: moving.map(|m| {
+                    let waits = (!migration_active(m))
+                        .then(|| {
+                            m.status
+                                .as_ref()
+                                .and_then(|s| s.conditions.get(conditions::APPROVED))
+                                .map(|c| c.message.clone())
+                        })
+                        .flatten();
+                    (m.name_any(), waits)
+                }),
+            }
+        })
+        .collect();
+    evacuate(&residents)
+}
+
+async fn carry_out(ctx: &Context, host: &str, step: &Step) -> Result<(), Error> {
+    let vm_key = match step {
+        Step::Migrate(k) | Step::StopToRestart(k) | Step::StopAndHold(k) => k,
+    };
+    let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &vm_key.namespace);
+    let Some(vm) = api.get_opt(&vm_key.name).await? else { return Ok(()) };
+    match step {
+        Step::Migrate(_) => {
+            let labels =
+                serde_json::json!({ migration_labels::VM: vm_key.name, migration_labels::MAINTENANCE_HOST: host });
+            let name = crate::migration::request(ctx, &vm, MigrationTrigger::Maintenance, labels).await?;
+            tracing::info!(host, vm = %vm_key, migration = %name, "evacuating by live migration");
+            ctx.events.normal(
+                &vm,
+                event_reasons::EVACUATING,
+                "Maintenance",
+                format!("{host} enters maintenance: migration {name}"),
+            );
+        }
+        Step::StopToRestart(_) | Step::StopAndHold(_) => {
+            let restart = matches!(step, Step::StopToRestart(_));
+            let mark = format!("{host}/{}", if restart { "Restart" } else { "Stop" });
+            let vm = patch_metadata(
+                &api,
+                &vm,
+                serde_json::json!({ "annotations": { annotations::STOPPED_FOR_MAINTENANCE: mark } }),
+            )
+            .await?;
+            let mut mine = Mine::of(vm.status.as_ref());
+            mine.phase = Some(VmPhase::Stopping);
+            let written = apply_status(&api, &vm, mine.to_json()).await?;
+            ctx.vm_writes.remember(written);
+            let what = if restart { "stopping to start elsewhere" } else { "stopping until the maintenance ends" };
+            tracing::info!(host, vm = %vm_key, "{what}");
+            ctx.events.normal(
+                &vm,
+                event_reasons::STOPPING,
+                "Maintenance",
+                format!("{host} enters maintenance: {what}"),
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn error_policy(node: Arc<Node>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.is_conflict() {
+        return Action::requeue(Duration::from_millis(200));
+    }
+    ctx.metrics.failed("host");
+    tracing::warn!(host = %node.name_any(), "reconcile failed: {error}");
+    Action::requeue(Duration::from_secs(2))
+}

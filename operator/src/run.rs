@@ -1,0 +1,108 @@
+//! What the leader runs: the stores, the heartbeat clock, and one controller per
+//! kind, all on one context.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_crds::drs_rule::DRSRule;
+use drover_crds::host_policy::HostPolicy;
+use drover_crds::migration::{MigrationPhase, VirtualMachineMigration};
+use drover_crds::vm::VirtualMachine;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+use kube::runtime::{Controller, watcher};
+use tokio::sync::Notify;
+
+use crate::Error;
+use crate::context::Context;
+use crate::events::Events;
+use crate::heartbeats::{self, LeaseClock};
+use crate::metrics::{Metrics, PhaseLabel};
+use crate::settings::Settings;
+use crate::stores::{Nudger, Overlay, Stores};
+use crate::{maintenance, migration, reports, vm};
+
+/// Runs every controller until one ends (they do not, short of a panic).
+pub async fn lead(client: kube::Client, settings: Arc<Settings>, metrics: Arc<Metrics>) -> Result<(), Error> {
+    let poke = Arc::new(Notify::new());
+    let stores = Stores::start(&client, poke.clone());
+    let clock = Arc::new(std::sync::Mutex::new(LeaseClock::default()));
+    let flip = poke.clone();
+    tokio::spawn(heartbeats::watch(client.clone(), settings.heartbeat_namespace.clone(), clock.clone(), move || {
+        flip.notify_one()
+    }));
+    let (nudger, nudges) = Nudger::start(poke.clone(), stores.vms.clone(), vm::decide::waiting);
+    stores.synced().await;
+    // One lease duration of heartbeats before deciding anything: hosts are only
+    // known ready once seen renewing (a new leader must not take a silent host for
+    // a fresh one, nor a fresh one for failed).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    metrics.synced.store(true, std::sync::atomic::Ordering::Release);
+    tracing::info!("stores synced; deciding");
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        events: Events::new(client.clone(), &settings.identity),
+        settings,
+        stores,
+        clock,
+        metrics: metrics.clone(),
+        placement: tokio::sync::Mutex::new(()),
+        vm_writes: Overlay::default(),
+        migration_writes: Overlay::default(),
+        nudger,
+    });
+    tokio::spawn(gauges(ctx.clone()));
+    let tick = || {
+        futures::stream::unfold((), |_| async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Some(((), ()))
+        })
+    };
+    let vms = Controller::new(Api::<VirtualMachine>::all(client.clone()), watcher::Config::default())
+        .reconcile_on(nudges)
+        .run(vm::reconcile, vm::error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let migrations = Controller::new(Api::<VirtualMachineMigration>::all(client.clone()), watcher::Config::default())
+        .run(migration::reconcile, migration::error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let hosts = Controller::new(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .run(maintenance::reconcile, maintenance::error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let policies = Controller::new(Api::<HostPolicy>::all(client.clone()), watcher::Config::default())
+        .reconcile_all_on(tick())
+        .run(reports::reconcile_policy, reports::error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let rules = Controller::new(Api::<DRSRule>::all(client.clone()), watcher::Config::default())
+        .reconcile_all_on(tick())
+        .run(reports::reconcile_rule, reports::error_policy, ctx.clone())
+        .for_each(|_| async {});
+    tokio::join!(vms, migrations, hosts, policies, rules);
+    Ok(())
+}
+
+/// Pending VMs and migrations by phase, every 2 s.
+async fn gauges(ctx: Arc<Context>) {
+    loop {
+        let pending = ctx
+            .stores
+            .vms
+            .state()
+            .iter()
+            .filter(|v| v.status.as_ref().and_then(|s| s.phase) == Some(drover_crds::vm::VmPhase::Pending))
+            .count();
+        ctx.metrics.pending_vms.set(pending as i64);
+        let mut counts = std::collections::BTreeMap::new();
+        for phase in ["Pending", "Scheduled", "Running", "Switchover", "Succeeded", "Failed"] {
+            counts.insert(phase.to_string(), 0i64);
+        }
+        for m in ctx.stores.migrations.state() {
+            let phase = m.status.as_ref().and_then(|s| s.phase).unwrap_or(MigrationPhase::Pending);
+            *counts.entry(format!("{phase:?}")).or_insert(0) += 1;
+        }
+        for (phase, n) in counts {
+            ctx.metrics.migrations.get_or_create(&PhaseLabel { phase }).set(n);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}

@@ -1,0 +1,186 @@
+//! What the operator watches, kept in reflector stores, and the two things built
+//! on them: an overlay of the operator's own recent writes (a decision must see
+//! what the previous one wrote, even before the watch brings it back), and the
+//! nudges that look at waiting VMs again when capacity may have appeared.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use drover_crds::drs_rule::DRSRule;
+use drover_crds::host_policy::HostPolicy;
+use drover_crds::migration::VirtualMachineMigration;
+use drover_crds::vm::VirtualMachine;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource};
+use tokio::sync::{Notify, mpsc};
+
+/// The reflector stores.
+#[derive(Clone)]
+pub struct Stores {
+    pub vms: Store<VirtualMachine>,
+    pub migrations: Store<VirtualMachineMigration>,
+    pub policies: Store<HostPolicy>,
+    pub rules: Store<DRSRule>,
+    pub nodes: Store<Node>,
+}
+
+/// Starts a reflector for `K`; `on_change` runs after every event.
+fn reflect<K>(api: Api<K>, on_change: impl Fn() + Send + 'static) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    tokio::spawn(async move {
+        let mut stream = stream.boxed();
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => on_change(),
+                Err(e) => tracing::warn!("watch of {}: {e}", K::kind(&())),
+            }
+        }
+    });
+    reader
+}
+
+impl Stores {
+    /// Starts every reflector; `poke` is called when something changed that may
+    /// let a waiting VM or migration go on.
+    pub fn start(client: &kube::Client, poke: Arc<Notify>) -> Self {
+        let p = |poke: &Arc<Notify>| {
+            let poke = poke.clone();
+            move || poke.notify_one()
+        };
+        Self {
+            vms: reflect(Api::all(client.clone()), p(&poke)),
+            migrations: reflect(Api::all(client.clone()), p(&poke)),
+            policies: reflect(Api::all(client.clone()), p(&poke)),
+            rules: reflect(Api::all(client.clone()), p(&poke)),
+            nodes: reflect(Api::all(client.clone()), p(&poke)),
+        }
+    }
+
+    /// Waits until every store has listed once.
+    pub async fn synced(&self) {
+        let _ = tokio::join!(
+            self.vms.wait_until_ready(),
+            self.migrations.wait_until_ready(),
+            self.policies.wait_until_ready(),
+            self.rules.wait_until_ready(),
+            self.nodes.wait_until_ready(),
+        );
+    }
+}
+
+/// The operator's own latest writes, newer than the stores until their watch
+/// catches up. Without it, two placements made in quick succession would both
+/// see a host's capacity from before either.
+/// Written objects by namespace and name, with when they were written.
+type Written<K> = HashMap<(String, String), (Arc<K>, std::time::Instant)>;
+
+pub struct Overlay<K> {
+    written: Mutex<Written<K>>,
+}
+
+/// How long an object the operator made stays in the overlay without its watch
+/// event (it may have been deleted meanwhile; a watch delivers within milliseconds).
+const CREATED_GRACE: Duration = Duration::from_secs(10);
+
+impl<K> Default for Overlay<K> {
+    fn default() -> Self {
+        Self { written: Mutex::new(HashMap::new()) }
+    }
+}
+
+/// `resourceVersion` as a number. The API calls it opaque; etcd's are increasing
+/// integers, and the overlay only needs "newer than", falling back to the store's
+/// copy when one does not parse.
+fn version<K: Resource>(object: &K) -> Option<u64> {
+    object.meta().resource_version.as_deref()?.parse().ok()
+}
+
+fn id<K: Resource>(object: &K) -> (String, String) {
+    (object.meta().namespace.clone().unwrap_or_default(), object.meta().name.clone().unwrap_or_default())
+}
+
+impl<K: Resource + Clone> Overlay<K> {
+    fn map(&self) -> std::sync::MutexGuard<'_, Written<K>> {
+        self.written.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records what a write returned.
+    pub fn remember(&self, object: K) {
+        self.map().insert(id(&object), (Arc::new(object), std::time::Instant::now()));
+    }
+
+    /// The newer of `object` and the operator's own last write of it.
+    pub fn newest(&self, object: Arc<K>) -> Arc<K> {
+        let mut map = self.map();
+        let key = id(object.as_ref());
+        match map.get(&key) {
+            Some((mine, _)) if version(mine.as_ref()) > version(object.as_ref()) => mine.clone(),
+            Some(_) => {
+                // The store has caught up.
+                map.remove(&key);
+                object
+            }
+            None => object,
+        }
+    }
+
+    /// `objects` with the operator's newer writes in place, and the objects it
+    /// made lately that the store does not show yet.
+    pub fn apply(&self, objects: Vec<Arc<K>>) -> Vec<Arc<K>> {
+        let seen: std::collections::HashSet<(String, String)> = objects.iter().map(|o| id(o.as_ref())).collect();
+        let mut out: Vec<Arc<K>> = objects.into_iter().map(|o| self.newest(o)).collect();
+        let mut map = self.map();
+        map.retain(|key, (_, at)| seen.contains(key) || at.elapsed() < CREATED_GRACE);
+        out.extend(map.iter().filter(|(key, _)| !seen.contains(*key)).map(|(_, (o, _))| o.clone()));
+        out
+    }
+}
+
+/// Re-examines waiting VMs (Pending, or stopped and due to start) when something
+/// changed, batched: a burst of events makes one pass.
+pub struct Nudger {
+    poke: Arc<Notify>,
+}
+
+impl Nudger {
+    /// The nudger, and the stream of VMs to look at again (for the VM controller's
+    /// `reconcile_on`).
+    pub fn start(
+        poke: Arc<Notify>,
+        vms: Store<VirtualMachine>,
+        waiting: fn(&VirtualMachine) -> bool,
+    ) -> (Self, impl futures::Stream<Item = ObjectRef<VirtualMachine>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let notified = poke.clone();
+        tokio::spawn(async move {
+            loop {
+                notified.notified().await;
+                // Let a burst settle (a host's facts, its Lease and its VMs often change together).
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                for vm in vms.state().iter().filter(|v| waiting(v)) {
+                    if tx.send(ObjectRef::from_obj(vm.as_ref())).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        (Self { poke }, tokio_stream_from(rx))
+    }
+
+    /// Something changed.
+    pub fn poke(&self) {
+        self.poke.notify_one();
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
