@@ -62,9 +62,14 @@ pub fn admit(cluster: &Cluster, request: &Request, active: &[Migration], limits:
         return refuse(format!("VirtualMachine {} not found", request.key.name));
     };
     let name = &vm.key.name;
+    let phase_name = request.vm_phase.map(|p| format!("{p:?}")).unwrap_or_else(|| "no phase".into());
+    if matches!(request.vm_phase, None | Some(Phase::Pending | Phase::Scheduled | Phase::Starting)) {
+        // On its way to running (a migration applied with its VM): worth the wait,
+        // within the migration's timeout.
+        return Admission::Wait { why: format!("VM {name} is not running yet ({phase_name})") };
+    }
     let (Some(source), Some(Phase::Running)) = (vm.host.as_deref(), request.vm_phase) else {
-        let phase = request.vm_phase.map(|p| format!("{p:?}")).unwrap_or_else(|| "no phase".into());
-        return refuse(format!("VM {name} is not running ({phase}): only a running VM migrates"));
+        return refuse(format!("VM {name} is not running ({phase_name}): only a running VM migrates"));
     };
     if let Some(other) = active.iter().find(|m| m.vm == vm.key && &m.key != request.key) {
         return refuse(format!("VM {name} is already moving (migration {})", other.key.name));
@@ -120,4 +125,93 @@ pub fn admit(cluster: &Cluster, request: &Request, active: &[Migration], limits:
 fn explain_one(host: &str, reason: Reason) -> String {
     let u = crate::placement::Unschedulable { vm: Key::new("", ""), reasons: vec![(host.to_string(), reason)] };
     u.per_host().pop().map(|s| s.trim_start_matches(&format!("{host}: ")).to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{Capacity, CpuRequest, Host, HostHealth, NumaRequest, Snapshot};
+
+    fn host(name: &str) -> Host {
+        Host {
+            name: name.into(),
+            labels: Default::default(),
+            health: HostHealth::Ready,
+            schedulable: true,
+            maintenance: false,
+            policy: None,
+            capacity: Capacity { cpus: (0..4).collect(), vcpus: 8, memory_mib: 8192, numa: vec![], siblings: vec![] },
+            numa_spanning: true,
+        }
+    }
+
+    fn vm(name: &str, on: &str) -> Vm {
+        Vm {
+            key: Key::new("ns", name),
+            labels: Default::default(),
+            vcpus: 2,
+            memory_mib: 512,
+            cpu: CpuRequest::Shared { host_cpus: None },
+            numa: NumaRequest::default(),
+            node_selector: Default::default(),
+            host: Some(on.into()),
+            holds: true,
+            allocated_cpus: None,
+        }
+    }
+
+    fn migration(name: &str, vm: &str, from: &str, to: &str) -> Migration {
+        Migration {
+            key: Key::new("ns", name),
+            vm: Key::new("ns", vm),
+            source: from.into(),
+            target: Some(to.into()),
+            approved: true,
+        }
+    }
+
+    #[test]
+    fn requests_that_cannot_work_are_refused_and_the_rest_wait_or_go() {
+        let snapshot = Snapshot { hosts: vec![host("h1"), host("h2"), host("h3")], ..Default::default() };
+        let cluster = Cluster::new(&snapshot);
+        let db = vm("db", "h1");
+        let key = Key::new("ns", "m");
+        let ask = |vm: Option<&Vm>, phase: Option<Phase>, target: Option<&str>, active: &[Migration], limits: &Limits| {
+            admit(&cluster, &Request { key: &key, vm, vm_phase: phase, target }, active, limits)
+        };
+        let limits = Limits::default();
+        let running = Some(Phase::Running);
+        assert!(matches!(ask(None, None, None, &[], &limits), Admission::Refuse { why } if why.contains("not found")));
+        assert!(matches!(ask(Some(&db), Some(Phase::Starting), None, &[], &limits), Admission::Wait { .. }));
+        assert!(matches!(ask(Some(&db), Some(Phase::Stopped), None, &[], &limits), Admission::Refuse { .. }));
+        assert!(matches!(ask(Some(&db), running, Some("h1"), &[], &limits), Admission::Refuse { why } if why.contains("runs on")));
+        let moving = [migration("other", "db", "h1", "h2")];
+        assert!(matches!(ask(Some(&db), running, None, &moving, &limits), Admission::Refuse { why } if why.contains("already moving")));
+        // Limits: out of h1, into h2, in the cluster.
+        let busy = [migration("a", "x", "h1", "h3"), migration("b", "y", "h1", "h3")];
+        assert!(matches!(ask(Some(&db), running, None, &busy, &limits), Admission::Wait { why } if why.contains("leave h1")));
+        let into = [migration("a", "x", "h3", "h2"), migration("b", "y", "h3", "h2")];
+        assert!(matches!(ask(Some(&db), running, Some("h2"), &into, &limits), Admission::Wait { why } if why.contains("into h2")));
+        match ask(Some(&db), running, None, &into, &Limits { outgoing_per_host: 5, ..limits }) {
+            Admission::Approve { target, .. } => assert_eq!(target, "h3", "h2 is at its incoming limit"),
+            other => panic!("{other:?}"),
+        }
+        let one = Limits { cluster: 1, ..limits };
+        assert!(matches!(ask(Some(&db), running, None, &moving[..0].iter().chain(&busy[..1]).cloned().collect::<Vec<_>>(), &one), Admission::Wait { why } if why.contains("cluster")));
+    }
+
+    #[test]
+    fn a_named_target_that_cannot_take_the_vm_is_refused_with_the_reason() {
+        let mut full = host("h2");
+        full.capacity.vcpus = 1;
+        let snapshot = Snapshot { hosts: vec![host("h1"), full], ..Default::default() };
+        let cluster = Cluster::new(&snapshot);
+        let db = vm("db", "h1");
+        let key = Key::new("ns", "m");
+        let request = Request { key: &key, vm: Some(&db), vm_phase: Some(Phase::Running), target: Some("h2") };
+        match admit(&cluster, &request, &[], &Limits::default()) {
+            Admission::Refuse { why } => assert_eq!(why, "target h2 cannot take VM db: has 1 of 2 free vCPUs"),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -61,8 +61,8 @@ build_binaries() {
   [ -n "$BIN_DIR_SET" ] && return 0
   command -v cargo >/dev/null || die "cargo not found (needed to build drover-agent and drover-vmm; install Rust, see README), or set DROVER_BIN_DIR to a directory holding them"
   local out start=${EPOCHREALTIME/./}
-  log "building drover-agent and drover-vmm (cargo build --bins -p drover-node-agent -p drover-hypervisor)"
-  out=$(cd "$REPO_DIR" && cargo build --quiet --bins -p drover-node-agent -p drover-hypervisor 2>&1) ||
+  log "building drover-agent, drover-vmm and drover-operator (cargo build --bins -p drover-node-agent -p drover-hypervisor -p drover-operator)"
+  out=$(cd "$REPO_DIR" && cargo build --quiet --bins -p drover-node-agent -p drover-hypervisor -p drover-operator 2>&1) ||
     { printf '%s\n' "$out" >&2; die "cargo build failed"; }
   log "built in $(( (${EPOCHREALTIME/./} - start) / 1000 )) ms"
 }
@@ -233,7 +233,7 @@ host_add() {
   node_out=$(kc create --raw /api/v1/nodes -f - 2>&1 <<NODE
 {"apiVersion": "v1", "kind": "Node",
  "metadata": {"name": "$name", "labels": {"kubernetes.io/hostname": "$name", "kubernetes.io/os": "linux",
-   "kubernetes.io/arch": "$arch", "drover.dev/host": "true"}},
+   "kubernetes.io/arch": "$arch", "drover.dev/host": "true", "drover.dev/pool": "local"}},
  "status": {"addresses": [{"type": "InternalIP", "address": "$ip"}, {"type": "Hostname", "address": "$name"}]}}
 NODE
 ) || { wait "$ns_pid" || true; die "creating Node $name failed: $node_out"; }

@@ -44,7 +44,7 @@ fn every_example_applies_and_reads_well() {
     assert!(examples >= 4, "examples/ holds {examples} files");
     for object in [
         "virtualmachine.drover.dev/db-01",
-        "virtualmachinemigration.drover.dev/db-01-to-host-2",
+        "virtualmachinemigration.drover.dev/db-01-move",
         "hostpolicy.drover.dev/production",
         "drsrule.drover.dev/web-spread",
     ] {
@@ -55,7 +55,7 @@ fn every_example_applies_and_reads_well() {
     let all = cp.kubectl_ok(&["get", "drover", "-n", &ns], None);
     for kind in [
         "virtualmachine.drover.dev/db-01",
-        "virtualmachinemigration.drover.dev/db-01-to-host-2",
+        "virtualmachinemigration.drover.dev/db-01-move",
         "drsrule.drover.dev/web-spread",
     ] {
         assert!(all.contains(kind), "`kubectl get drover` misses {kind}:\n{all}");
@@ -66,7 +66,7 @@ fn every_example_applies_and_reads_well() {
         assert!(header.contains(&column), "column {column} missing from `kubectl get vm -o wide`:\n{wide}");
     }
     let db = wide.lines().find(|l| l.starts_with("db-01")).expect("db-01 listed");
-    for value in ["4", "4Gi", "Dedicated", "High"] {
+    for value in ["1", "256Mi", "Dedicated", "High"] {
         assert!(db.split_whitespace().any(|v| v == value), "db-01 row lacks {value}: {db}");
     }
     let narrow = cp.kubectl_ok(&["get", "dvm", "-n", &ns], None);

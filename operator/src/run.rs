@@ -26,7 +26,7 @@ use crate::{maintenance, migration, reports, vm};
 /// Runs every controller until one ends (they do not, short of a panic).
 pub async fn lead(client: kube::Client, settings: Arc<Settings>, metrics: Arc<Metrics>) -> Result<(), Error> {
     let poke = Arc::new(Notify::new());
-    let stores = Stores::start(&client, poke.clone());
+    let stores = Stores::start(&client, &settings, poke.clone());
     let clock = Arc::new(std::sync::Mutex::new(LeaseClock::default()));
     let flip = poke.clone();
     tokio::spawn(heartbeats::watch(client.clone(), settings.heartbeat_namespace.clone(), clock.clone(), move || {
@@ -59,11 +59,11 @@ pub async fn lead(client: kube::Client, settings: Arc<Settings>, metrics: Arc<Me
             Some(((), ()))
         })
     };
-    let vms = Controller::new(Api::<VirtualMachine>::all(client.clone()), watcher::Config::default())
+    let vms = Controller::new(ctx.settings.api::<VirtualMachine>(&client), watcher::Config::default())
         .reconcile_on(nudges)
         .run(vm::reconcile, vm::error_policy, ctx.clone())
         .for_each(|_| async {});
-    let migrations = Controller::new(Api::<VirtualMachineMigration>::all(client.clone()), watcher::Config::default())
+    let migrations = Controller::new(ctx.settings.api::<VirtualMachineMigration>(&client), watcher::Config::default())
         .run(migration::reconcile, migration::error_policy, ctx.clone())
         .for_each(|_| async {});
     let hosts = Controller::new(Api::<Node>::all(client.clone()), watcher::Config::default())
@@ -73,7 +73,7 @@ pub async fn lead(client: kube::Client, settings: Arc<Settings>, metrics: Arc<Me
         .reconcile_all_on(tick())
         .run(reports::reconcile_policy, reports::error_policy, ctx.clone())
         .for_each(|_| async {});
-    let rules = Controller::new(Api::<DRSRule>::all(client.clone()), watcher::Config::default())
+    let rules = Controller::new(ctx.settings.api::<DRSRule>(&client), watcher::Config::default())
         .reconcile_all_on(tick())
         .run(reports::reconcile_rule, reports::error_policy, ctx.clone())
         .for_each(|_| async {});

@@ -20,6 +20,10 @@ pub struct Cli {
     /// Namespace of the hosts' heartbeat Leases (the agents' --namespace).
     #[arg(long, env = "DROVER_HEARTBEAT_NAMESPACE", default_value = drover_crds::contract::heartbeat::DEFAULT_NAMESPACE)]
     pub heartbeat_namespace: String,
+    /// Manage VMs, migrations and DRS rules of this namespace only (default: all).
+    /// Hosts are cluster-wide whatever this says.
+    #[arg(long, env = "DROVER_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
     /// This replica's name in leader election (default: host name and process id).
     #[arg(long, env = "DROVER_OPERATOR_IDENTITY")]
     pub identity: Option<String>,
@@ -59,6 +63,7 @@ pub struct Cli {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub namespace: String,
+    pub watch_namespace: Option<String>,
     pub heartbeat_namespace: String,
     pub identity: String,
     pub leader_lease: Duration,
@@ -69,6 +74,17 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The API of a namespaced kind, in the watched namespace or all.
+    pub fn api<K>(&self, client: &kube::Client) -> kube::Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match &self.watch_namespace {
+            Some(ns) => kube::Api::namespaced(client.clone(), ns),
+            None => kube::Api::all(client.clone()),
+        }
+    }
+
     pub fn from_cli(cli: &Cli) -> Result<Self, crate::Error> {
         if cli.leader_lease_seconds < 2 {
             return Err(crate::Error::Config("--leader-lease-seconds must be at least 2".into()));
@@ -88,6 +104,7 @@ impl Settings {
         });
         Ok(Self {
             namespace: cli.namespace.clone(),
+            watch_namespace: cli.watch_namespace.clone(),
             heartbeat_namespace: cli.heartbeat_namespace.clone(),
             identity,
             leader_lease: Duration::from_secs(cli.leader_lease_seconds),

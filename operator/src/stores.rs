@@ -50,16 +50,16 @@ where
 impl Stores {
     /// Starts every reflector; `poke` is called when something changed that may
     /// let a waiting VM or migration go on.
-    pub fn start(client: &kube::Client, poke: Arc<Notify>) -> Self {
+    pub fn start(client: &kube::Client, settings: &crate::settings::Settings, poke: Arc<Notify>) -> Self {
         let p = |poke: &Arc<Notify>| {
             let poke = poke.clone();
             move || poke.notify_one()
         };
         Self {
-            vms: reflect(Api::all(client.clone()), p(&poke)),
-            migrations: reflect(Api::all(client.clone()), p(&poke)),
+            vms: reflect(settings.api(client), p(&poke)),
+            migrations: reflect(settings.api(client), p(&poke)),
             policies: reflect(Api::all(client.clone()), p(&poke)),
-            rules: reflect(Api::all(client.clone()), p(&poke)),
+            rules: reflect(settings.api(client), p(&poke)),
             nodes: reflect(Api::all(client.clone()), p(&poke)),
         }
     }
