@@ -7,6 +7,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 use crate::Error;
 use crate::arch::x86_64::layout;
+use crate::memory::PageBitmap;
 
 /// A KVM VM with its guest memory.
 pub struct Vm {
@@ -68,20 +69,18 @@ impl Vm {
         self.register_slots(if on { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
     }
 
-    /// Pages written since the last call, per slot: `(first guest page number of the
-    /// slot, bitmap with one bit per page)`. Reading clears them.
-    pub fn take_dirty_pages(&self) -> Result<Vec<(u64, Vec<u64>)>, Error> {
-        self.memory
-            .iter()
-            .enumerate()
-            .map(|(slot, region)| {
-                let bitmap = self
-                    .fd
-                    .get_dirty_log(slot as u32, region.len() as usize)
-                    .map_err(|source| Error::Kvm { what: "KVM_GET_DIRTY_LOG", source })?;
-                Ok((region.start_addr().0 >> 12, bitmap))
-            })
-            .collect()
+    /// Pages written since the last call (KVM's dirty log of every slot). Reading
+    /// clears them.
+    pub fn take_dirty_pages(&self) -> Result<PageBitmap, Error> {
+        let mut dirty = PageBitmap::with_regions(self.memory.num_regions());
+        for (slot, region) in self.memory.iter().enumerate() {
+            let bitmap = self
+                .fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(|source| Error::Kvm { what: "KVM_GET_DIRTY_LOG", source })?;
+            dirty.push_region(region.start_addr().0 >> 12, bitmap);
+        }
+        Ok(dirty)
     }
 
     /// Makes guest RAM visible to the guest (one KVM memory slot per region).
@@ -142,21 +141,9 @@ mod tests {
                 other => panic!("unexpected exit {other:?}"),
             }
         }
-        let dirty: Vec<u64> = vm
-            .take_dirty_pages()
-            .unwrap()
-            .iter()
-            .flat_map(|(first, bitmap)| {
-                bitmap.iter().enumerate().flat_map(move |(w, word)| {
-                    (0..64).filter(move |b| word & (1 << b) != 0).map(move |b| first + w as u64 * 64 + b)
-                })
-            })
-            .collect();
+        let dirty: Vec<u64> = vm.take_dirty_pages().unwrap().pages().collect();
         assert_eq!(dirty, vec![5], "pages in the dirty log");
-        assert!(
-            vm.take_dirty_pages().unwrap().iter().all(|(_, b)| b.iter().all(|w| *w == 0)),
-            "reading clears the log"
-        );
+        assert_eq!(vm.take_dirty_pages().unwrap().page_count(), 0, "reading clears the log");
         let mut byte = [0u8];
         vm.memory.read_slice(&mut byte, vm_memory::GuestAddress(0x5000)).unwrap();
         assert_eq!(byte, [1]);
