@@ -6,7 +6,7 @@ use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use super::lanes::{Lane, expect};
+use super::lanes::{Lane, wait_for};
 use crate::Error;
 use crate::control::VmControl;
 use crate::migration::channel::SecureStream;
@@ -40,7 +40,7 @@ pub fn open(control: &VmControl, destination: &str, secret: &[u8], lanes: u32) -
     wire::write_frame(&mut main, &Frame::Hello(Box::new(hello)))?;
     main.flush().map_err(|e| Error::Migration(format!("sending to the target: {e}")))?;
     // The target says whether it takes this VM before the other lanes connect.
-    expect(&mut main, "Welcome")?;
+    wait_for(&mut main, "Welcome")?;
     let mut outs = vec![Lane::new(main)];
     for index in 1..lanes {
         let mut tcp = connect()?;

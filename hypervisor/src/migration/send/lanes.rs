@@ -46,13 +46,13 @@ impl Lane {
     }
 
     /// Waits for the target's `want`.
-    pub fn expect(&mut self, want: &'static str) -> Result<(), Error> {
-        expect(&mut self.out, want)
+    pub fn wait_for(&mut self, want: &'static str) -> Result<(), Error> {
+        wait_for(&mut self.out, want)
     }
 }
 
 /// Waits for the target's `want` on `out`; an Abort says why the target gave up.
-pub fn expect(out: &mut SecureStream, want: &'static str) -> Result<(), Error> {
+pub fn wait_for(out: &mut SecureStream, want: &'static str) -> Result<(), Error> {
     match wire::read_frame(out) {
         Ok(f) if f.name() == want => Ok(()),
         Ok(Frame::Abort(why)) => Err(Error::Migration(format!("the target gave up: {why}"))),
@@ -108,7 +108,7 @@ pub fn sync(lanes: &mut [Lane]) -> Result<(), Error> {
     for lane in lanes.iter_mut() {
         lane.send(&Frame::Sync)?;
     }
-    lanes.iter_mut().try_for_each(|lane| lane.expect("Synced"))
+    lanes.iter_mut().try_for_each(|lane| lane.wait_for("Synced"))
 }
 
 /// Bytes and pages sent on all lanes.

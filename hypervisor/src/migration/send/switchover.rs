@@ -59,7 +59,7 @@ pub fn switch_over(control: &VmControl, lanes: &mut [Lane], converged: Converged
         let main = &mut lanes[0];
         crate::migration::wire::write_frame(&mut main.out, &Frame::State(state))?;
         main.send(&Frame::Done)?;
-        main.expect("Ready")?;
+        main.wait_for("Ready")?;
         step("target ready");
         Ok(())
     })();
@@ -73,7 +73,7 @@ pub fn switch_over(control: &VmControl, lanes: &mut [Lane], converged: Converged
     let confirmed = (|| -> Result<(), Error> {
         crate::migration::wire::write_frame(&mut main.out, &Frame::Go)?;
         std::io::Write::flush(&mut main.out).map_err(|e| Error::Migration(format!("sending Go: {e}")))?;
-        main.expect("Resumed")
+        main.wait_for("Resumed")
     })();
     let downtime = paused_at.elapsed();
     let (bytes, pages) = sent(lanes);
