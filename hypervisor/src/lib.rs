@@ -3,10 +3,13 @@
 //! - `config`: the VM configuration (shared with the agent)
 //! - `arch`: x86-64 layout, CPUID, registers, ACPI, PVH
 //! - `boot`: loads the kernel and boot structures
-//! - `vstate`: the KVM VM and its vCPU threads; `memory`: NUMA binding of guest RAM
+//! - `vstate`: the KVM VM and its vCPU threads; `memory`: guest RAM (NUMA binding,
+//!   page bitmaps, copying pages out of a running guest)
 //! - `devices`: serial, i8042, exit device; `exit`: how a VM ends
 //! - `affinity`: host CPUs of the vCPU threads; `priority`: their CPU shares
-//! - `control`: the running VM (pause, resume, live CPU and priority changes)
+//! - `control`: the running VM (the vCPU park/save protocol, live CPU and priority
+//!   changes, the outgoing migration's bookkeeping, the exit channel)
+//! - `migration`: live migration (wire format, channel, source, target)
 //! - `state`: VM state outside memory; `restore`: where a VM's first state comes
 //!   from; `snapshot`: state + memory to files and back
 //! - `vmm`: puts it together and starts the VM
