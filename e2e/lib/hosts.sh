@@ -233,7 +233,7 @@ host_add() {
   node_out=$(kc create --raw /api/v1/nodes -f - 2>&1 <<NODE
 {"apiVersion": "v1", "kind": "Node",
  "metadata": {"name": "$name", "labels": {"kubernetes.io/hostname": "$name", "kubernetes.io/os": "linux",
-   "kubernetes.io/arch": "$arch", "drover.dev/host": "true", "drover.dev/pool": "local"}},
+   "kubernetes.io/arch": "$arch", "drover.dev/host": "true"}},
  "status": {"addresses": [{"type": "InternalIP", "address": "$ip"}, {"type": "Hostname", "address": "$name"}]}}
 NODE
 ) || { wait "$ns_pid" || true; die "creating Node $name failed: $node_out"; }

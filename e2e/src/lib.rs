@@ -12,6 +12,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 pub mod hosts;
+pub mod operator;
+pub mod vms;
 
 /// Errors of the e2e helpers.
 #[derive(Debug, thiserror::Error)]

@@ -32,9 +32,21 @@ pub struct Context {
 impl Context {
     /// The cluster now: the stores, with the operator's newer writes over them.
     pub fn snapshot(&self) -> Snapshot {
+        self.snapshot_with(None)
+    }
+
+    /// The cluster now, with `vm` as given: the VM a reconcile decides for may be
+    /// newer than the store's copy, or not in the store yet (the controller's
+    /// watch and the store's are two streams), and rules must see it as it is.
+    pub fn snapshot_with(&self, vm: Option<&Arc<VirtualMachine>>) -> Snapshot {
         let nodes = self.stores.nodes.state();
         let policies = self.stores.policies.state();
-        let vms = self.vm_writes.apply(self.stores.vms.state());
+        let mut vms = self.vm_writes.apply(self.stores.vms.state());
+        if let Some(vm) = vm {
+            let id = crate::snapshot::key(vm.as_ref());
+            vms.retain(|v| crate::snapshot::key(v.as_ref()) != id);
+            vms.push(vm.clone());
+        }
         let rules = self.stores.rules.state();
         let migrations = self.migration_writes.apply(self.stores.migrations.state());
         let clock = self.clock.clone();

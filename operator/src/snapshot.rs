@@ -361,3 +361,51 @@ mod tests {
         assert!(rule(&off, &vms, &nodes).is_none());
     }
 }
+
+#[cfg(test)]
+mod placement_tests {
+    use super::*;
+    use drover_core::Cluster;
+
+    #[test]
+    fn a_rule_resolved_from_api_objects_keeps_its_vms_apart() {
+        let facts = serde_json::json!({
+            "kvm": { "usable": true, "maxVcpus": 254 },
+            "topology": { "cpus": "0-1", "cores": 2, "threadsPerCore": 1, "numaNodes": [{ "id": 0, "cpus": "0-1", "memoryMib": 8192 }], "memoryMib": 8192 },
+            "offered": { "cpus": "0-1", "vcpus": 2, "memoryMib": 6144, "memoryOvercommitRatio": 1.0 }
+        });
+        let node = |name: &str| -> Arc<Node> {
+            Arc::new(serde_json::from_value(serde_json::json!({ "metadata": { "name": name, "annotations": { "drover.dev/host-facts": facts.to_string() } } })).unwrap())
+        };
+        let vm = |name: &str, status: serde_json::Value| -> Arc<VirtualMachine> {
+            Arc::new(
+                serde_json::from_value(serde_json::json!({
+                    "apiVersion": "drover.dev/v1alpha1", "kind": "VirtualMachine",
+                    "metadata": { "name": name, "namespace": "ns", "labels": { "app": "web" } },
+                    "spec": { "cpu": { "vcpus": 1 }, "memory": { "size": "32Mi" }, "boot": { "kernel": "/k" } },
+                    "status": status
+                }))
+                .unwrap(),
+            )
+        };
+        let r: Arc<DRSRule> = Arc::new(serde_json::from_value(serde_json::json!({
+            "apiVersion": "drover.dev/v1alpha1", "kind": "DRSRule",
+            "metadata": { "name": "spread", "namespace": "ns" },
+            "spec": { "type": "VmVmAntiAffinity", "enforcement": "Required", "vmSelector": { "matchLabels": { "app": "web" } } }
+        })).unwrap());
+        let nodes = vec![node("pa"), node("pb")];
+        let vms = vec![
+            vm("web-1", serde_json::json!({ "phase": "Running", "nodeName": "pa" })),
+            vm("web-2", serde_json::json!({ "phase": "Running", "nodeName": "pb" })),
+            vm("web-3", serde_json::json!({})),
+        ];
+        let heartbeat = |_: &str| Heartbeat::Fresh;
+        let world =
+            World { nodes: &nodes, policies: &[], vms: &vms, rules: &[r], migrations: &[], heartbeat: &heartbeat };
+        let snap = build(&world);
+        let cluster = Cluster::new(&snap);
+        let w3 = snap.vms.iter().find(|v| v.key.name == "web-3").unwrap();
+        let result = cluster.place(w3);
+        assert!(result.is_err(), "{result:?} {:?}", snap.rules);
+    }
+}

@@ -72,11 +72,16 @@ async fn admit(
     api: &Api<VirtualMachineMigration>,
     m: &VirtualMachineMigration,
 ) -> Result<Action, Error> {
-    let guard = ctx.placement.lock().await;
-    let snapshot = ctx.snapshot();
-    let cluster = Cluster::new(&snapshot);
     let vm_key = drover_core::snapshot::Key::new(m.namespace().unwrap_or_default(), m.spec.vm_name.clone());
-    let vm_object = ctx.vm_writes.apply(ctx.stores.vms.state()).into_iter().find(|v| key(v.as_ref()) == vm_key);
+    let mut vm_object = ctx.vm_writes.apply(ctx.stores.vms.state()).into_iter().find(|v| key(v.as_ref()) == vm_key);
+    if vm_object.is_none() {
+        // Not in the store (yet?): ask the API server before calling it unknown.
+        let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &vm_key.namespace);
+        vm_object = vms.get_opt(&vm_key.name).await?.map(Arc::new);
+    }
+    let guard = ctx.placement.lock().await;
+    let snapshot = ctx.snapshot_with(vm_object.as_ref());
+    let cluster = Cluster::new(&snapshot);
     let vm = snapshot.vms.iter().find(|v| v.key == vm_key);
     let vm_phase = vm_object.as_ref().and_then(|v| v.status.as_ref()).and_then(|s| s.phase).map(snapshot::phase);
     let active: Vec<_> = snapshot.migrations.iter().filter(|x| x.approved).cloned().collect();

@@ -25,7 +25,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
     ctx.metrics.reconciled("vm");
     let vm = ctx.vm_writes.newest(vm);
     let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
-    let snapshot = ctx.snapshot();
+    let snapshot = ctx.snapshot_with(Some(&vm));
     let node = vm.status.as_ref().and_then(|s| s.node_name.clone());
     let host = HostState::of(node.as_deref().and_then(|n| snapshot.hosts.iter().find(|h| h.name == n)));
     let mut plan = decide::decide(&vm, host, now_ms(), &ctx.settings.backoff);
@@ -81,8 +81,8 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
 
 /// Finishes a plan that needs a host: the core places the VM on the cluster as
 /// it is (minus the VM's own hold, for a restart elsewhere).
-fn place(ctx: &Context, vm: &VirtualMachine, plan: Plan, needs: NeedsHost) -> Plan {
-    let snapshot = ctx.snapshot();
+fn place(ctx: &Context, vm: &Arc<VirtualMachine>, plan: Plan, needs: NeedsHost) -> Plan {
+    let snapshot = ctx.snapshot_with(Some(vm));
     let mut cluster = Cluster::new(&snapshot);
     let Some(mut core_vm) = crate::snapshot::vm(vm) else {
         let mut plan = plan;
