@@ -12,20 +12,24 @@ use crate::Error;
 use crate::vm_dir::VmDir;
 
 /// The VMM configuration for `vm` on this host. `offered` are the host CPUs VMs may
-/// use here (all online CPUs minus those the HostPolicy reserves).
+/// use here (all online CPUs minus those the HostPolicy reserves); the vCPUs run on
+/// [`desired_host_cpus`].
 pub fn build(vm: &VirtualMachine, offered: &CpuSet, node: &str, dir: &VmDir) -> Result<VmConfig, Error> {
-    build_checked(vm, offered, node, dir, true)
+    build_checked(vm, desired_host_cpus(vm, offered, node), node, dir, true)
 }
 
-/// The configuration a migration target expects: the same, without requiring the
-/// boot files here (a migrated VM does not boot again; memory comes from the source).
-pub fn build_expected(vm: &VirtualMachine, offered: &CpuSet, node: &str, dir: &VmDir) -> Result<VmConfig, Error> {
-    build_checked(vm, offered, node, dir, false)
+/// The configuration a migration target expects: the same, on the `host_cpus` the
+/// target chose (see `migration_controller`), without requiring the boot files here
+/// (a migrated VM does not boot again; memory comes from the source).
+pub fn build_expected(vm: &VirtualMachine, host_cpus: String, node: &str, dir: &VmDir) -> Result<VmConfig, Error> {
+    build_checked(vm, Ok(host_cpus), node, dir, false)
 }
 
+/// `host_cpus` is checked where it always was (after the files), so that a spec
+/// with several faults reports the same one first.
 fn build_checked(
     vm: &VirtualMachine,
-    offered: &CpuSet,
+    host_cpus: Result<String, Error>,
     node: &str,
     dir: &VmDir,
     check_files: bool,
@@ -41,7 +45,7 @@ fn build_checked(
         |field: &str, path: &str| if check_files { existing_file(field, path, node) } else { Ok(PathBuf::from(path)) };
     let kernel = file("spec.boot.kernel", &spec.boot.kernel)?;
     let initrd = spec.boot.initrd.as_deref().map(|p| file("spec.boot.initrd", p)).transpose()?;
-    let host_cpus = desired_host_cpus(vm, offered, node)?;
+    let host_cpus = host_cpus?;
     let config = VmConfig {
         name: vm.metadata.name.clone().unwrap_or_else(|| "vm".into()),
         vcpus: spec.cpu.vcpus,
@@ -73,17 +77,36 @@ fn build_checked(
     Ok(config)
 }
 
-/// The host CPUs the vCPUs should run on now: the spec's list (which must be online
-/// here and offered to VMs), or every CPU offered to VMs.
+/// A host CPU list someone other than the user chose for a VM, and the field that
+/// carries it (errors name it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chosen<'a> {
+    pub field: &'static str,
+    pub list: &'a str,
+}
+
+/// The field the operator's choice of host CPUs for a VM on its host is in.
+pub const ALLOCATED_CPUS: &str = "status.allocatedCpus";
+
+/// The host CPUs the vCPUs of a VM placed here should run on now:
+/// `spec.cpu.hostCpus` if set, else the CPUs the operator holds for it here
+/// (`status.allocatedCpus`: a Dedicated VM's own, or for a Shared VM those no
+/// Dedicated VM holds), else every CPU offered to VMs.
 pub fn desired_host_cpus(vm: &VirtualMachine, offered: &CpuSet, node: &str) -> Result<String, Error> {
-    let Some(list) = vm.spec.cpu.host_cpus.as_deref() else {
+    let allocated = vm.status.as_ref().and_then(|s| s.allocated_cpus.as_deref());
+    host_cpus(vm, allocated.map(|list| Chosen { field: ALLOCATED_CPUS, list }), offered, node)
+}
+
+/// `spec.cpu.hostCpus` if set, else `chosen`, else every CPU offered to VMs; every
+/// CPU of a list must be offered here (the error names the list's field).
+pub fn host_cpus(vm: &VirtualMachine, chosen: Option<Chosen>, offered: &CpuSet, node: &str) -> Result<String, Error> {
+    let spec = vm.spec.cpu.host_cpus.as_deref().map(|list| Chosen { field: "spec.cpu.hostCpus", list });
+    let Some(Chosen { field, list }) = spec.or(chosen) else {
         return Ok(offered.to_string());
     };
-    let wanted = CpuSet::parse(list).map_err(|e| Error::Config(format!("spec.cpu.hostCpus: {e}")))?;
+    let wanted = CpuSet::parse(list).map_err(|e| Error::Config(format!("{field}: {e}")))?;
     if let Some(cpu) = wanted.iter().find(|cpu| !offered.contains(*cpu)) {
-        return Err(Error::Config(format!(
-            "spec.cpu.hostCpus: CPU {cpu} is not offered to VMs on {node} (offered: {offered})"
-        )));
+        return Err(Error::Config(format!("{field}: CPU {cpu} is not offered to VMs on {node} (offered: {offered})")));
     }
     Ok(wanted.to_string())
 }
@@ -96,35 +119,10 @@ fn existing_file(field: &str, path: &str, node: &str) -> Result<PathBuf, Error> 
     }
 }
 
-/// A Kubernetes memory quantity (`512Mi`, `4Gi`, `1.5Gi`, `1073741824`) in whole MiB.
+/// A Kubernetes memory quantity (`512Mi`, `4Gi`, `1.5Gi`, `1073741824`) in whole MiB,
+/// as `drover_crds::quantity` reads it; the error names `spec.memory.size`.
 pub fn memory_mib(quantity: &str) -> Result<u64, Error> {
-    let bad = || Error::Config(format!("spec.memory.size: {quantity:?} is not a whole number of MiB"));
-    let split = quantity.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(quantity.len());
-    let (number, suffix) = quantity.split_at(split);
-    let multiplier: u128 = match suffix {
-        "" => 1,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        _ => return Err(bad()),
-    };
-    // Decimal quantities (1.5Gi) are exact in integers: scale by the fraction's digits.
-    let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
-    if whole.is_empty() && frac.is_empty() || frac.len() > 9 {
-        return Err(bad());
-    }
-    let digits: u128 = format!("{whole}{frac}").parse().map_err(|_| bad())?;
-    let scale = 10u128.pow(frac.len() as u32);
-    let bytes = digits.checked_mul(multiplier).ok_or_else(bad)?;
-    if bytes % scale != 0 || !(bytes / scale).is_multiple_of(1 << 20) {
-        return Err(bad());
-    }
-    u64::try_from(bytes / scale / (1 << 20)).map_err(|_| bad())
+    drover_crds::quantity::memory_mib(quantity).map_err(|e| Error::Config(format!("spec.memory.size: {e}")))
 }
 
 #[cfg(test)]
@@ -195,6 +193,59 @@ mod tests {
         let offline = vm(&spec(kernel.path().to_str().unwrap(), r#"{"vcpus":1,"hostCpus":"1-3"}"#));
         let e = build(&offline, &offered, "host-2", &dir).unwrap_err().to_string();
         assert!(e.contains("spec.cpu.hostCpus") && e.contains("CPU 2"), "{e}");
+    }
+
+    /// spec.cpu.hostCpus × the operator's choice (status.allocatedCpus) × what the
+    /// host offers → the CPUs the vCPUs get, or the field the error names.
+    #[test]
+    fn host_cpus_come_from_the_spec_then_the_operator_then_the_host() {
+        let offered = CpuSet::parse("0-3").unwrap();
+        type Row = (Option<&'static str>, Option<&'static str>, Result<&'static str, &'static str>);
+        let rows: &[Row] = &[
+            (None, None, Ok("0-3")),
+            (None, Some("2-3"), Ok("2-3")),
+            (Some("1"), None, Ok("1")),
+            (Some("1"), Some("2-3"), Ok("1")),
+            (Some("1"), Some("7"), Ok("1")),
+            (None, Some("7"), Err("status.allocatedCpus: CPU 7 is not offered to VMs on host-1 (offered: 0-3)")),
+            (None, Some("x"), Err("status.allocatedCpus: ")),
+            (Some("6"), Some("2-3"), Err("spec.cpu.hostCpus: CPU 6 is not offered to VMs on host-1 (offered: 0-3)")),
+        ];
+        for &(spec_cpus, allocated, want) in rows {
+            let mut vm = vm(&spec("/k", r#"{"vcpus":1}"#));
+            vm.spec.cpu.host_cpus = spec_cpus.map(str::to_string);
+            vm.status = Some(drover_crds::vm::VirtualMachineStatus {
+                allocated_cpus: allocated.map(str::to_string),
+                ..Default::default()
+            });
+            let got = desired_host_cpus(&vm, &offered, "host-1").map_err(|e| e.to_string());
+            match (got, want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{spec_cpus:?} × {allocated:?}"),
+                (Err(got), Err(want)) => assert!(got.starts_with(want), "{spec_cpus:?} × {allocated:?}: {got}"),
+                (got, want) => panic!("{spec_cpus:?} × {allocated:?}: {got:?}, want {want:?}"),
+            }
+            // Another choice (a migration's target CPUs) ranks the same, and the
+            // VM's own allocation is then not looked at.
+            let chosen = allocated.map(|list| Chosen { field: "status.targetCpus", list });
+            let mut elsewhere = vm.clone();
+            elsewhere.status.as_mut().unwrap().allocated_cpus = Some("9".into());
+            let got = host_cpus(&elsewhere, chosen, &offered, "host-1").map_err(|e| e.to_string());
+            match (got, want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want),
+                (Err(got), Err(want)) => {
+                    assert!(got.starts_with(&want.replace("status.allocatedCpus", "status.targetCpus")), "{got}")
+                }
+                (got, want) => panic!("{spec_cpus:?} × {allocated:?}: {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_target_gets_the_cpus_it_chose_without_the_boot_files() {
+        let vm = vm(&spec("/nonexistent/vmlinux", r#"{"vcpus":2,"hostCpus":"0-1"}"#));
+        let config = build_expected(&vm, "4-5".into(), "host-2", &VmDir { path: "/x".into() }).unwrap();
+        assert_eq!(config.cpus.host_cpus.as_deref(), Some("4-5"));
+        assert_eq!(config.kernel, PathBuf::from("/nonexistent/vmlinux"));
     }
 
     #[test]

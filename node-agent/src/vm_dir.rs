@@ -111,6 +111,9 @@ pub enum StopReason {
     PlacedElsewhere,
     /// The migration this VMM was receiving failed; the VM runs on its source.
     MigrationFailed,
+    /// The operator set `status.phase: Stopping` (a Manual `stop`/`restart`
+    /// request, or the host's maintenance).
+    Requested,
 }
 
 /// How the texts of stops someone asked for begin.
@@ -125,6 +128,7 @@ impl StopReason {
             StopReason::Halted => "stopped on request: spec.runStrategy is Halted",
             StopReason::PlacedElsewhere => "powered off: the VM is placed on another host",
             StopReason::MigrationFailed => "stopped: the migration failed; the VM runs on its source",
+            StopReason::Requested => "stopped on request: the operator asked",
         }
     }
 }
@@ -211,11 +215,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_deletion_and_halting_are_stops_on_request() {
+    fn only_deletion_halting_and_the_operators_stop_are_stops_on_request() {
         use StopReason::*;
-        for (reason, requested) in
-            [(Fenced, false), (Deleted, true), (Halted, true), (PlacedElsewhere, false), (MigrationFailed, false)]
-        {
+        for (reason, requested) in [
+            (Fenced, false),
+            (Deleted, true),
+            (Halted, true),
+            (PlacedElsewhere, false),
+            (MigrationFailed, false),
+            (Requested, true),
+        ] {
             assert_eq!(stop_was_requested(reason.text()), requested, "{reason:?}");
         }
     }

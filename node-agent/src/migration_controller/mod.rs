@@ -9,6 +9,11 @@
 //! 3. On success the source agent moves the VM's `status.nodeName` to the target,
 //!    whose agent then takes the VM over; on failure the VM keeps running on the
 //!    source, the target's VMM is stopped, and the status says why.
+//! 4. The operator may end a migration under way as `Failed` itself (deleted,
+//!    timed out): the source agent then cancels its VMM's send, or, if the send had
+//!    already handed the VM over, moves the VM's status to the target all the same
+//!    (`source_side::settle`); the operator's status of the migration is left as
+//!    it wrote it.
 //!
 //! Each reconcile first decides from the migration's status alone which end this
 //! host plays now (`part`, pure); that end then observes what it needs (the VM,
@@ -25,6 +30,7 @@ use kube::{Api, ResourceExt};
 
 use crate::Error;
 use crate::context::Context;
+use crate::next::Next;
 use crate::status;
 
 mod failure;
@@ -44,7 +50,17 @@ pub async fn reconcile(migration: Arc<VirtualMachineMigration>, ctx: Arc<Context
     let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
     match part::part(status, ctx.node()) {
         Part::PrepareTarget => target_side::prepare(&migration, &api, &vms, &ctx).await,
-        Part::StopTarget => target_side::stop(&migration, &vms, &ctx).await,
+        Part::Failed { source, target } => {
+            // The source first: a target waits while the source may still send.
+            let mut next = Next::Change;
+            if source {
+                next = source_side::settle(&migration, &vms, &ctx).await?;
+            }
+            if target {
+                next = next.sooner(target_side::stop(&migration, &vms, &ctx).await?);
+            }
+            Ok(next.into())
+        }
         Part::DriveSource => source_side::drive(&migration, &api, &vms, &ctx).await,
         Part::Wait(next) => Ok(next.into()),
     }

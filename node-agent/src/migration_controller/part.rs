@@ -1,7 +1,8 @@
 //! Which end of a migration this host is to play now, from the migration's status
 //! alone (pure): the target gets ready and publishes where it listens, the source
-//! sends once it knows, a failed target lets go of its receiving VMM; otherwise the
-//! step is the other side's.
+//! sends once it knows; once the migration failed (an agent or the operator ended
+//! it), the source settles a send that may still be under way and the target lets
+//! go of its receiving VMM; otherwise the step is the other side's.
 
 use std::time::Duration;
 
@@ -17,8 +18,10 @@ pub const POLL_INVOLVED: Duration = Duration::from_secs(2);
 pub enum Part {
     /// Target: start a receiving VMM and publish its address.
     PrepareTarget,
-    /// Target of a failed migration: stop its receiving VMM.
-    StopTarget,
+    /// A failed migration, seen from its source (`source`: cancel a send still under
+    /// way, or move the VM if the send had completed anyway) and its target
+    /// (`target`: stop its receiving VMM). A host may be both.
+    Failed { source: bool, target: bool },
     /// Source: start the send, or follow it.
     DriveSource,
     /// Nothing for this host to do now.
@@ -29,13 +32,13 @@ pub enum Part {
 pub fn part(status: &VirtualMachineMigrationStatus, node: &str) -> Part {
     let active =
         matches!(status.phase, Some(MigrationPhase::Scheduled | MigrationPhase::Running | MigrationPhase::Switchover));
-    if status.target_node.as_deref() == Some(node) {
-        if active && status.target_address.is_none() {
-            return Part::PrepareTarget;
-        }
-        if status.phase == Some(MigrationPhase::Failed) {
-            return Part::StopTarget;
-        }
+    let source = status.source_node.as_deref() == Some(node);
+    let target = status.target_node.as_deref() == Some(node);
+    if target && active && status.target_address.is_none() {
+        return Part::PrepareTarget;
+    }
+    if status.phase == Some(MigrationPhase::Failed) && (source || target) {
+        return Part::Failed { source, target };
     }
     if status.source_node.as_deref() == Some(node) && active && status.target_address.is_some() {
         return Part::DriveSource;
@@ -86,16 +89,15 @@ mod tests {
                 let source = status(phase, "me", "other", address);
                 let target = status(phase, "other", "me", address);
                 let neither = status(phase, "a", "b", address);
-                let want_source = if active && address {
-                    Part::DriveSource
-                } else if active {
-                    wait_involved
-                } else {
-                    wait
+                let want_source = match (active, address, phase) {
+                    (true, true, _) => Part::DriveSource,
+                    (true, false, _) => wait_involved,
+                    (_, _, Some(Failed)) => Part::Failed { source: true, target: false },
+                    _ => wait,
                 };
                 let want_target = match (active, address, phase) {
                     (true, false, _) => Part::PrepareTarget,
-                    (_, _, Some(Failed)) => Part::StopTarget,
+                    (_, _, Some(Failed)) => Part::Failed { source: false, target: true },
                     (true, true, _) => wait_involved,
                     _ => wait,
                 };
@@ -113,5 +115,7 @@ mod tests {
         assert_eq!(part(&both, "me"), Part::PrepareTarget);
         let both = status(Some(MigrationPhase::Scheduled), "me", "me", true);
         assert_eq!(part(&both, "me"), Part::DriveSource);
+        let both = status(Some(MigrationPhase::Failed), "me", "me", true);
+        assert_eq!(part(&both, "me"), Part::Failed { source: true, target: true });
     }
 }

@@ -123,12 +123,15 @@ async fn start(
         }
     };
     add_finalizer(api, vm).await?;
-    // Record the decision against the version of the VM it was made on: if the
-    // operator placed the VM elsewhere meanwhile, this write conflicts and nothing
-    // starts.
+    // Record the decision against the VM it was made on. The finalizer write has
+    // moved the resourceVersion on, so the write goes against a fresh read, and
+    // only if that read still has the status and spec the decision was made on: if
+    // the operator placed the VM elsewhere, asked for a stop or changed its CPUs
+    // meanwhile (or the spec changed), nothing starts and the VM is looked at
+    // again; a change after the read makes the write conflict.
     let starting = decide::starting(vm, status, &config, ctx.node(), status::now());
     let fresh = api.get_status(&vm.name_any()).await?;
-    if fresh.status.as_ref().and_then(|s| s.node_name.as_deref()) != Some(ctx.node()) {
+    if fresh.status != vm.status || fresh.metadata.generation != vm.metadata.generation {
         return Ok(Next::After(POLL_BUSY).into());
     }
     status::write_vm(api, &fresh, &starting, &ctx.manager()).await?;

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use drover_crds::contract::{conditions, reasons};
-use drover_crds::vm::{RunStrategy, VirtualMachine, VirtualMachineStatus, VmPhase};
+use drover_crds::vm::{BootedWith, RunStrategy, VirtualMachine, VirtualMachineStatus, VmPhase};
 use drover_topology::CpuSet;
 use drover_vmm_api::VmConfig;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -116,8 +116,15 @@ pub fn decide(o: &Observed) -> Plan {
     let Some(local) = &o.local else { return idle(o, status) };
     match &local.state {
         VmmState::Running => {
-            let plan =
-                if halted(o.vm) { Plan::PowerOff(StopReason::Halted) } else { Plan::Run { offered: offered(o) } };
+            let plan = if halted(o.vm) {
+                Plan::PowerOff(StopReason::Halted)
+            } else if stopping(&status) {
+                // The operator asked for a stop: power off, and report nothing until
+                // the VMM has ended (a Running report would undo the operator's word).
+                Plan::PowerOff(StopReason::Requested)
+            } else {
+                Plan::Run { offered: offered(o) }
+            };
             if matches!(local.role, Role::Receive { .. }) { Plan::TakeOver(Box::new(plan)) } else { plan }
         }
         // The migration controller moves the VM's status to the target.
@@ -166,12 +173,15 @@ fn ended(o: &Observed, mut status: VirtualMachineStatus, record: &ExitRecord, st
         Some(r) => format!("{} ({r})", record.describe()),
         None => record.describe(),
     };
-    if record.is_reset() && !halted(o.vm) && stop_reason.is_none() {
+    let stop_asked = stopping(&status);
+    if record.is_reset() && !halted(o.vm) && !stop_asked && stop_reason.is_none() {
         // A guest reboot: the machine starts again where it is.
         status.last_exit = Some(what);
         return Plan::Reboot(Box::new(start(o, status)));
     }
-    let clean = record.is_clean() || stop_reason.is_some_and(stop_was_requested);
+    // A guest that resets while the operator stops it has stopped as asked: it is
+    // not started again, and not a failure either.
+    let clean = record.is_clean() || stop_reason.is_some_and(stop_was_requested) || (stop_asked && record.is_reset());
     let note = format!("{what} on {}", o.node);
     status.phase = Some(if clean { VmPhase::Stopped } else { VmPhase::Failed });
     status.last_exit = Some(what.clone());
@@ -198,7 +208,15 @@ fn idle(o: &Observed, mut status: VirtualMachineStatus) -> Plan {
         }
         None | Some(VmPhase::Pending) | Some(VmPhase::Scheduled) => start(o, status),
         Some(VmPhase::Failed) if invalid_spec_changed => start(o, status),
-        Some(VmPhase::Starting) | Some(VmPhase::Running) | Some(VmPhase::Migrating) | Some(VmPhase::Stopping) => {
+        Some(VmPhase::Stopping) => {
+            // The operator asked for a stop and nothing runs: it is stopped.
+            let why = format!("stopped on request on {}: its VMM was not running", o.node);
+            status.phase = Some(VmPhase::Stopped);
+            status.cpu_usage = None;
+            status.conditions.set(ready(o, reasons::STOPPED, why.clone()));
+            report(status, None, Some(normal(reasons::STOPPED, "Stop", why))).then(Next::Change)
+        }
+        Some(VmPhase::Starting) | Some(VmPhase::Running) | Some(VmPhase::Migrating) => {
             // The status says it runs here, but nothing does: the host lost power
             // (its runtime directory is gone) or the VMM vanished.
             let why = format!("its VMM is gone from {} (host restarted or powered off)", o.node);
@@ -256,6 +274,9 @@ pub fn starting(
     let generation = vm.metadata.generation;
     status.phase = Some(VmPhase::Starting);
     status.observed_generation = generation;
+    // What only a restart changes, as this start takes it (the operator compares
+    // it with the spec for RestartRequired); a guest reset comes here too.
+    status.booted_with = Some(BootedWith::of(&vm.spec));
     status.host_cpus = config.cpus.host_cpus.clone();
     status.shares = Some(config.shares as i32);
     status.started_at = None;
@@ -274,6 +295,11 @@ pub fn starting(
 
 fn halted(vm: &VirtualMachine) -> bool {
     vm.spec.run_strategy == RunStrategy::Halted
+}
+
+/// Whether the operator asked for the VM to stop (`status.phase: Stopping`).
+fn stopping(status: &VirtualMachineStatus) -> bool {
+    status.phase == Some(VmPhase::Stopping)
 }
 
 fn offered(o: &Observed) -> CpuSet {
@@ -493,7 +519,9 @@ mod tests {
 
     const STARTABLE: &[Option<VmPhase>] = &[None, Some(VmPhase::Pending), Some(VmPhase::Scheduled)];
     const SAID_TO_RUN: &[Option<VmPhase>] =
-        &[Some(VmPhase::Starting), Some(VmPhase::Running), Some(VmPhase::Migrating), Some(VmPhase::Stopping)];
+        &[Some(VmPhase::Starting), Some(VmPhase::Running), Some(VmPhase::Migrating)];
+    /// The operator's word for "power it off".
+    const STOPPING: &[Option<VmPhase>] = &[Some(VmPhase::Stopping)];
     const AT_REST: &[Option<VmPhase>] = &[Some(VmPhase::Stopped), Some(VmPhase::Failed), Some(VmPhase::Unknown)];
 
     #[test]
@@ -504,14 +532,20 @@ mod tests {
                 (Some(STARTABLE), Vmm::None, Some(true), "start"),
                 (Some(STARTABLE), Vmm::None, Some(false), "wait:500ms"),
                 (Some(SAID_TO_RUN), Vmm::None, None, "report:Failed/VmmLost>change"),
+                (Some(STOPPING), Vmm::None, None, "report:Stopped/Stopped>change"),
                 (Some(AT_REST), Vmm::None, None, "wait:change"),
+                // The operator stops it: power off (no Running report meanwhile).
+                (Some(STOPPING), Vmm::Running, None, "power-off:Requested"),
+                (Some(STOPPING), Vmm::Receiving, None, "take-over>power-off:Requested"),
                 // A VMM runs: report it, whatever the phase and the lease (the monitor
                 // fences without the lease); a received one becomes the VM's own.
                 (None, Vmm::Running, None, "run"),
                 (None, Vmm::Receiving, None, "take-over>run"),
-                // It ended: say how, then forget it; a reset boots again if it may.
+                // It ended: say how, then forget it; a reset boots again if it may,
+                // not while the operator stops it (it has stopped as asked).
                 (None, Vmm::EndedClean, None, "report:Stopped/Stopped+forget>250ms"),
                 (None, Vmm::EndedFailed, None, "report:Failed/VmmExited+forget>250ms"),
+                (Some(STOPPING), Vmm::EndedReset, None, "report:Stopped/Stopped+forget>250ms"),
                 (None, Vmm::EndedReset, Some(true), "reboot>start"),
                 (None, Vmm::EndedReset, Some(false), "reboot>wait:500ms"),
                 (None, Vmm::EndedMigrated, None, "wait:250ms"),
@@ -535,7 +569,9 @@ mod tests {
                 (None, Vmm::Receiving, None, "take-over>power-off:Halted"),
                 (None, Vmm::EndedClean, None, "report:Stopped/Stopped+forget>250ms"),
                 (None, Vmm::EndedFailed, None, "report:Failed/VmmExited+forget>250ms"),
-                // Halted: a reset is an end like any other (not a clean one).
+                // Halted: a reset is an end like any other (not a clean one), unless
+                // the operator was stopping the VM anyway.
+                (Some(STOPPING), Vmm::EndedReset, None, "report:Stopped/Stopped+forget>250ms"),
                 (None, Vmm::EndedReset, None, "report:Failed/VmmExited+forget>250ms"),
                 (None, Vmm::EndedMigrated, None, "wait:250ms"),
                 (None, Vmm::Lost, None, "report:Failed/VmmLost+forget>250ms"),
@@ -672,6 +708,57 @@ mod tests {
         let Plan::Start { status, offered } = *start else { panic!() };
         assert_eq!(status.last_exit.as_deref(), Some(ExitStatus::Reset.describe()));
         assert_eq!(offered, CpuSet::parse("1-3").unwrap());
+    }
+
+    #[test]
+    fn a_stop_the_operator_asked_for_ends_stopped_and_says_so() {
+        let facts = facts(true);
+        let vm = vm(Some(NODE), Some(VmPhase::Stopping));
+        // Its VMM powered off as asked: a clean stop, with the reason in lastExit.
+        let killed = LocalVmm {
+            role: Role::Run,
+            state: VmmState::Ended(ExitRecord { code: None, signal: Some(9), at_ms: 1 }),
+            stop_reason: Some(StopReason::Requested.text().to_string()),
+            handed_over: false,
+        };
+        let Plan::Report(r) = observe(&vm, Some(killed), true, &facts) else { panic!() };
+        assert_eq!(r.status.phase, Some(VmPhase::Stopped));
+        assert_eq!(
+            r.status.last_exit.as_deref(),
+            Some("VMM killed by signal 9 (stopped on request: the operator asked)")
+        );
+        assert!(!r.event.unwrap().warning);
+        // Nothing ran: stopped, saying so.
+        let Plan::Report(r) = observe(&vm, None, true, &facts) else { panic!() };
+        assert_eq!(r.status.phase, Some(VmPhase::Stopped));
+        let ready = r.status.conditions.get(conditions::READY).unwrap();
+        assert_eq!(
+            (ready.reason.as_str(), ready.message.as_str()),
+            (reasons::STOPPED, "stopped on request on host-1: its VMM was not running")
+        );
+    }
+
+    #[test]
+    fn a_start_records_what_the_vm_boots_with_and_a_reboot_refreshes_it() {
+        let facts = facts(true);
+        let mut vm = vm(Some(NODE), Some(VmPhase::Running));
+        let config: VmConfig = serde_json::from_value(serde_json::json!({
+            "name": "v", "vcpus": 1, "memoryMib": 64, "kernel": "/k", "cpus": { "hostCpus": "1-3" }
+        }))
+        .unwrap();
+        let first = starting(&vm, vm.status.clone().unwrap(), &config, NODE, now());
+        assert_eq!(first.booted_with, Some(BootedWith::of(&vm.spec)));
+        assert_eq!(first.booted_with.as_ref().unwrap().memory, "64Mi");
+        // The spec changes while it runs; the guest resets: the start in place
+        // records the spec it boots with now.
+        vm.status = Some(first);
+        vm.spec.memory.size = "128Mi".into();
+        let Plan::Reboot(start) = observe(&vm, local(Vmm::EndedReset), true, &facts) else { panic!() };
+        let Plan::Start { status, .. } = *start else { panic!() };
+        assert_eq!(status.booted_with.as_ref().unwrap().memory, "64Mi", "kept until the start is written");
+        let again = starting(&vm, *status, &config, NODE, now());
+        assert_eq!(again.booted_with, Some(BootedWith::of(&vm.spec)));
+        assert_eq!(again.booted_with.unwrap().memory, "128Mi");
     }
 
     #[test]

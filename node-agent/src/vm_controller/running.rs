@@ -228,6 +228,38 @@ mod tests {
         }
     }
 
+    /// The operator's choice (status.allocatedCpus) applies live as hostCpus does,
+    /// and the spec's list wins over it.
+    #[test]
+    fn a_change_of_the_operators_cpus_applies_to_the_running_vm() {
+        let none = Changes::default();
+        // (spec cpu, status.allocatedCpus, VMM's CPUs) → changes.
+        let shared = serde_json::json!({ "vcpus": 2 });
+        let dedicated = serde_json::json!({ "vcpus": 2, "placement": "Dedicated" });
+        let cases: Vec<(serde_json::Value, Option<&str>, &[&str], Changes)> = vec![
+            (shared.clone(), None, &["0-3", "0-3"], none.clone()),
+            (shared.clone(), Some("2-3"), &["0-3", "0-3"], Changes { host_cpus: Some("2-3".into()), ..none.clone() }),
+            (shared.clone(), Some("2-3"), &["2-3", "2-3"], none.clone()),
+            (shared.clone(), Some("0-3"), &["2-3", "2-3"], Changes { host_cpus: Some("0-3".into()), ..none.clone() }),
+            // Dedicated: pinned 1:1 inside the operator's CPUs is in effect.
+            (dedicated.clone(), Some("2-3"), &["2", "3"], none.clone()),
+            (dedicated, Some("0-1"), &["2", "3"], Changes { host_cpus: Some("0-1".into()), ..none.clone() }),
+            (serde_json::json!({ "vcpus": 2, "hostCpus": "1" }), Some("2-3"), &["1", "1"], none.clone()),
+            (shared.clone(), Some("7"), &["0-3", "0-3"], Changes { invalid: Some(String::new()), ..none.clone() }),
+        ];
+        for (cpu, allocated, cpus, want) in cases {
+            let mut vm = vm(cpu.clone());
+            vm.status =
+                Some(VirtualMachineStatus { allocated_cpus: allocated.map(str::to_string), ..Default::default() });
+            let mut got = changes(&vm, &vmm(cpus, 1000), &offered(), "host-1");
+            if let Some(why) = &got.invalid {
+                assert_eq!(why, "status.allocatedCpus: CPU 7 is not offered to VMs on host-1 (offered: 0-3)");
+                got.invalid = Some(String::new());
+            }
+            assert_eq!(got, want, "{cpu} with allocatedCpus {allocated:?} on {cpus:?}");
+        }
+    }
+
     fn seen<'a>(vm: &'a VirtualMachine, vmm: &'a VmStatus, changes: &'a Changes, outcome: &'a Outcome) -> Seen<'a> {
         Seen {
             vm,
@@ -260,6 +292,11 @@ mod tests {
         let ready = status.conditions.get(conditions::READY).unwrap();
         assert_eq!((ready.status.as_str(), ready.message.as_str()), ("True", "running on host-1 (running)"));
         assert!(status.conditions.get(conditions::CPU_CONFIG_APPLIED).is_none(), "only said once something failed");
+        // What the VM booted with stays while it runs (only a start writes it).
+        let mut booted = vm.clone();
+        let with = drover_crds::vm::BootedWith::of(&vm.spec);
+        booted.status = Some(VirtualMachineStatus { booted_with: Some(with.clone()), ..Default::default() });
+        assert_eq!(status_of(&booted, &vmm, &changes, &outcome).booted_with, Some(with));
         // Under way to another host: Migrating.
         let mut moving = vm.clone();
         moving.status = Some(VirtualMachineStatus { migration: Some("m".into()), ..Default::default() });

@@ -1,5 +1,7 @@
 //! The source's decisions (pure): start the send once the target listens, follow
-//! it from what the VMM reports, and end the migration (the VM moved, or it stays).
+//! it from what the VMM reports, and end the migration (the VM moved, or it stays);
+//! and once the migration has failed (the operator may end one under way), settle
+//! a send that may still go on.
 
 use std::time::Duration;
 
@@ -11,6 +13,7 @@ use kube::ResourceExt;
 
 use super::super::failure::Failure;
 use crate::conditions::condition;
+use crate::next::Next;
 use crate::supervisor::VmmState;
 use crate::vmm_client::{MigrationStatus, Phase};
 
@@ -152,11 +155,23 @@ fn fail(o: &Observed, status: VirtualMachineMigrationStatus, failure: Failure, r
 }
 
 /// The VM's status once it runs on `target`, from its `fresh` status: the target's
-/// agent takes it over from here.
-pub fn moved(vm: &VirtualMachine, node: &str, target: &str, now: Time) -> VirtualMachineStatus {
+/// agent takes it over from here. Its host CPUs there are the ones the operator
+/// reserved for the migration (`target_cpus`: a Dedicated VM's); without them the
+/// allocation goes, and the operator writes the target's (a Shared VM's). An
+/// operator's `Stopping` stays: the stop it asked for still holds there.
+pub fn moved(
+    vm: &VirtualMachine,
+    node: &str,
+    target: &str,
+    target_cpus: Option<&str>,
+    now: Time,
+) -> VirtualMachineStatus {
     let mut status = vm.status.clone().unwrap_or_default();
     status.node_name = Some(target.into());
-    status.phase = Some(VmPhase::Running);
+    if status.phase != Some(VmPhase::Stopping) {
+        status.phase = Some(VmPhase::Running);
+    }
+    status.allocated_cpus = target_cpus.map(str::to_string);
     status.migration = None;
     status.cpu_usage = None;
     status.conditions.set(condition(
@@ -168,6 +183,69 @@ pub fn moved(vm: &VirtualMachine, node: &str, target: &str, now: Time) -> Virtua
         now,
     ));
     status
+}
+
+/// What the source does about a migration that has failed: whoever failed it, a
+/// send that may still go on is settled here, and the migration's status is left
+/// as it is (the operator's reason and message, or the agent's own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settle {
+    /// Nothing of it here: the VM is not placed here, or not marked as moving in
+    /// this migration (never was, or already settled).
+    Nothing,
+    /// The VMM still sends: cancel the send (the VM keeps running here), then look
+    /// again in `Next`.
+    Cancel(Next),
+    /// The VMM has not said how its send stands (its API did not answer): look again.
+    Wait(Next),
+    /// The send ended without handing the VM over: it keeps running here, no longer
+    /// marked as migrating (the target may then stop its receiving VMM).
+    Release,
+    /// The send had handed the VM over before the migration was failed: the VM
+    /// runs on `target` now (and never again here), so its status moves there as
+    /// on success, with the host CPUs reserved there.
+    Move { target: String, target_cpus: Option<String> },
+}
+
+/// Settles what the source's VMM did for a migration that has failed.
+///
+/// The operator fails a migration under way when it is deleted or runs out of
+/// time, without knowing how far the VMM got. Before the switch-over's point of
+/// no return the VMM can still give up, and the VM stays here: cancel, then release
+/// the VM once the VMM says the send ended. Past it (the VMM reports `Completed`,
+/// or exited "migrated") the VM runs on the target whatever the migration says: a
+/// VM never vanishes, so its status moves to the target as on success, and the
+/// migration keeps the operator's `Failed` (its reason, message and time are the
+/// operator's to write, and a phase that ended does not change again; the VM's
+/// status and an Event say where the VM is). A VMM that reports `Unknown` (the
+/// target never confirmed) is paused here and may run there: as for the source's
+/// own failure, the VM stays placed here and is released, and the target keeps a
+/// receiving VMM that runs the VM.
+pub fn settle(o: &Observed) -> Settle {
+    let Some(vm) = o.vm else { return Settle::Nothing };
+    let status = vm.status.as_ref();
+    let name = o.migration.name_any();
+    let marked = status.and_then(|s| s.migration.as_deref()) == Some(name.as_str());
+    let here = status.and_then(|s| s.node_name.as_deref()) == Some(o.node);
+    if !marked || !here {
+        return Settle::Nothing;
+    }
+    let migration = o.migration.status.as_ref();
+    let moved = || match migration.and_then(|s| s.target_node.clone()) {
+        Some(target) => Settle::Move { target, target_cpus: migration.and_then(|s| s.target_cpus.clone()) },
+        // An approved migration names its target; without one no send was made.
+        None => Settle::Nothing,
+    };
+    match (&o.local, &o.progress) {
+        (Some(VmmState::Ended(record)), _) if record.is_migrated() => moved(),
+        (Some(VmmState::Ended(_) | VmmState::Lost) | None, _) => Settle::Release,
+        (Some(VmmState::Running), None) => Settle::Wait(Next::After(POLL)),
+        (Some(VmmState::Running), Some(p)) => match p.phase {
+            Phase::Connecting | Phase::PreCopy | Phase::Switchover => Settle::Cancel(Next::After(POLL)),
+            Phase::Completed => moved(),
+            Phase::None | Phase::Failed | Phase::Cancelled | Phase::Unknown => Settle::Release,
+        },
+    }
 }
 
 /// The VM's status while `migration` moves it (or, with `None`, no longer): the
@@ -367,11 +445,19 @@ mod tests {
             figures("host-1", &target, &status),
             "from host-1 to host-2: downtime 0.9 ms, total 900 ms, 4096 bytes, 3 passes"
         );
-        let moved = moved(&vm, "host-1", &target, now());
+        let mut allocated = vm.clone();
+        allocated.status.as_mut().unwrap().allocated_cpus = Some("0-1".into());
+        let moved = moved(&allocated, "host-1", &target, Some("4-5"), now());
         assert_eq!(
             (moved.node_name.as_deref(), moved.phase, moved.migration.clone()),
             (Some("host-2"), Some(VmPhase::Running), None)
         );
+        assert_eq!(moved.allocated_cpus.as_deref(), Some("4-5"), "the CPUs reserved on the target");
+        let shared = super::moved(&allocated, "host-1", &target, None, now());
+        assert_eq!(shared.allocated_cpus, None, "the source's allocation does not travel");
+        let mut stopping = vm.clone();
+        stopping.status.as_mut().unwrap().phase = Some(VmPhase::Stopping);
+        assert_eq!(super::moved(&stopping, "host-1", &target, None, now()).phase, Some(VmPhase::Stopping));
         assert_eq!(moved.cpu_usage, None, "the source's figure is not the target's");
         let ready = moved.conditions.get(conditions::READY).unwrap();
         assert_eq!(
@@ -379,6 +465,69 @@ mod tests {
             (reasons::MIGRATED, "migrated from host-1 to host-2")
         );
         assert_eq!(ready.observed_generation, Some(3));
+    }
+
+    /// A failed migration (by the operator: Cancelled, TimedOut; or by an agent) ×
+    /// the VM marked as moving in it or not, placed here or not × every source VMM
+    /// state × every report of the VMM → how the source settles it.
+    #[test]
+    fn a_failed_migration_is_settled_by_what_the_vmm_did() {
+        let mut m = migration(MigrationPhase::Failed, Some(900));
+        m.status.as_mut().unwrap().target_cpus = Some("4-5".into());
+        m.status.as_mut().unwrap().failure_message = Some("deleted while under way".into());
+        let reports: Vec<(&str, Option<MigrationStatus>)> = vec![
+            ("nothing", None),
+            ("none", Some(progress(Phase::None))),
+            ("connecting", Some(progress(Phase::Connecting))),
+            ("pre-copy", Some(progress(Phase::PreCopy))),
+            ("switch-over", Some(progress(Phase::Switchover))),
+            ("completed", Some(progress(Phase::Completed))),
+            ("failed", Some(progress(Phase::Failed))),
+            ("cancelled", Some(progress(Phase::Cancelled))),
+            ("unknown", Some(progress(Phase::Unknown))),
+        ];
+        let moved = Settle::Move { target: "host-2".into(), target_cpus: Some("4-5".into()) };
+        for (placed, mark) in
+            [("host-1", Some("m")), ("host-1", None), ("host-1", Some("other")), ("host-2", Some("m"))]
+        {
+            let mut vm = vm(VmPhase::Migrating, mark);
+            vm.status.as_mut().unwrap().node_name = Some(placed.into());
+            for (local_name, local) in locals() {
+                for (report, p) in &reports {
+                    let want = match (placed, mark, local_name, *report) {
+                        ("host-1", Some("m"), "migrated", _) => moved.clone(),
+                        ("host-1", Some("m"), "none" | "failed" | "lost", _) => Settle::Release,
+                        ("host-1", Some("m"), "running", "nothing") => Settle::Wait(Next::After(POLL)),
+                        ("host-1", Some("m"), "running", "connecting" | "pre-copy" | "switch-over") => {
+                            Settle::Cancel(Next::After(POLL))
+                        }
+                        ("host-1", Some("m"), "running", "completed") => moved.clone(),
+                        ("host-1", Some("m"), "running", _) => Settle::Release,
+                        _ => Settle::Nothing,
+                    };
+                    let o = Observed {
+                        migration: &m,
+                        node: "host-1",
+                        vm: Some(&vm),
+                        local: local.clone(),
+                        progress: p.clone(),
+                        now: now(),
+                    };
+                    assert_eq!(settle(&o), want, "VM on {placed} marked {mark:?} × VMM {local_name} × report {report}");
+                }
+            }
+        }
+        let o = Observed { migration: &m, node: "host-1", vm: None, local: None, progress: None, now: now() };
+        assert_eq!(settle(&o), Settle::Nothing, "no VM");
+        // The VM moves as on success, with the target's CPUs; the migration's
+        // status is no part of a settlement (it stays as the operator wrote it).
+        let vm = vm(VmPhase::Migrating, Some("m"));
+        let Settle::Move { target, target_cpus } = moved else { unreachable!() };
+        let status = super::moved(&vm, "host-1", &target, target_cpus.as_deref(), now());
+        assert_eq!(
+            (status.node_name.as_deref(), status.allocated_cpus.as_deref(), status.migration),
+            (Some("host-2"), Some("4-5"), None)
+        );
     }
 
     #[test]

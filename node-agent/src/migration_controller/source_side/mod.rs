@@ -2,7 +2,13 @@
 //! what that VMM says of the send, decides (`decide`), and carries it out: asks the
 //! VMM to migrate (`PUT /vm/migrate`), copies its progress into the migration's
 //! status, and at the end moves the VM's `status.nodeName` to the target or leaves
-//! the VM running here.
+//! the VM running here. Once the migration has failed (the operator may end one
+//! under way), it settles the send (`settle`): cancels it, or moves the VM if the
+//! send had handed it over already.
+//!
+//! The VM is marked as moving in the migration (`status.migration`) before the
+//! VMM is asked to send, and the mark goes only once the send has ended without
+//! handing the VM over: while it is there, the target keeps its receiving VMM.
 
 use drover_crds::contract::reasons;
 use drover_crds::migration::{MigrationPhase, VirtualMachineMigration, VirtualMachineMigrationStatus};
@@ -25,7 +31,7 @@ use crate::vmm_client::{MigrationStatus, VmmClient};
 
 mod decide;
 
-use decide::{Observed, POLL, Plan};
+use decide::{Observed, POLL, Plan, Settle};
 
 /// Starts the send, or follows it.
 pub async fn drive(
@@ -35,16 +41,8 @@ pub async fn drive(
     ctx: &Context,
 ) -> Result<Action, Error> {
     let vm = vms.get_opt(&migration.spec.vm_name).await?;
-    let uid = vm.as_ref().and_then(|vm| vm.uid()).unwrap_or_default();
-    let local = vm.as_ref().and_then(|_| ctx.supervisor.get(&uid)).filter(|l| l.meta.role == Role::Run);
-    let state = local.as_ref().and_then(|_| ctx.supervisor.state(&uid));
     let sending = migration.status.as_ref().is_some_and(|s| s.phase != Some(MigrationPhase::Scheduled));
-    let progress = match &local {
-        Some(local) if sending => progress(local, state.as_ref()).await,
-        _ => None,
-    };
-    let observed =
-        Observed { migration, node: ctx.node(), vm: vm.as_ref(), local: state, progress, now: status::now() };
+    let (local, observed) = observe(migration, vm.as_ref(), ctx, sending).await;
     let shell = Shell { migration, api, vms, ctx };
     match decide::decide(&observed) {
         Plan::Fail { status, failure, release_vm } => {
@@ -70,6 +68,77 @@ pub async fn drive(
             shell.succeed(vm, &status, &target).await
         }
     }
+}
+
+/// Settles the send of a migration that has failed (see `decide::settle`); the
+/// migration's status is not written.
+pub async fn settle(
+    migration: &VirtualMachineMigration,
+    vms: &Api<VirtualMachine>,
+    ctx: &Context,
+) -> Result<Next, Error> {
+    let vm = vms.get_opt(&migration.spec.vm_name).await?;
+    let (local, observed) = observe(migration, vm.as_ref(), ctx, true).await;
+    let name = migration.name_any();
+    match (decide::settle(&observed), &vm) {
+        (Settle::Nothing, _) | (_, None) => Ok(Next::Change),
+        (Settle::Wait(next), _) => Ok(next),
+        (Settle::Cancel(next), _) => {
+            let Some(local) = &local else { return Ok(next) };
+            // Refused when the send has just ended, or is past the point of no
+            // return: the next look says which.
+            match VmmClient::new(&local.dir.api_socket()).cancel_migration().await {
+                Ok(()) => {
+                    tracing::info!(target: TARGET, migration = %name, "migration failed while the VMM sent: send cancelled, the VM stays here")
+                }
+                Err(e) => {
+                    tracing::info!(target: TARGET, migration = %name, "migration failed while the VMM sent; cancel refused: {e}")
+                }
+            }
+            Ok(next)
+        }
+        (Settle::Release, Some(vm)) => {
+            set_migrating(vms, vm, ctx, None).await?;
+            tracing::info!(target: TARGET, migration = %name, "migration failed; the VM stays here");
+            Ok(Next::Change)
+        }
+        (Settle::Move { target, target_cpus }, Some(vm)) => {
+            // `vm` was read just now, and the write is against its version.
+            let moved = decide::moved(vm, ctx.node(), &target, target_cpus.as_deref(), status::now());
+            status::write_vm(vms, vm, &moved, &ctx.manager()).await?;
+            let why = migration
+                .status
+                .as_ref()
+                .and_then(|s| s.failure_message.clone())
+                .unwrap_or_else(|| "no reason given".into());
+            let note = format!(
+                "moved from {} to {target} although the migration was ended as failed ({why}): its VMM had already handed the VM over",
+                ctx.node()
+            );
+            tracing::warn!(target: TARGET, migration = %name, to = %target, "{note}");
+            ctx.events.warning(vm, reasons::MIGRATED, "Migrate", note.clone());
+            ctx.events.warning(migration, reasons::MIGRATED, "Migrate", note);
+            Ok(Next::Change)
+        }
+    }
+}
+
+/// Observes the migration's VM, this host's VMM that runs it (role Run) and, with
+/// `sending`, what that VMM says of the send.
+async fn observe<'a>(
+    migration: &'a VirtualMachineMigration,
+    vm: Option<&'a VirtualMachine>,
+    ctx: &'a Context,
+    sending: bool,
+) -> (Option<LocalVm>, Observed<'a>) {
+    let uid = vm.and_then(|vm| vm.uid()).unwrap_or_default();
+    let local = vm.and_then(|_| ctx.supervisor.get(&uid)).filter(|l| l.meta.role == Role::Run);
+    let state = local.as_ref().and_then(|_| ctx.supervisor.state(&uid));
+    let progress = match &local {
+        Some(local) if sending => progress(local, state.as_ref()).await,
+        _ => None,
+    };
+    (local, Observed { migration, node: ctx.node(), vm, local: state, progress, now: status::now() })
 }
 
 /// What the source's steps act on.
@@ -113,22 +182,27 @@ impl Shell<'_> {
                 return Ok(Action::await_change());
             }
         };
+        // Marked first: while the mark is there the target keeps its receiving VMM,
+        // so it must be there before any send can start.
+        set_migrating(vms, vm, ctx, Some(&name)).await?;
         status::write_migration(api, migration, running, &ctx.manager()).await?;
         let figures = local.dir.migration_figures();
         let _ = std::fs::remove_file(&figures);
         let client = VmmClient::new(&local.dir.api_socket());
         if let Err(e) = client.migrate(address, secret.trim(), &migration.spec, &figures).await {
-            // The status now on record is the Running one just written.
+            // The status now on record is the Running one just written, unless the
+            // operator has failed the migration meanwhile: its word then stands.
             let fresh = api.get_status(&name).await?;
-            let failure = Failure::source(e.to_string());
-            let status =
-                failure.status(fresh.status.clone().unwrap_or_default(), fresh.metadata.generation, status::now());
-            report::fail(api, &fresh, &status, &failure, ctx).await?;
+            if fresh.status.as_ref().and_then(|s| s.phase) == Some(MigrationPhase::Running) {
+                let failure = Failure::source(e.to_string());
+                let status =
+                    failure.status(fresh.status.clone().unwrap_or_default(), fresh.metadata.generation, status::now());
+                report::fail(api, &fresh, &status, &failure, ctx).await?;
+            }
             set_migrating(vms, vm, ctx, None).await?;
             return Ok(Action::await_change());
         }
         tracing::info!(target: TARGET, migration = %name, to = %address, "migration started");
-        set_migrating(vms, vm, ctx, Some(&name)).await?;
         Ok(Next::After(POLL).into())
     }
 
@@ -142,7 +216,8 @@ impl Shell<'_> {
     ) -> Result<Action, Error> {
         let Shell { migration, api, vms, ctx } = *self;
         let vm = vms.get_status(&vm.name_any()).await?;
-        let moved = decide::moved(&vm, ctx.node(), target, status::now());
+        let target_cpus = status.target_cpus.as_deref();
+        let moved = decide::moved(&vm, ctx.node(), target, target_cpus, status::now());
         status::write_vm(vms, &vm, &moved, &ctx.manager()).await?;
         status::write_migration(api, migration, status, &ctx.manager()).await?;
         tracing::info!(target: TARGET, migration = %migration.name_any(), to = %target, downtime_us = ?status.downtime_micros, total_ms = ?status.total_millis, bytes = ?status.bytes_transferred, passes = ?status.iterations, "migration succeeded");

@@ -1,6 +1,6 @@
-//! The target's decisions (pure): whether to start a receiving VMM, publish the
-//! one it started, or fail the migration; and, once the migration failed, whether
-//! to stop its receiving VMM.
+//! The target's decisions (pure): whether to start a receiving VMM (and on which
+//! host CPUs), publish the one it started, or fail the migration; and, once the
+//! migration failed, whether to stop its receiving VMM.
 
 use std::path::Path;
 use std::time::Duration;
@@ -8,18 +8,25 @@ use std::time::Duration;
 use drover_crds::contract::{conditions, reasons};
 use drover_crds::migration::{VirtualMachineMigration, VirtualMachineMigrationStatus};
 use drover_crds::vm::VirtualMachine;
+use drover_topology::CpuSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
 use super::super::failure::Failure;
+use super::super::part::POLL_INVOLVED;
+use crate::Error;
 use crate::conditions::condition;
 use crate::host_facts::HostFacts;
 use crate::next::Next;
 use crate::supervisor::VmmState;
+use crate::vm_config::{self, Chosen};
 use crate::vm_dir::Role;
 
 /// How soon a target that may not start a VMM yet (no lease) looks again.
 pub const POLL_NOT_YET: Duration = Duration::from_millis(500);
+
+/// The migration's field with the host CPUs the operator reserved on the target.
+pub const TARGET_CPUS: &str = "status.targetCpus";
 
 /// What the target's decisions rest on.
 #[derive(Clone, Debug)]
@@ -33,6 +40,13 @@ pub struct Observed<'a> {
     pub local: Option<(Role, VmmState)>,
     /// Whether the host holds its heartbeat lease (no VMM starts without it).
     pub leased: bool,
+    /// The host CPUs this host offers to VMs (empty while its facts are unknown).
+    pub offered: CpuSet,
+    /// Whether this host's receiving VMM of the migration answers its control API.
+    /// `drover-vmm receive` serves it only once the VM it received runs (its start
+    /// returns after the source's `Go`, past which the source never runs the VM
+    /// again). Asked only when a failed migration's receiving VMM still runs.
+    pub resumed: bool,
     pub now: Time,
 }
 
@@ -44,8 +58,9 @@ pub enum Plan {
     Publish,
     /// Forget the receiving VMM an earlier attempt left, then the rest.
     Replace(Box<Plan>),
-    /// Start a receiving VMM, then publish its address once it listens.
-    Receive,
+    /// Start a receiving VMM whose vCPUs run on `host_cpus`, then publish its
+    /// address once it listens.
+    Receive { host_cpus: String },
     /// Nothing now.
     Wait(Next),
 }
@@ -58,14 +73,34 @@ pub fn decide(o: &Observed) -> Plan {
     };
     match &o.local {
         Some((Role::Receive { migration }, VmmState::Running)) if *migration == o.migration.name_any() => Plan::Publish,
-        Some((Role::Receive { .. }, _)) => Plan::Replace(Box::new(receive(o))),
+        Some((Role::Receive { .. }, _)) => Plan::Replace(Box::new(receive(o, vm))),
         Some((Role::Run, _)) => fail(o, Failure::target(format!("{} already runs VM {}", o.node, vm.name_any()))),
-        None => receive(o),
+        None => receive(o, vm),
     }
 }
 
-fn receive(o: &Observed) -> Plan {
-    if o.leased { Plan::Receive } else { Plan::Wait(Next::After(POLL_NOT_YET)) }
+fn receive(o: &Observed, vm: &VirtualMachine) -> Plan {
+    if !o.leased {
+        return Plan::Wait(Next::After(POLL_NOT_YET));
+    }
+    match host_cpus(vm, o.migration, &o.offered, o.node) {
+        Ok(host_cpus) => Plan::Receive { host_cpus },
+        Err(e) => fail(o, Failure::target(e.to_string())),
+    }
+}
+
+/// The host CPUs the receiving VMM runs the vCPUs on: `spec.cpu.hostCpus` if set,
+/// else the CPUs the operator reserved for the VM on this host (the migration's
+/// `status.targetCpus`: a Dedicated VM's), else every CPU this host offers. Never
+/// the VM's `status.allocatedCpus`: until the VM has moved, those are the source's.
+pub fn host_cpus(
+    vm: &VirtualMachine,
+    migration: &VirtualMachineMigration,
+    offered: &CpuSet,
+    node: &str,
+) -> Result<String, Error> {
+    let reserved = migration.status.as_ref().and_then(|s| s.target_cpus.as_deref());
+    vm_config::host_cpus(vm, reserved.map(|list| Chosen { field: TARGET_CPUS, list }), offered, node)
 }
 
 fn fail(o: &Observed, failure: Failure) -> Plan {
@@ -80,17 +115,38 @@ pub enum Stop {
     /// Nothing of it here (or the VM is this host's now).
     Leave,
     /// Forget it, powering it off first if it still runs.
-    Stop { power_off: bool },
+    Forget { power_off: bool },
+    /// Not yet: the source may still be sending (the VM is marked as moving in this
+    /// migration); it cancels the send, or moves the VM here if the send had
+    /// already handed it over. Look again in `Next`.
+    Wait(Next),
+    /// Never: the receiving VMM runs the VM (it resumed it, so the source has
+    /// promised never to run it again). The VM's status moves here (the source
+    /// does that when its VMM completed), and the VM controller takes it over.
+    Keep,
 }
 
-/// What becomes of this host's VMM of a migration that failed.
+/// What becomes of this host's VMM of a migration that failed. A failure (the
+/// operator's, or the source's) never powers off a VMM that runs the VM, nor one
+/// that may be about to: the VM would then run nowhere.
 pub fn stop(o: &Observed) -> Stop {
     let (Some(vm), Some((role, state))) = (o.vm, &o.local) else { return Stop::Leave };
-    let placed_here = vm.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(o.node);
-    if placed_here || *role != (Role::Receive { migration: o.migration.name_any() }) {
+    let status = vm.status.as_ref();
+    let placed_here = status.and_then(|s| s.node_name.as_deref()) == Some(o.node);
+    let name = o.migration.name_any();
+    if placed_here || *role != (Role::Receive { migration: name.clone() }) {
         return Stop::Leave;
     }
-    Stop::Stop { power_off: *state == VmmState::Running }
+    if *state != VmmState::Running {
+        return Stop::Forget { power_off: false };
+    }
+    if o.resumed {
+        return Stop::Keep;
+    }
+    if status.and_then(|s| s.migration.as_deref()) == Some(name.as_str()) {
+        return Stop::Wait(Next::After(POLL_INVOLVED));
+    }
+    Stop::Forget { power_off: true }
 }
 
 /// The `drover-vmm receive` arguments for a VMM that listens on `listen`, with the
@@ -177,6 +233,10 @@ mod tests {
         Time("2026-01-02T03:04:05Z".parse().unwrap())
     }
 
+    fn offered() -> CpuSet {
+        CpuSet::parse("0-3").unwrap()
+    }
+
     /// The local VMM states the tables cover.
     fn locals() -> Vec<(&'static str, Option<(Role, VmmState)>)> {
         let receive = |m: &str| Role::Receive { migration: m.into() };
@@ -198,7 +258,7 @@ mod tests {
             Plan::Fail { failure, .. } => format!("fail:{}", failure.why),
             Plan::Publish => "publish".into(),
             Plan::Replace(rest) => format!("replace>{}", kind(rest)),
-            Plan::Receive => "receive".into(),
+            Plan::Receive { host_cpus } => format!("receive:{host_cpus}"),
             Plan::Wait(Next::After(d)) => format!("wait:{}ms", d.as_millis()),
             Plan::Wait(Next::Change) => "wait:change".into(),
         }
@@ -214,13 +274,13 @@ mod tests {
                 let want = match (name, leased) {
                     ("receiving", _) => "publish",
                     ("receiving ended" | "receiving lost" | "receiving for another migration", true) => {
-                        "replace>receive"
+                        "replace>receive:0-3"
                     }
                     ("receiving ended" | "receiving lost" | "receiving for another migration", false) => {
                         "replace>wait:500ms"
                     }
                     ("running the VM" | "ran the VM", _) => "fail:host-2 already runs VM v",
-                    ("none", true) => "receive",
+                    ("none", true) => "receive:0-3",
                     ("none", false) => "wait:500ms",
                     _ => unreachable!("{name}"),
                 };
@@ -230,6 +290,8 @@ mod tests {
                     vm: Some(&vm),
                     local: local.clone(),
                     leased,
+                    offered: offered(),
+                    resumed: false,
                     now: now(),
                 };
                 assert_eq!(kind(&decide(&o)), want, "{name}, leased {leased}");
@@ -242,34 +304,58 @@ mod tests {
     #[test]
     fn a_failure_is_written_on_the_migrations_status() {
         let migration = migration();
-        let o = Observed { migration: &migration, node: "host-2", vm: None, local: None, leased: true, now: now() };
+        let o = Observed {
+            migration: &migration,
+            node: "host-2",
+            vm: None,
+            local: None,
+            leased: true,
+            offered: offered(),
+            resumed: false,
+            now: now(),
+        };
         let Plan::Fail { status, failure } = decide(&o) else { panic!() };
         assert_eq!(failure.reason, reasons::TARGET_NOT_READY);
         assert_eq!(status.phase, Some(MigrationPhase::Failed));
         assert_eq!(status.source_node.as_deref(), Some("host-1"), "the rest of the status is kept");
     }
 
-    /// Every local VMM state, with the VM placed on the source or already here.
+    /// Every local VMM state × the VM placed on the source or already here × the VM
+    /// marked as moving in this migration or not × the receiving VMM running the
+    /// VM or not.
     #[test]
     fn a_failed_migration_stops_the_receiving_vmm_and_nothing_else() {
         let migration = migration();
-        for (placed, vm) in [("source", vm("host-1")), ("here", vm("host-2"))] {
-            for (name, local) in locals() {
-                let want = match (placed, name) {
-                    ("source", "receiving") => Stop::Stop { power_off: true },
-                    ("source", "receiving ended" | "receiving lost") => Stop::Stop { power_off: false },
-                    _ => Stop::Leave,
-                };
-                for leased in [true, false] {
-                    let o = Observed {
-                        migration: &migration,
-                        node: "host-2",
-                        vm: Some(&vm),
-                        local: local.clone(),
-                        leased,
-                        now: now(),
-                    };
-                    assert_eq!(stop(&o), want, "placed on the {placed}, {name}, leased {leased}");
+        for (placed, node) in [("source", "host-1"), ("here", "host-2")] {
+            for marked in [false, true] {
+                let mut vm = vm(node);
+                vm.status.as_mut().unwrap().migration = marked.then(|| "m".into());
+                for (name, local) in locals() {
+                    for resumed in [false, true] {
+                        let want = match (placed, name) {
+                            // It runs the VM: the source has let go of it for good.
+                            ("source", "receiving") if resumed => Stop::Keep,
+                            // The source may still be sending: it settles first.
+                            ("source", "receiving") if marked => Stop::Wait(Next::After(POLL_INVOLVED)),
+                            ("source", "receiving") => Stop::Forget { power_off: true },
+                            ("source", "receiving ended" | "receiving lost") => Stop::Forget { power_off: false },
+                            _ => Stop::Leave,
+                        };
+                        for leased in [true, false] {
+                            let o = Observed {
+                                migration: &migration,
+                                node: "host-2",
+                                vm: Some(&vm),
+                                local: local.clone(),
+                                leased,
+                                offered: offered(),
+                                resumed,
+                                now: now(),
+                            };
+                            let case = format!("placed on the {placed}, marked {marked}, {name}, resumed {resumed}");
+                            assert_eq!(stop(&o), want, "{case}, leased {leased}");
+                        }
+                    }
                 }
             }
         }
@@ -279,9 +365,52 @@ mod tests {
             vm: None,
             local: locals()[1].1.clone(),
             leased: true,
+            offered: offered(),
+            resumed: false,
             now: now(),
         };
         assert_eq!(stop(&o), Stop::Leave, "no VM: nothing to say whose the VMM is");
+    }
+
+    /// spec.cpu.hostCpus × the migration's targetCpus × the VM's allocatedCpus (the
+    /// source's) → the receiving VMM's host CPUs, or the failure.
+    #[test]
+    fn the_receiving_vmm_runs_on_the_cpus_reserved_here() {
+        type Row = (Option<&'static str>, Option<&'static str>, Option<&'static str>, &'static str);
+        let rows: &[Row] = &[
+            (None, None, None, "receive:0-3"),
+            (None, None, Some("0"), "receive:0-3"),
+            (None, Some("2-3"), None, "receive:2-3"),
+            (None, Some("2-3"), Some("0"), "receive:2-3"),
+            (Some("1"), Some("2-3"), Some("0"), "receive:1"),
+            (Some("1"), None, None, "receive:1"),
+            (None, None, Some("9"), "receive:0-3"),
+            (None, Some("8"), None, "fail:status.targetCpus: CPU 8 is not offered to VMs on host-2 (offered: 0-3)"),
+            (
+                Some("8"),
+                Some("2"),
+                None,
+                "fail:spec.cpu.hostCpus: CPU 8 is not offered to VMs on host-2 (offered: 0-3)",
+            ),
+        ];
+        for &(spec, target, allocated, want) in rows {
+            let mut migration = migration();
+            migration.status.as_mut().unwrap().target_cpus = target.map(str::to_string);
+            let mut vm = vm("host-1");
+            vm.spec.cpu.host_cpus = spec.map(str::to_string);
+            vm.status.as_mut().unwrap().allocated_cpus = allocated.map(str::to_string);
+            let o = Observed {
+                migration: &migration,
+                node: "host-2",
+                vm: Some(&vm),
+                local: None,
+                leased: true,
+                offered: offered(),
+                resumed: false,
+                now: now(),
+            };
+            assert_eq!(kind(&decide(&o)), want, "spec {spec:?} × target {target:?} × allocated {allocated:?}");
+        }
     }
 
     #[test]

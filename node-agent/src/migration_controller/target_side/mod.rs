@@ -1,7 +1,8 @@
 //! The target's shell: looks at the migration's VM and this host's VMM of it,
 //! decides (`decide`), and carries it out: a receiving `drover-vmm` under a monitor,
 //! listening on this host's address, published in `status.targetAddress` once it
-//! listens; after a failure, that VMM stopped.
+//! listens; after a failure, that VMM stopped (unless it runs the VM, or the source
+//! has not settled yet whether it will).
 
 use drover_crds::migration::{VirtualMachineMigration, VirtualMachineMigrationStatus};
 use drover_crds::vm::VirtualMachine;
@@ -16,9 +17,10 @@ use crate::Error;
 use crate::context::Context;
 use crate::next::Next;
 use crate::status;
-use crate::supervisor::new_meta;
+use crate::supervisor::{VmmState, new_meta};
 use crate::vm_config;
 use crate::vm_dir::{Role, StopReason, VmDir};
+use crate::vmm_client::VmmClient;
 
 mod decide;
 
@@ -38,7 +40,7 @@ pub async fn prepare(
 ) -> Result<Action, Error> {
     let vm = vms.get_opt(&migration.spec.vm_name).await?;
     let uid = vm.as_ref().and_then(|vm| vm.uid()).unwrap_or_default();
-    let observed = observe(migration, vm.as_ref(), &uid, ctx);
+    let observed = observe(migration, vm.as_ref(), &uid, ctx, false).await;
     let mut plan = decide::decide(&observed);
     loop {
         match plan {
@@ -51,10 +53,10 @@ pub async fn prepare(
                 ctx.supervisor.forget(&uid);
                 plan = *rest;
             }
-            Plan::Receive => {
+            Plan::Receive { host_cpus } => {
                 // Only `Receive` follows from a VM that exists.
                 let Some(vm) = &vm else { return Ok(Action::await_change()) };
-                return receive(migration, api, ctx, vm, &uid).await;
+                return receive(migration, api, ctx, vm, &uid, host_cpus).await;
             }
             Plan::Wait(next) => return Ok(next.into()),
         }
@@ -62,35 +64,52 @@ pub async fn prepare(
 }
 
 /// Stops this host's receiving VMM of a migration that failed (the VM still runs
-/// on its source).
+/// on its source), once the source has settled its send; keeps one that runs the VM.
 pub async fn stop(
     migration: &VirtualMachineMigration,
     vms: &Api<VirtualMachine>,
     ctx: &Context,
-) -> Result<Action, Error> {
+) -> Result<Next, Error> {
     let vm = vms.get_opt(&migration.spec.vm_name).await?;
     let uid = vm.as_ref().and_then(|vm| vm.uid()).unwrap_or_default();
-    if let Stop::Stop { power_off } = decide::stop(&observe(migration, vm.as_ref(), &uid, ctx)) {
-        if power_off {
-            ctx.supervisor.kill(&uid, StopReason::MigrationFailed);
+    match decide::stop(&observe(migration, vm.as_ref(), &uid, ctx, true).await) {
+        Stop::Forget { power_off } => {
+            if power_off {
+                ctx.supervisor.kill(&uid, StopReason::MigrationFailed);
+            }
+            ctx.supervisor.forget(&uid);
+            tracing::info!(target: TARGET, migration = %migration.name_any(), "migration failed; receiving VMM stopped");
+            Ok(Next::Change)
         }
-        ctx.supervisor.forget(&uid);
-        tracing::info!(target: TARGET, migration = %migration.name_any(), "migration failed; receiving VMM stopped");
+        Stop::Wait(next) => Ok(next),
+        Stop::Keep => {
+            tracing::warn!(target: TARGET, migration = %migration.name_any(), vm = %migration.spec.vm_name, "migration ended as failed, but the VM runs here already: kept (the source moves its status here)");
+            Ok(Next::Change)
+        }
+        Stop::Leave => Ok(Next::Change),
     }
-    Ok(Action::await_change())
 }
 
-fn observe<'a>(
+/// Observes the migration's VM from this host. With `ask_vmm`, a receiving VMM of
+/// this migration that still runs is asked whether it runs the VM yet.
+async fn observe<'a>(
     migration: &'a VirtualMachineMigration,
     vm: Option<&'a VirtualMachine>,
     uid: &str,
     ctx: &'a Context,
+    ask_vmm: bool,
 ) -> Observed<'a> {
-    let local = vm.and_then(|_| {
-        let local = ctx.supervisor.get(uid)?;
-        Some((local.meta.role, ctx.supervisor.state(uid)?))
-    });
-    Observed { migration, node: ctx.node(), vm, local, leased: ctx.leased(), now: status::now() }
+    let found = vm.and_then(|_| ctx.supervisor.get(uid));
+    let local = found.as_ref().and_then(|l| Some((l.meta.role.clone(), ctx.supervisor.state(uid)?)));
+    let ours = Role::Receive { migration: migration.name_any() };
+    let resumed = match (&found, &local) {
+        (Some(l), Some((role, VmmState::Running))) if ask_vmm && *role == ours => {
+            VmmClient::new(&l.dir.api_socket()).status().await.is_ok()
+        }
+        _ => false,
+    };
+    let offered = ctx.facts().map(|f| f.offered_cpus()).unwrap_or_default();
+    Observed { migration, node: ctx.node(), vm, local, leased: ctx.leased(), offered, resumed, now: status::now() }
 }
 
 /// Starts a receiving VMM: the Secret's key into its directory, the configuration
@@ -101,6 +120,7 @@ async fn receive(
     ctx: &Context,
     vm: &VirtualMachine,
     uid: &str,
+    host_cpus: String,
 ) -> Result<Action, Error> {
     let name = migration.name_any();
     let secret = match secret::read(ctx, migration).await {
@@ -108,9 +128,8 @@ async fn receive(
         Err(e) => return fail(migration, api, ctx, e.to_string()).await,
     };
     let facts = ctx.facts();
-    let offered = facts.as_ref().map(|f| f.offered_cpus()).unwrap_or_default();
     let dir = VmDir::new(&ctx.settings.runtime_dir, uid);
-    let config = match vm_config::build_expected(vm, &offered, ctx.node(), &dir) {
+    let config = match vm_config::build_expected(vm, host_cpus, ctx.node(), &dir) {
         Ok(config) => config,
         Err(e) => return fail(migration, api, ctx, e.to_string()).await,
     };
