@@ -1,0 +1,190 @@
+//! The operator at scale, through the real API server with real agents and VMMs:
+//! 500 VMs (Drover's test guest, idle, 16-64 MiB) applied at once on 3 netns
+//! hosts → all Running. Prints the time to all Running, p50/p99 from apply to
+//! Running, the operator's peak RSS, and the API write requests per second in
+//! steady state (kube-apiserver's own `apiserver_request_total`), by resource.
+//!
+//! Needs root (hosts are network namespaces) and release binaries of the agent, the
+//! VMM and the operator (`./run-benchmarks` builds them):
+//! `cargo build --release --bins -p drover-node-agent -p drover-hypervisor -p drover-operator`
+//! then `cargo bench -p drover-e2e --bench scale`. `DROVER_BENCH_VMS` (default 500)
+//! and `DROVER_BENCH_HOSTS` (3) change the size.
+
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: a failed step ends it, saying where
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+struct Cluster {
+    env: Vec<(&'static str, String)>,
+    tools: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    fn script(&self, args: &[&str]) -> String {
+        let out = Command::new(repo().join("e2e/cluster")).args(args).envs(self.env.iter().map(|(k, v)| (*k, v))).output().unwrap();
+        assert!(out.status.success(), "e2e/cluster {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let mut child = Command::new(self.tools.join("kubectl"))
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(input) = stdin {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("e2e/cluster")).arg("down").envs(self.env.iter().map(|(k, v)| (*k, v))).output();
+    }
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Write requests served so far, by resource: (verb sum over POST, PUT, PATCH, APPLY, DELETE).
+fn writes(cluster: &Cluster) -> HashMap<String, f64> {
+    let metrics = cluster.kubectl(&["get", "--raw", "/metrics"], None);
+    let mut out = HashMap::new();
+    for line in metrics.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+        let Some((labels, value)) = line.rsplit_once(' ') else { continue };
+        let label = |name: &str| {
+            labels.split(&format!("{name}=\"")).nth(1).and_then(|rest| rest.split('"').next()).unwrap_or("")
+        };
+        if !["POST", "PUT", "PATCH", "APPLY", "DELETE"].contains(&label("verb")) {
+            continue;
+        }
+        let resource = match label("subresource") {
+            "" => label("resource").to_string(),
+            sub => format!("{}/{sub}", label("resource")),
+        };
+        *out.entry(resource).or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+    }
+    out
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let vms = env_usize("DROVER_BENCH_VMS", 500);
+    let hosts = env_usize("DROVER_BENCH_HOSTS", 3);
+    let release = repo().join("target/release");
+    for bin in ["drover-agent", "drover-vmm", "drover-monitor", "drover-operator"] {
+        assert!(release.join(bin).is_file(), "{} missing: cargo build --release --bins -p drover-node-agent -p drover-hypervisor -p drover-operator", release.join(bin).display());
+    }
+    let state = std::env::temp_dir().join(format!("drover-bench-scale-{}", std::process::id()));
+    let env = vec![
+        ("DROVER_STATE", state.display().to_string()),
+        ("DROVER_APISERVER_PORT", "30443".to_string()),
+        ("DROVER_ETCD_PORT", "30379".to_string()),
+        ("DROVER_BRIDGE", "droverbn0".to_string()),
+        ("DROVER_HOST_NET", "10.82.0".to_string()),
+        ("DROVER_NETNS_PREFIX", "droverbn-".to_string()),
+        ("DROVER_BIN_DIR", release.display().to_string()),
+    ];
+    let tools = PathBuf::from(String::from_utf8_lossy(&Command::new(repo().join("e2e/build-tools")).output().unwrap().stdout).trim());
+    let mut cluster = Cluster { env, tools, kubeconfig: PathBuf::new() };
+    cluster.kubeconfig = PathBuf::from(cluster.script(&["up", "--bare", "--hosts", &hosts.to_string()]));
+    cluster.kubectl(&["apply", "-f", &repo().join("crds").display().to_string()], None);
+    cluster.kubectl(&["wait", "--for", "condition=Established", "--timeout", "60s", "-f", &repo().join("crds").display().to_string()], None);
+    // A pool with room for them all: idle guests cost almost no CPU.
+    cluster.kubectl(&["label", "nodes", "--all", "drover.dev/pool=bench"], None);
+    cluster.kubectl(&["apply", "-f", "-"], Some("apiVersion: drover.dev/v1alpha1\nkind: HostPolicy\nmetadata: {name: bench}\nspec:\n  nodeSelector: {matchLabels: {drover.dev/pool: bench}}\n  capacity: {cpuOvercommitRatio: 32, reservedMemory: 1Gi}\n"));
+    let guest = state.join("guest.elf");
+    assert!(Command::new(release.join("drover-vmm")).arg("write-test-guest").arg(&guest).status().unwrap().success());
+    cluster.kubectl(&["create", "namespace", "bench"], None);
+    let log = std::fs::File::create(state.join("operator-bench.log")).unwrap();
+    let mut operator = Command::new(release.join("drover-operator"))
+        .args(["--kubeconfig", &cluster.kubeconfig.display().to_string(), "--identity", "bench", "--http-address", "127.0.0.1:0", "--leader-lease-seconds", "6"])
+        .env("RUST_LOG", "warn")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // Let the hosts publish their facts under the policy.
+    std::thread::sleep(Duration::from_secs(5));
+    let sizes = ["16Mi", "32Mi", "48Mi", "64Mi"];
+    let yaml: String = (0..vms)
+        .map(|i| {
+            format!(
+                "apiVersion: drover.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: vm-{i:04}, namespace: bench}}\nspec:\n  cpu: {{vcpus: 1}}\n  memory: {{size: {}}}\n  boot: {{kernel: {}, cmdline: drover.mode=idle}}\n---\n",
+                sizes[i % sizes.len()],
+                guest.display()
+            )
+        })
+        .collect();
+    let applied = Instant::now();
+    cluster.kubectl(&["apply", "--server-side", "-f", "-"], Some(&yaml));
+    let apply_took = applied.elapsed();
+    let mut running: HashMap<String, Duration> = HashMap::new();
+    let deadline = Duration::from_secs(600);
+    while running.len() < vms && applied.elapsed() < deadline {
+        let list: serde_json::Value = serde_json::from_str(&cluster.kubectl(&["get", "vm", "-n", "bench", "-o", "json"], None)).unwrap();
+        let now = applied.elapsed();
+        for vm in list["items"].as_array().unwrap() {
+            if vm["status"]["phase"] == "Running" {
+                running.entry(vm["metadata"]["name"].as_str().unwrap().to_string()).or_insert(now);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let all = applied.elapsed();
+    let mut times: Vec<Duration> = running.values().copied().collect();
+    times.sort();
+    let pending = vms - running.len();
+    // Steady state: 30 s of nothing happening.
+    std::thread::sleep(Duration::from_secs(5));
+    let before = writes(&cluster);
+    let window = Duration::from_secs(30);
+    std::thread::sleep(window);
+    let after = writes(&cluster);
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", operator.id()))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().to_string()))
+        .unwrap_or_default();
+    let _ = operator.kill();
+    println!("operator at scale: {vms} VMs applied at once on {hosts} hosts (kubectl apply took {:.1} s)", apply_took.as_secs_f64());
+    println!("| figure | value | goal |");
+    println!("| --- | --- | --- |");
+    println!("| all Running | {:.1} s ({} of {vms}{}) | ≤ 30 s |", all.as_secs_f64(), running.len(), if pending > 0 { ", the rest timed out" } else { "" });
+    if !times.is_empty() {
+        println!("| apply → Running, p50 / p99 | {:.1} / {:.1} s | |", percentile(&times, 0.5).as_secs_f64(), percentile(&times, 0.99).as_secs_f64());
+    }
+    println!("| operator peak RSS | {rss} | ≤ 64 MiB |");
+    let mut rates: Vec<(String, f64)> = after
+        .iter()
+        .map(|(r, n)| (r.clone(), (n - before.get(r).copied().unwrap_or(0.0)) / window.as_secs_f64()))
+        .filter(|(_, rate)| *rate > 0.0)
+        .collect();
+    rates.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = rates.iter().map(|(_, r)| r).sum();
+    let by: Vec<String> = rates.iter().map(|(r, rate)| format!("{r} {rate:.2}")).collect();
+    println!("| API writes/s in steady state | {total:.2} ({}) | ≤ 5/s |", by.join(", "));
+}
