@@ -176,28 +176,39 @@ mod tests {
         let cluster = Cluster::new(&snapshot);
         let db = vm("db", "h1");
         let key = Key::new("ns", "m");
-        let ask = |vm: Option<&Vm>, phase: Option<Phase>, target: Option<&str>, active: &[Migration], limits: &Limits| {
-            admit(&cluster, &Request { key: &key, vm, vm_phase: phase, target }, active, limits)
-        };
+        let ask =
+            |vm: Option<&Vm>, phase: Option<Phase>, target: Option<&str>, active: &[Migration], limits: &Limits| {
+                admit(&cluster, &Request { key: &key, vm, vm_phase: phase, target }, active, limits)
+            };
         let limits = Limits::default();
         let running = Some(Phase::Running);
         assert!(matches!(ask(None, None, None, &[], &limits), Admission::Refuse { why } if why.contains("not found")));
         assert!(matches!(ask(Some(&db), Some(Phase::Starting), None, &[], &limits), Admission::Wait { .. }));
         assert!(matches!(ask(Some(&db), Some(Phase::Stopped), None, &[], &limits), Admission::Refuse { .. }));
-        assert!(matches!(ask(Some(&db), running, Some("h1"), &[], &limits), Admission::Refuse { why } if why.contains("runs on")));
+        assert!(
+            matches!(ask(Some(&db), running, Some("h1"), &[], &limits), Admission::Refuse { why } if why.contains("runs on"))
+        );
         let moving = [migration("other", "db", "h1", "h2")];
-        assert!(matches!(ask(Some(&db), running, None, &moving, &limits), Admission::Refuse { why } if why.contains("already moving")));
+        assert!(
+            matches!(ask(Some(&db), running, None, &moving, &limits), Admission::Refuse { why } if why.contains("already moving"))
+        );
         // Limits: out of h1, into h2, in the cluster.
         let busy = [migration("a", "x", "h1", "h3"), migration("b", "y", "h1", "h3")];
-        assert!(matches!(ask(Some(&db), running, None, &busy, &limits), Admission::Wait { why } if why.contains("leave h1")));
+        assert!(
+            matches!(ask(Some(&db), running, None, &busy, &limits), Admission::Wait { why } if why.contains("leave h1"))
+        );
         let into = [migration("a", "x", "h3", "h2"), migration("b", "y", "h3", "h2")];
-        assert!(matches!(ask(Some(&db), running, Some("h2"), &into, &limits), Admission::Wait { why } if why.contains("into h2")));
+        assert!(
+            matches!(ask(Some(&db), running, Some("h2"), &into, &limits), Admission::Wait { why } if why.contains("into h2"))
+        );
         match ask(Some(&db), running, None, &into, &Limits { outgoing_per_host: 5, ..limits }) {
             Admission::Approve { target, .. } => assert_eq!(target, "h3", "h2 is at its incoming limit"),
             other => panic!("{other:?}"),
         }
         let one = Limits { cluster: 1, ..limits };
-        assert!(matches!(ask(Some(&db), running, None, &moving[..0].iter().chain(&busy[..1]).cloned().collect::<Vec<_>>(), &one), Admission::Wait { why } if why.contains("cluster")));
+        assert!(
+            matches!(ask(Some(&db), running, None, &moving[..0].iter().chain(&busy[..1]).cloned().collect::<Vec<_>>(), &one), Admission::Wait { why } if why.contains("cluster"))
+        );
     }
 
     #[test]
