@@ -277,6 +277,9 @@ pub fn starting(
     // What only a restart changes, as this start takes it (the operator compares
     // it with the spec for RestartRequired); a guest reset comes here too.
     status.booted_with = Some(BootedWith::of(&vm.spec));
+    // A VM that boots here is moved by no migration (a mark left by a source that
+    // failed mid-send would report it Migrating for good).
+    status.migration = None;
     status.host_cpus = config.cpus.host_cpus.clone();
     status.shares = Some(config.shares as i32);
     status.started_at = None;
@@ -785,5 +788,8 @@ mod tests {
         assert_eq!(status.phase, Some(VmPhase::Starting));
         assert_eq!((status.host_cpus.as_deref(), status.shares, status.boot_millis), (Some("1-3"), Some(2000), None));
         assert_eq!(status.conditions.get(conditions::READY).unwrap().message, "starting on host-1");
+        let mut marked = vm.status.clone().unwrap();
+        marked.migration = Some("m".into());
+        assert_eq!(starting(&vm, marked, &config, NODE, now()).migration, None, "a boot is no migration");
     }
 }

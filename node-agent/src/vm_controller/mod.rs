@@ -6,8 +6,13 @@
 //! lease; the start is recorded (`Starting`) with the resourceVersion it was decided
 //! on, so a VM that was meanwhile placed elsewhere is never started. A VM that stops
 //! is reported `Stopped` or `Failed` with the reason; what happens next (restart,
-//! placement elsewhere) is the operator's decision. CPU set and priority changes are
-//! applied to the running VM. A finalizer holds deletion until the VM has stopped.
+//! placement elsewhere) is the operator's decision, and so is a stop: the agent
+//! powers off a VM whose phase the operator set to `Stopping`, and reports it
+//! `Stopped`. The start records what the VM boots with (`status.bootedWith`, for
+//! the operator's RestartRequired). The vCPUs run on `spec.cpu.hostCpus`, else on
+//! the CPUs the operator holds for the VM here (`status.allocatedCpus`), else on
+//! every CPU the host offers; changes of either, and of the priority, are applied
+//! to the running VM. A finalizer holds deletion until the VM has stopped.
 //!
 //! Each reconcile observes (`observe`: the object, this host's VMM of it, the lease,
 //! the host's facts, the time), decides (`decide`, pure: a [`decide::Plan`]) and

@@ -116,9 +116,9 @@ pub enum Stop {
     Leave,
     /// Forget it, powering it off first if it still runs.
     Forget { power_off: bool },
-    /// Not yet: the source may still be sending (the VM is marked as moving in this
-    /// migration); it cancels the send, or moves the VM here if the send had
-    /// already handed it over. Look again in `Next`.
+    /// Not yet: the source may still be sending (the VM is placed there and marked
+    /// as moving in this migration); it cancels the send, or moves the VM here if
+    /// the send had already handed it over. Look again in `Next`.
     Wait(Next),
     /// Never: the receiving VMM runs the VM (it resumed it, so the source has
     /// promised never to run it again). The VM's status moves here (the source
@@ -126,9 +126,10 @@ pub enum Stop {
     Keep,
 }
 
-/// What becomes of this host's VMM of a migration that failed. A failure (the
-/// operator's, or the source's) never powers off a VMM that runs the VM, nor one
-/// that may be about to: the VM would then run nowhere.
+/// What becomes of this host's VMM of a migration that failed. While the VM is
+/// placed on the source, a failure (the operator's, or the source's) never powers
+/// off a receiving VMM that runs the VM, nor one that may be about to: the VM would
+/// then run nowhere.
 pub fn stop(o: &Observed) -> Stop {
     let (Some(vm), Some((role, state))) = (o.vm, &o.local) else { return Stop::Leave };
     let status = vm.status.as_ref();
@@ -140,10 +141,17 @@ pub fn stop(o: &Observed) -> Stop {
     if *state != VmmState::Running {
         return Stop::Forget { power_off: false };
     }
-    if o.resumed {
+    // While the VM is placed on the source, its VMM may have handed the VM over (a
+    // receiving VMM that runs it) or may still send (the VM marked as moving in
+    // this migration): the source settles that first. Once the VM has been placed
+    // anywhere else (the operator restarted it after the source failed), it must
+    // not run here, and no send can hand it over any more.
+    let source = o.migration.status.as_ref().and_then(|s| s.source_node.as_deref());
+    let on_source = source.is_some() && status.and_then(|s| s.node_name.as_deref()) == source;
+    if on_source && o.resumed {
         return Stop::Keep;
     }
-    if status.and_then(|s| s.migration.as_deref()) == Some(name.as_str()) {
+    if on_source && status.and_then(|s| s.migration.as_deref()) == Some(name.as_str()) {
         return Stop::Wait(Next::After(POLL_INVOLVED));
     }
     Stop::Forget { power_off: true }
@@ -326,7 +334,7 @@ mod tests {
     #[test]
     fn a_failed_migration_stops_the_receiving_vmm_and_nothing_else() {
         let migration = migration();
-        for (placed, node) in [("source", "host-1"), ("here", "host-2")] {
+        for (placed, node) in [("source", "host-1"), ("here", "host-2"), ("elsewhere", "host-3")] {
             for marked in [false, true] {
                 let mut vm = vm(node);
                 vm.status.as_mut().unwrap().migration = marked.then(|| "m".into());
@@ -334,11 +342,15 @@ mod tests {
                     for resumed in [false, true] {
                         let want = match (placed, name) {
                             // It runs the VM: the source has let go of it for good.
-                            ("source", "receiving") if resumed => Stop::Keep,
                             // The source may still be sending: it settles first.
+                            ("source", "receiving") if resumed => Stop::Keep,
                             ("source", "receiving") if marked => Stop::Wait(Next::After(POLL_INVOLVED)),
-                            ("source", "receiving") => Stop::Forget { power_off: true },
-                            ("source", "receiving ended" | "receiving lost") => Stop::Forget { power_off: false },
+                            // Placed elsewhere since (restarted after its source failed):
+                            // it must not run here, and no send can hand it over.
+                            ("source" | "elsewhere", "receiving") => Stop::Forget { power_off: true },
+                            ("source" | "elsewhere", "receiving ended" | "receiving lost") => {
+                                Stop::Forget { power_off: false }
+                            }
                             _ => Stop::Leave,
                         };
                         for leased in [true, false] {
