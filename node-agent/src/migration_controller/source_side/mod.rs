@@ -70,56 +70,73 @@ pub async fn drive(
     }
 }
 
+/// How long one look at a failed migration waits for a cancelled send to end. The
+/// operator may remove a migration it failed soon after (a deleted one goes once
+/// its Secret is gone): the send is settled in this look, not a later one.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Settles the send of a migration that has failed (see `decide::settle`); the
-/// migration's status is not written.
+/// migration's status is not written. A send still under way is cancelled and
+/// followed here until it ends (or `SETTLE_WAIT` passes: then it is looked at again).
 pub async fn settle(
     migration: &VirtualMachineMigration,
     vms: &Api<VirtualMachine>,
     ctx: &Context,
 ) -> Result<Next, Error> {
-    let vm = vms.get_opt(&migration.spec.vm_name).await?;
-    let (local, observed) = observe(migration, vm.as_ref(), ctx, true).await;
+    let Some(vm) = vms.get_opt(&migration.spec.vm_name).await? else { return Ok(Next::Change) };
     let name = migration.name_any();
-    match (decide::settle(&observed), &vm) {
-        (Settle::Nothing, _) | (_, None) => Ok(Next::Change),
-        (Settle::Wait(next), _) => Ok(next),
-        (Settle::Cancel(next), _) => {
-            let Some(local) = &local else { return Ok(next) };
-            // Refused when the send has just ended, or is past the point of no
-            // return: the next look says which.
-            match VmmClient::new(&local.dir.api_socket()).cancel_migration().await {
-                Ok(()) => {
-                    tracing::info!(target: TARGET, migration = %name, "migration failed while the VMM sent: send cancelled, the VM stays here")
-                }
-                Err(e) => {
-                    tracing::info!(target: TARGET, migration = %name, "migration failed while the VMM sent; cancel refused: {e}")
+    let deadline = std::time::Instant::now() + SETTLE_WAIT;
+    let mut asked = false;
+    loop {
+        let (local, observed) = observe(migration, Some(&vm), ctx, true).await;
+        match decide::settle(&observed) {
+            Settle::Nothing => return Ok(Next::Change),
+            Settle::Wait(next) | Settle::Cancel(next) if std::time::Instant::now() >= deadline => return Ok(next),
+            Settle::Wait(_) => {}
+            Settle::Cancel(_) => {
+                if let Some(local) = &local {
+                    // Refused when the send has just ended, or is past the point of
+                    // no return: what the VMM says next tells which.
+                    let result = VmmClient::new(&local.dir.api_socket()).cancel_migration().await;
+                    if !asked {
+                        match result {
+                            Ok(()) => {
+                                tracing::info!(target: TARGET, migration = %name, "migration failed while the VMM sent: send cancelled")
+                            }
+                            Err(e) => {
+                                tracing::info!(target: TARGET, migration = %name, "migration failed while the VMM sent; cancel refused: {e}")
+                            }
+                        }
+                        asked = true;
+                    }
                 }
             }
-            Ok(next)
+            Settle::Release => {
+                set_migrating(vms, &vm, ctx, None).await?;
+                tracing::info!(target: TARGET, migration = %name, "migration failed; the VM stays here");
+                return Ok(Next::Change);
+            }
+            Settle::Move { target, target_cpus } => {
+                // `vm` was read at the start of this look, and the write is against
+                // its version.
+                let moved = decide::moved(&vm, ctx.node(), &target, target_cpus.as_deref(), status::now());
+                status::write_vm(vms, &vm, &moved, &ctx.manager()).await?;
+                let why = migration
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.failure_message.clone())
+                    .unwrap_or_else(|| "no reason given".into());
+                let note = format!(
+                    "moved from {} to {target} although the migration was ended as failed ({why}): its VMM had already handed the VM over",
+                    ctx.node()
+                );
+                tracing::warn!(target: TARGET, migration = %name, to = %target, "{note}");
+                ctx.events.warning(&vm, reasons::MIGRATED, "Migrate", note.clone());
+                ctx.events.warning(migration, reasons::MIGRATED, "Migrate", note);
+                return Ok(Next::Change);
+            }
         }
-        (Settle::Release, Some(vm)) => {
-            set_migrating(vms, vm, ctx, None).await?;
-            tracing::info!(target: TARGET, migration = %name, "migration failed; the VM stays here");
-            Ok(Next::Change)
-        }
-        (Settle::Move { target, target_cpus }, Some(vm)) => {
-            // `vm` was read just now, and the write is against its version.
-            let moved = decide::moved(vm, ctx.node(), &target, target_cpus.as_deref(), status::now());
-            status::write_vm(vms, vm, &moved, &ctx.manager()).await?;
-            let why = migration
-                .status
-                .as_ref()
-                .and_then(|s| s.failure_message.clone())
-                .unwrap_or_else(|| "no reason given".into());
-            let note = format!(
-                "moved from {} to {target} although the migration was ended as failed ({why}): its VMM had already handed the VM over",
-                ctx.node()
-            );
-            tracing::warn!(target: TARGET, migration = %name, to = %target, "{note}");
-            ctx.events.warning(vm, reasons::MIGRATED, "Migrate", note.clone());
-            ctx.events.warning(migration, reasons::MIGRATED, "Migrate", note);
-            Ok(Next::Change)
-        }
+        tokio::time::sleep(POLL).await;
     }
 }
 

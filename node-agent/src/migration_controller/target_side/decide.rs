@@ -13,7 +13,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
 use super::super::failure::Failure;
-use super::super::part::POLL_INVOLVED;
 use crate::Error;
 use crate::conditions::condition;
 use crate::host_facts::HostFacts;
@@ -24,6 +23,10 @@ use crate::vm_dir::Role;
 
 /// How soon a target that may not start a VMM yet (no lease) looks again.
 pub const POLL_NOT_YET: Duration = Duration::from_millis(500);
+
+/// How soon a failed migration's target looks again while the source settles its
+/// send (it does so in one look, usually within a second).
+pub const POLL_SETTLING: Duration = Duration::from_millis(250);
 
 /// The migration's field with the host CPUs the operator reserved on the target.
 pub const TARGET_CPUS: &str = "status.targetCpus";
@@ -152,7 +155,7 @@ pub fn stop(o: &Observed) -> Stop {
         return Stop::Keep;
     }
     if on_source && status.and_then(|s| s.migration.as_deref()) == Some(name.as_str()) {
-        return Stop::Wait(Next::After(POLL_INVOLVED));
+        return Stop::Wait(Next::After(POLL_SETTLING));
     }
     Stop::Forget { power_off: true }
 }
@@ -344,7 +347,7 @@ mod tests {
                             // It runs the VM: the source has let go of it for good.
                             // The source may still be sending: it settles first.
                             ("source", "receiving") if resumed => Stop::Keep,
-                            ("source", "receiving") if marked => Stop::Wait(Next::After(POLL_INVOLVED)),
+                            ("source", "receiving") if marked => Stop::Wait(Next::After(POLL_SETTLING)),
                             // Placed elsewhere since (restarted after its source failed):
                             // it must not run here, and no send can hand it over.
                             ("source" | "elsewhere", "receiving") => Stop::Forget { power_off: true },
