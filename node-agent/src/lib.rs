@@ -13,7 +13,8 @@
 //! - [`supervisor`], [`vm_dir`], [`monitor`]: VMM processes that outlive the agent;
 //!   [`process`]: signalling them through pidfds; [`files`]: the files they share.
 //! - [`vmm_client`]: the VMM's control API.
-//! - [`migration_controller`]: VirtualMachineMigrations, source and target.
+//! - [`migration_controller`]: VirtualMachineMigrations, source and target;
+//!   [`handover`]: the VM's status once a migration handed it over.
 //! - [`console`]: the HTTP endpoint (health, serial console logs).
 //! - [`events`]: Kubernetes Events for what happened to a VM.
 
@@ -24,6 +25,7 @@ pub mod error;
 pub mod events;
 pub mod fence;
 pub mod files;
+pub mod handover;
 pub mod heartbeat;
 pub mod host_facts;
 pub mod migration_controller;

@@ -16,6 +16,7 @@
 //! | `stop-reason` | agent or monitor | why the VMM was stopped from outside (fencing, request) |
 //! | `exit.json` | monitor | how the VMM ended |
 //! | `migration.json` | VMM | final figures of its outgoing migration |
+//! | `outgoing.json` | agent | where its outgoing migration sends the VM (migration, target host, CPUs) |
 
 use std::path::{Path, PathBuf};
 
@@ -95,6 +96,21 @@ impl ExitRecord {
     pub fn is_migrated(&self) -> bool {
         self.status() == Some(ExitStatus::MigratedOut)
     }
+}
+
+/// `outgoing.json`: where a source's send goes, recorded before the VMM is asked to
+/// send, so that a VMM that handed its VM over is accounted for even when the
+/// migration is gone by then.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outgoing {
+    /// The VirtualMachineMigration.
+    pub migration: String,
+    /// Its target host.
+    pub target_node: String,
+    /// The host CPUs the operator reserved there (its `status.targetCpus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_cpus: Option<String>,
 }
 
 /// Why a VMM was stopped from outside, as `stop-reason` records it; the VM's
@@ -183,12 +199,21 @@ impl VmDir {
     pub fn migration_figures(&self) -> PathBuf {
         self.path.join("migration.json")
     }
+    pub fn outgoing(&self) -> PathBuf {
+        self.path.join("outgoing.json")
+    }
 
     pub fn read_meta(&self) -> Result<VmMeta, Error> {
         read_json(&self.meta())
     }
     pub fn read_exit(&self) -> Option<ExitRecord> {
         read_json(&self.exit()).ok()
+    }
+    pub fn read_outgoing(&self) -> Option<Outgoing> {
+        read_json(&self.outgoing()).ok()
+    }
+    pub fn write_outgoing(&self, outgoing: &Outgoing) -> Result<(), Error> {
+        write_atomic(&self.outgoing(), &serde_json::to_vec_pretty(outgoing).map_err(|e| Error::Io(e.to_string()))?)
     }
     pub fn read_stop_reason(&self) -> Option<String> {
         std::fs::read_to_string(self.stop_reason()).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
@@ -237,6 +262,17 @@ mod tests {
         dir.set_stop_reason(StopReason::Fenced);
         dir.set_stop_reason(StopReason::Deleted);
         assert_eq!(dir.read_stop_reason().as_deref(), Some(StopReason::Fenced.text()));
+    }
+
+    #[test]
+    fn the_outgoing_send_is_read_back() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = VmDir { path: root.path().to_path_buf() };
+        assert_eq!(dir.read_outgoing(), None);
+        let outgoing =
+            Outgoing { migration: "m".into(), target_node: "host-2".into(), target_cpus: Some("4-5".into()) };
+        dir.write_outgoing(&outgoing).unwrap();
+        assert_eq!(dir.read_outgoing(), Some(outgoing));
     }
 
     #[test]

@@ -45,6 +45,13 @@ pub async fn act(plan: Plan, vm: &VirtualMachine, ctx: &Context, uid: &str) -> R
                 ctx.supervisor.kill(uid, reason);
                 return Ok(Next::After(POLL_BUSY).into());
             }
+            Plan::CancelSend => {
+                if let Some(local) = ctx.supervisor.get(uid) {
+                    let result = VmmClient::new(&local.dir.api_socket()).cancel_migration().await;
+                    tracing::info!(target: TARGET, vm = %vm.name_any(), migration = ?vm.status.as_ref().and_then(|s| s.migration.clone()), ok = result.is_ok(), "the migration of this send is gone: send cancelled");
+                }
+                return Ok(Next::After(POLL_BUSY).into());
+            }
             Plan::Forget => {
                 ctx.supervisor.forget(uid);
                 return Ok(Next::Change.into());

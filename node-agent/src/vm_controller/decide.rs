@@ -13,10 +13,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::conditions::condition;
 use crate::events;
+use crate::handover;
 use crate::host_facts::HostFacts;
 pub use crate::next::Next;
 use crate::supervisor::VmmState;
-use crate::vm_dir::{ExitRecord, Role, StopReason, stop_was_requested};
+use crate::vm_dir::{ExitRecord, Outgoing, Role, StopReason, stop_was_requested};
+use crate::vmm_client::Phase;
 
 /// How often a running VM's status is refreshed (and a receiving VMM looked at).
 pub const POLL_RUNNING: Duration = Duration::from_secs(2);
@@ -51,6 +53,20 @@ pub struct LocalVmm {
     /// Whether it reports its outgoing migration completed; asked only of a running
     /// VMM whose VM is placed elsewhere.
     pub handed_over: bool,
+    /// A send of it whose migration is gone, the VM still marked as moving in it.
+    pub orphan: Option<Orphan>,
+}
+
+/// A send the local VMM made for a migration that no longer exists, while the VM
+/// is still marked as moving in it (`status.migration`). The migration controller
+/// settles a failed migration's send; this is for one that went before it could
+/// (the agent was down then, say): the VM must not stay marked, nor vanish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Orphan {
+    /// What the VMM says of its send, if it runs and answered.
+    pub phase: Option<Phase>,
+    /// Where the send went, as the source recorded it (for that migration).
+    pub outgoing: Option<Outgoing>,
 }
 
 /// What to do.
@@ -63,6 +79,8 @@ pub enum Plan {
     TakeOver(Box<Plan>),
     /// Power the local VMM off (SIGKILL), recording why; look again soon to see it end.
     PowerOff(StopReason),
+    /// Cancel the local VMM's send (its migration is gone); look again soon.
+    CancelSend,
     /// Forget the ended VMM of a VM placed elsewhere; nothing more to do here.
     Forget,
     /// The guest reset: forget its ended VMM, then the rest (a start, or why not yet).
@@ -122,13 +140,21 @@ pub fn decide(o: &Observed) -> Plan {
                 // The operator asked for a stop: power off, and report nothing until
                 // the VMM has ended (a Running report would undo the operator's word).
                 Plan::PowerOff(StopReason::Requested)
+            } else if let Some(orphan) = &local.orphan {
+                orphaned(o, status, orphan)
             } else {
                 Plan::Run { offered: offered(o) }
             };
             if matches!(local.role, Role::Receive { .. }) { Plan::TakeOver(Box::new(plan)) } else { plan }
         }
-        // The migration controller moves the VM's status to the target.
-        VmmState::Ended(record) if record.is_migrated() => Plan::Wait(Next::After(POLL_BUSY)),
+        // The migration controller moves the VM's status to the target; if its
+        // migration is gone, the record of where the send went says where.
+        VmmState::Ended(record) if record.is_migrated() => {
+            match local.orphan.as_ref().and_then(|orphan| orphan.outgoing.as_ref()) {
+                Some(outgoing) => handed_over(o, outgoing),
+                None => Plan::Wait(Next::After(POLL_BUSY)),
+            }
+        }
         VmmState::Ended(record) => ended(o, status, record, local.stop_reason.as_deref()),
         VmmState::Lost => {
             let mut status = status;
@@ -165,6 +191,36 @@ fn elsewhere(o: &Observed, status: &VirtualMachineStatus) -> Plan {
         None if o.vm.metadata.deletion_timestamp.is_some() && status.node_name.is_none() => Plan::ReleaseFinalizer,
         None => Plan::Wait(Next::Change),
     }
+}
+
+/// A running VMM whose send's migration is gone: cancel a send still going (nobody
+/// wants it: a migration goes only once it has ended), wait for one that completed
+/// to end "migrated", and otherwise drop the VM's mark: it stays here.
+fn orphaned(o: &Observed, mut status: VirtualMachineStatus, orphan: &Orphan) -> Plan {
+    match orphan.phase {
+        Some(Phase::Connecting | Phase::PreCopy | Phase::Switchover) => Plan::CancelSend,
+        Some(Phase::Completed) | None => Plan::Wait(Next::After(POLL_BUSY)),
+        Some(Phase::None | Phase::Failed | Phase::Cancelled | Phase::Unknown) => {
+            let migration = status.migration.take().unwrap_or_default();
+            if status.phase == Some(VmPhase::Migrating) {
+                status.phase = Some(VmPhase::Running);
+            }
+            let line = format!("migration {migration} is gone and its send ended: the VM stays on {}", o.node);
+            Report { log: Some(line), ..report(status, None, None) }.then(Next::After(POLL_BUSY))
+        }
+    }
+}
+
+/// The local VMM handed the VM over to `outgoing`'s target, and the migration is
+/// gone: the VM's status moves there as the migration controller would have moved it.
+fn handed_over(o: &Observed, outgoing: &Outgoing) -> Plan {
+    let target = &outgoing.target_node;
+    let status = handover::moved(o.vm, o.node, target, outgoing.target_cpus.as_deref(), o.now.clone());
+    let note = format!(
+        "moved from {} to {target}: its VMM handed it over in migration {}, which is gone",
+        o.node, outgoing.migration
+    );
+    report(status, Some(note.clone()), Some(warning(reasons::MIGRATED, "Migrate", note))).then(Next::Change)
 }
 
 /// The local VMM ended (not by migrating away).
@@ -392,7 +448,8 @@ mod tests {
     }
 
     fn local(vmm: Vmm) -> Option<LocalVmm> {
-        let run = |state| Some(LocalVmm { role: Role::Run, state, stop_reason: None, handed_over: false });
+        let run =
+            |state| Some(LocalVmm { role: Role::Run, state, stop_reason: None, handed_over: false, orphan: None });
         match vmm {
             Vmm::None => None,
             Vmm::Running => run(VmmState::Running),
@@ -401,6 +458,7 @@ mod tests {
                 state: VmmState::Running,
                 stop_reason: None,
                 handed_over: false,
+                orphan: None,
             }),
             Vmm::EndedClean => run(exit(ExitStatus::PoweredOff)),
             Vmm::EndedReset => run(exit(ExitStatus::Reset)),
@@ -474,6 +532,7 @@ mod tests {
             Plan::Wait(n) => format!("wait:{}", next(n)),
             Plan::TakeOver(rest) => format!("take-over>{}", kind(rest)),
             Plan::PowerOff(reason) => format!("power-off:{reason:?}"),
+            Plan::CancelSend => "cancel-send".into(),
             Plan::Forget => "forget".into(),
             Plan::Reboot(rest) => format!("reboot>{}", kind(rest)),
             Plan::ReleaseFinalizer => "release".into(),
@@ -627,7 +686,8 @@ mod tests {
     fn a_source_that_handed_the_vm_over_is_left_to_end() {
         let vm = vm(Some("host-2"), Some(VmPhase::Running));
         let facts = facts(true);
-        let handed = LocalVmm { role: Role::Run, state: VmmState::Running, stop_reason: None, handed_over: true };
+        let handed =
+            LocalVmm { role: Role::Run, state: VmmState::Running, stop_reason: None, handed_over: true, orphan: None };
         assert_eq!(observe(&vm, Some(handed), true, &facts), Plan::Wait(Next::After(POLL_BUSY)));
     }
 
@@ -679,6 +739,7 @@ mod tests {
             state: VmmState::Ended(ExitRecord { code: None, signal: Some(9), at_ms: 1 }),
             stop_reason: stop_reason.map(|r| r.text().to_string()),
             handed_over: false,
+            orphan: None,
         };
         let Plan::Report(r) = observe(&vm, Some(killed(Some(StopReason::Halted))), true, &facts) else { panic!() };
         assert_eq!(r.status.phase, Some(VmPhase::Stopped));
@@ -723,6 +784,7 @@ mod tests {
             state: VmmState::Ended(ExitRecord { code: None, signal: Some(9), at_ms: 1 }),
             stop_reason: Some(StopReason::Requested.text().to_string()),
             handed_over: false,
+            orphan: None,
         };
         let Plan::Report(r) = observe(&vm, Some(killed), true, &facts) else { panic!() };
         assert_eq!(r.status.phase, Some(VmPhase::Stopped));
@@ -762,6 +824,62 @@ mod tests {
         let again = starting(&vm, *status, &config, NODE, now());
         assert_eq!(again.booted_with, Some(BootedWith::of(&vm.spec)));
         assert_eq!(again.booted_with.unwrap().memory, "128Mi");
+    }
+
+    /// A VM marked as moving in a migration that is gone × what its VMM here says
+    /// of the send (or that it ended "migrated", with or without the record of
+    /// where the send went).
+    #[test]
+    fn a_send_whose_migration_is_gone_is_settled_here() {
+        let facts = facts(true);
+        let mut vm = vm(Some(NODE), Some(VmPhase::Migrating));
+        vm.status.as_mut().unwrap().migration = Some("m".into());
+        vm.status.as_mut().unwrap().allocated_cpus = Some("1".into());
+        let outgoing = Outgoing { migration: "m".into(), target_node: "host-2".into(), target_cpus: Some("3".into()) };
+        let running = |phase: Option<Phase>| LocalVmm {
+            role: Role::Run,
+            state: VmmState::Running,
+            stop_reason: None,
+            handed_over: false,
+            orphan: Some(Orphan { phase, outgoing: Some(outgoing.clone()) }),
+        };
+        let rows: &[(Option<Phase>, &str)] = &[
+            (None, "wait:250ms"),
+            (Some(Phase::Connecting), "cancel-send"),
+            (Some(Phase::PreCopy), "cancel-send"),
+            (Some(Phase::Switchover), "cancel-send"),
+            (Some(Phase::Completed), "wait:250ms"),
+            (Some(Phase::None), "report:Running/->250ms"),
+            (Some(Phase::Failed), "report:Running/->250ms"),
+            (Some(Phase::Cancelled), "report:Running/->250ms"),
+            (Some(Phase::Unknown), "report:Running/->250ms"),
+        ];
+        for &(phase, want) in rows {
+            let plan = observe(&vm, Some(running(phase)), true, &facts);
+            assert_eq!(kind(&plan), want, "VMM says {phase:?}");
+            if let Plan::Report(r) = plan {
+                assert_eq!((r.status.migration, r.status.node_name.as_deref()), (None, Some(NODE)), "it stays here");
+            }
+        }
+        // Halted or stopping wins: powered off (which ends the send too).
+        let mut stopping = vm.clone();
+        stopping.status.as_mut().unwrap().phase = Some(VmPhase::Stopping);
+        let sending = running(Some(Phase::PreCopy));
+        assert_eq!(kind(&observe(&stopping, Some(sending), true, &facts)), "power-off:Requested");
+        // It ended "migrated": the VM moves to where the send went, as on success.
+        let migrated = |outgoing: Option<Outgoing>| LocalVmm {
+            state: exit(ExitStatus::MigratedOut),
+            orphan: Some(Orphan { phase: None, outgoing }),
+            ..running(None)
+        };
+        let Plan::Report(r) = observe(&vm, Some(migrated(Some(outgoing.clone()))), true, &facts) else { panic!() };
+        assert_eq!(
+            (r.status.node_name.as_deref(), r.status.allocated_cpus.as_deref(), r.status.migration.as_deref()),
+            (Some("host-2"), Some("3"), None)
+        );
+        assert_eq!(r.status.conditions.get(conditions::READY).unwrap().reason, reasons::MIGRATED);
+        assert!(r.event.unwrap().warning);
+        assert_eq!(kind(&observe(&vm, Some(migrated(None)), true, &facts)), "wait:250ms", "nowhere to say");
     }
 
     #[test]

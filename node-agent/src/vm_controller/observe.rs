@@ -1,13 +1,15 @@
 //! What the VM controller looks at before it decides: gathered here, so that
 //! `decide` reads no file, socket or clock.
 
+use drover_crds::migration::VirtualMachineMigration;
 use drover_crds::vm::VirtualMachine;
+use kube::{Api, ResourceExt};
 
-use super::decide::{LocalVmm, Observed};
+use super::decide::{LocalVmm, Observed, Orphan};
 use crate::context::Context;
 use crate::host_facts::HostFacts;
 use crate::status;
-use crate::supervisor::VmmState;
+use crate::supervisor::{LocalVm, VmmState};
 use crate::vm_dir::Role;
 use crate::vmm_client::{Phase, VmmClient};
 
@@ -30,9 +32,33 @@ pub async fn observe<'a>(
             } else {
                 false
             };
-            Some(LocalVmm { role: local.meta.role, state, stop_reason, handed_over })
+            let orphan = if here { orphan(vm, ctx, &local, &state).await } else { None };
+            Some(LocalVmm { role: local.meta.role, state, stop_reason, handed_over, orphan })
         }
         _ => None,
     };
     Observed { vm, node: ctx.node(), local, leased: ctx.leased(), facts, now: status::now() }
+}
+
+/// The send of a VM marked as moving in a migration that no longer exists, made by
+/// its VMM here (running, or ended "migrated"): nobody else settles it. Looked for
+/// only while the VM is marked.
+async fn orphan(vm: &VirtualMachine, ctx: &Context, local: &LocalVm, state: &VmmState) -> Option<Orphan> {
+    let name = vm.status.as_ref()?.migration.as_deref()?;
+    let sent = local.meta.role == Role::Run
+        && (*state == VmmState::Running || matches!(state, VmmState::Ended(r) if r.is_migrated()));
+    if !sent {
+        return None;
+    }
+    let api: Api<VirtualMachineMigration> = Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    // Only a migration known to be gone: an error says nothing.
+    if !matches!(api.get_opt(name).await, Ok(None)) {
+        return None;
+    }
+    let phase = if *state == VmmState::Running {
+        VmmClient::new(&local.dir.api_socket()).migration().await.ok().map(|m| m.phase)
+    } else {
+        None
+    };
+    Some(Orphan { phase, outgoing: local.dir.read_outgoing().filter(|o| o.migration == name) })
 }

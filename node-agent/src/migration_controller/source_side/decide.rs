@@ -13,6 +13,7 @@ use kube::ResourceExt;
 
 use super::super::failure::Failure;
 use crate::conditions::condition;
+pub use crate::handover::moved;
 use crate::next::Next;
 use crate::supervisor::VmmState;
 use crate::vmm_client::{MigrationStatus, Phase};
@@ -152,37 +153,6 @@ fn ended(o: &Observed) -> Option<Result<(), String>> {
 fn fail(o: &Observed, status: VirtualMachineMigrationStatus, failure: Failure, release_vm: bool) -> Plan {
     let status = failure.status(status, o.migration.metadata.generation, o.now.clone());
     Plan::Fail { status: Box::new(status), failure, release_vm }
-}
-
-/// The VM's status once it runs on `target`, from its `fresh` status: the target's
-/// agent takes it over from here. Its host CPUs there are the ones the operator
-/// reserved for the migration (`target_cpus`: a Dedicated VM's); without them the
-/// allocation goes, and the operator writes the target's (a Shared VM's). An
-/// operator's `Stopping` stays: the stop it asked for still holds there.
-pub fn moved(
-    vm: &VirtualMachine,
-    node: &str,
-    target: &str,
-    target_cpus: Option<&str>,
-    now: Time,
-) -> VirtualMachineStatus {
-    let mut status = vm.status.clone().unwrap_or_default();
-    status.node_name = Some(target.into());
-    if status.phase != Some(VmPhase::Stopping) {
-        status.phase = Some(VmPhase::Running);
-    }
-    status.allocated_cpus = target_cpus.map(str::to_string);
-    status.migration = None;
-    status.cpu_usage = None;
-    status.conditions.set(condition(
-        conditions::READY,
-        true,
-        reasons::MIGRATED,
-        format!("migrated from {node} to {target}"),
-        vm.metadata.generation,
-        now,
-    ));
-    status
 }
 
 /// What the source does about a migration that has failed: whoever failed it, a

@@ -26,7 +26,7 @@ use crate::files::read_json;
 use crate::next::Next;
 use crate::status;
 use crate::supervisor::{LocalVm, VmmState};
-use crate::vm_dir::Role;
+use crate::vm_dir::{Outgoing, Role};
 use crate::vmm_client::{MigrationStatus, VmmClient};
 
 mod decide;
@@ -200,7 +200,14 @@ impl Shell<'_> {
             }
         };
         // Marked first: while the mark is there the target keeps its receiving VMM,
-        // so it must be there before any send can start.
+        // so it must be there before any send can start. Where the send goes is
+        // recorded here too, for a VMM whose migration is gone once it has sent.
+        let target = running.target_node.clone().unwrap_or_default();
+        local.dir.write_outgoing(&Outgoing {
+            migration: name.clone(),
+            target_node: target,
+            target_cpus: running.target_cpus.clone(),
+        })?;
         set_migrating(vms, vm, ctx, Some(&name)).await?;
         status::write_migration(api, migration, running, &ctx.manager()).await?;
         let figures = local.dir.migration_figures();
