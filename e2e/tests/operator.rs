@@ -133,7 +133,10 @@ fn placement_keeps_rules_and_capacity_says_why_and_places_when_room_appears() {
 fn run_strategies_restart_stop_and_take_requests() {
     let _serial = serial();
     let ns = namespace("op-life");
-    let host = Host::add(&unique_name("life"));
+    // Two 2-CPU hosts (no HostPolicy, no overcommit): room for the four 1-vCPU VMs
+    // that hold a host at once (the stopped Always and Failed RerunOnFailure VMs
+    // keep theirs, to start again in place).
+    let hosts = [Host::add(&unique_name("life")), Host::add(&unique_name("life"))];
     let _op = Operator::start("op-1", &ns, &[]);
     let sum = |name: &str, strategy: &str| {
         vm(&ns, name, "", "{vcpus: 1}", "32Mi", "drover.mode=sum", &format!("  runStrategy: {strategy}\n"))
@@ -175,7 +178,7 @@ fn run_strategies_restart_stop_and_take_requests() {
     });
     kubectl(&["annotate", "vm", "manual", "-n", &ns, "drover.dev/request=stop"]);
     wait_phase(&ns, "manual", "Stopped", Duration::from_secs(30));
-    assert!(vmm_pid(&host, &uid(&ns, "manual")).is_none());
+    assert!(hosts.iter().all(|h| vmm_pid(h, &uid(&ns, "manual")).is_none()));
     // Halted: never started.
     assert_eq!(vm_status(&ns, "halted")["phase"], "Stopped");
     assert!(vm_status(&ns, "halted")["nodeName"].is_null());
@@ -304,8 +307,8 @@ fn maintenance_evacuates_each_vm_by_its_action_and_the_host_returns_to_service()
     };
     apply(&on("live", "LiveMigrate"));
     apply(&on("again", "Restart"));
-    apply(&on("off", "Stop"));
-    for name in ["live", "again", "off"] {
+    apply(&on("held", "Stop"));
+    for name in ["live", "again", "held"] {
         wait_phase(&ns, name, "Running", Duration::from_secs(30));
         assert_eq!(node_of(&ns, name), a.name(), "{name} follows the Preferred rule");
     }
@@ -320,13 +323,13 @@ fn maintenance_evacuates_each_vm_by_its_action_and_the_host_returns_to_service()
     assert!(vmm_pid(&b, &live_uid).is_some(), "live-migrated, same VM");
     let again = wait_phase(&ns, "again", "Running", Duration::from_secs(30));
     assert_eq!(again["nodeName"], b.name(), "restarted elsewhere");
-    assert_eq!(vm_status(&ns, "off")["phase"], "Stopped", "stopped for the maintenance");
+    assert_eq!(vm_status(&ns, "held")["phase"], "Stopped", "stopped for the maintenance");
     let migrations = kubectl(&["get", "vmim", "-n", &ns, "-o", "jsonpath={.items[*].spec.trigger}"]);
     assert!(migrations.contains("Maintenance"), "{migrations}");
 
     kubectl(&["taint", "node", a.name(), "drover.dev/maintenance-"]);
-    wait_phase(&ns, "off", "Running", Duration::from_secs(30));
-    assert_eq!(node_of(&ns, "off"), a.name(), "back in service: it starts where it was");
+    wait_phase(&ns, "held", "Running", Duration::from_secs(30));
+    assert_eq!(node_of(&ns, "held"), a.name(), "back in service: it starts where it was");
     wait_for("the maintenance note removed", Duration::from_secs(10), || {
         get("", "node", a.name())["metadata"]["annotations"]["drover.dev/maintenance-status"].is_null().then_some(())
     });

@@ -27,9 +27,17 @@ pub struct Context {
     pub vm_writes: Overlay<VirtualMachine>,
     pub migration_writes: Overlay<VirtualMachineMigration>,
     pub nudger: Nudger,
+    /// Opens (true) once every store has listed: no decision before.
+    pub gate: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Context {
+    /// Waits at the gate.
+    pub async fn ready(&self) {
+        let mut gate = self.gate.clone();
+        let _ = gate.wait_for(|open| *open).await;
+    }
+
     /// The cluster now: the stores, with the operator's newer writes over them.
     pub fn snapshot(&self) -> Snapshot {
         self.snapshot_with(None)

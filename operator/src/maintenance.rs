@@ -27,6 +27,7 @@ use crate::vm::mine::Mine;
 use crate::writes::{apply_status, patch_metadata};
 
 pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.ready().await;
     ctx.metrics.reconciled("host");
     let name = node.name_any();
     let nodes: Api<Node> = Api::all(ctx.client.clone());
@@ -105,7 +106,9 @@ fn plan(ctx: &Context, host: &str) -> drover_core::maintenance::Evacuation {
                     MaintenanceAction::Restart => OnMaintenance::Restart,
                     MaintenanceAction::Stop => OnMaintenance::Stop,
                 },
-                stopping: v.status.as_ref().and_then(|s| s.phase) == Some(VmPhase::Stopping),
+                // A VM in the middle of a migration counts as on its way.
+                stopping: v.status.as_ref().and_then(|s| s.phase) == Some(VmPhase::Stopping)
+                    || v.status.as_ref().is_some_and(|s| s.migration.is_some() && moving.is_none()),
                 migration: moving.map(|m| {
                     let waits = (!migration_active(m))
                         .then(|| {

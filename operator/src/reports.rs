@@ -127,6 +127,7 @@ fn selectors_by_host(policies: &[Arc<HostPolicy>], nodes: &[Arc<Node>]) -> HashM
 }
 
 pub async fn reconcile_policy(policy: Arc<HostPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.ready().await;
     ctx.metrics.reconciled("hostpolicy");
     let snapshot = ctx.snapshot();
     let cluster = Cluster::new(&snapshot);
@@ -146,6 +147,7 @@ pub async fn reconcile_policy(policy: Arc<HostPolicy>, ctx: Arc<Context>) -> Res
 }
 
 pub async fn reconcile_rule(rule: Arc<DRSRule>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.ready().await;
     ctx.metrics.reconciled("drsrule");
     let snapshot = ctx.snapshot();
     let cluster = Cluster::new(&snapshot);

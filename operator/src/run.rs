@@ -1,15 +1,15 @@
-//! What the leader runs: the stores, the heartbeat clock, and one controller per
-//! kind, all on one context.
+//! What the leader runs: the watches, the heartbeat clock, and one controller per
+//! kind, all on one context. The controllers start at once (they drive the VM,
+//! migration and Node watches), but every reconcile waits at the gate until all
+//! stores have listed and a moment of heartbeats has been seen.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use drover_crds::drs_rule::DRSRule;
 use drover_crds::host_policy::HostPolicy;
-use drover_crds::migration::{MigrationPhase, VirtualMachineMigration};
-use drover_crds::vm::VirtualMachine;
+use drover_crds::migration::MigrationPhase;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::runtime::{Controller, watcher};
 use tokio::sync::Notify;
@@ -20,53 +20,62 @@ use crate::events::Events;
 use crate::heartbeats::{self, LeaseClock};
 use crate::metrics::{Metrics, PhaseLabel};
 use crate::settings::Settings;
-use crate::stores::{Nudger, Overlay, Stores};
+use crate::stores::{Nudger, Overlay, Stores, Streams};
 use crate::{maintenance, migration, reports, vm};
 
 /// Runs every controller until one ends (they do not, short of a panic).
 pub async fn lead(client: kube::Client, settings: Arc<Settings>, metrics: Arc<Metrics>) -> Result<(), Error> {
     let poke = Arc::new(Notify::new());
-    let stores = Stores::start(&client, &settings, poke.clone());
+    let (stores, streams) = Stores::start(&client, &settings, poke.clone());
     let clock = Arc::new(std::sync::Mutex::new(LeaseClock::default()));
     let flip = poke.clone();
     tokio::spawn(heartbeats::watch(client.clone(), settings.heartbeat_namespace.clone(), clock.clone(), move || {
         flip.notify_one()
     }));
     let (nudger, nudges) = Nudger::start(poke.clone(), stores.vms.clone(), vm::decide::waiting);
-    stores.synced().await;
-    // One lease duration of heartbeats before deciding anything: hosts are only
-    // known ready once seen renewing (a new leader must not take a silent host for
-    // a fresh one, nor a fresh one for failed).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    metrics.synced.store(true, std::sync::atomic::Ordering::Release);
-    tracing::info!("stores synced; deciding");
+    let (open, gate) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(Context {
         client: client.clone(),
         events: Events::new(client.clone(), &settings.identity),
-        settings,
-        stores,
+        settings: settings.clone(),
+        stores: stores.clone(),
         clock,
         metrics: metrics.clone(),
         placement: tokio::sync::Mutex::new(()),
         vm_writes: Overlay::default(),
         migration_writes: Overlay::default(),
         nudger,
+        gate,
     });
+    let opener = {
+        let (stores, metrics) = (stores.clone(), metrics.clone());
+        async move {
+            stores.synced().await;
+            // Hosts are only known ready once seen renewing: a new leader must not
+            // take a silent host for a fresh one, nor a fresh one for failed.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            metrics.synced.store(true, std::sync::atomic::Ordering::Release);
+            tracing::info!("stores synced; deciding");
+            let _ = open.send(true);
+        }
+    };
+    tokio::spawn(opener);
     tokio::spawn(gauges(ctx.clone()));
+    let Streams { vms: vm_stream, migrations: migration_stream, nodes: node_stream } = streams;
     let tick = || {
         futures::stream::unfold((), |_| async {
             tokio::time::sleep(Duration::from_secs(5)).await;
             Some(((), ()))
         })
     };
-    let vms = Controller::new(ctx.settings.api::<VirtualMachine>(&client), watcher::Config::default())
+    let vms = Controller::for_stream(vm_stream, stores.vms.clone())
         .reconcile_on(nudges)
         .run(vm::reconcile, vm::error_policy, ctx.clone())
         .for_each(|_| async {});
-    let migrations = Controller::new(ctx.settings.api::<VirtualMachineMigration>(&client), watcher::Config::default())
+    let migrations = Controller::for_stream(migration_stream, stores.migrations.clone())
         .run(migration::reconcile, migration::error_policy, ctx.clone())
         .for_each(|_| async {});
-    let hosts = Controller::new(Api::<Node>::all(client.clone()), watcher::Config::default())
+    let hosts = Controller::for_stream(node_stream, stores.nodes.clone())
         .run(maintenance::reconcile, maintenance::error_policy, ctx.clone())
         .for_each(|_| async {});
     let policies = Controller::new(Api::<HostPolicy>::all(client.clone()), watcher::Config::default())
@@ -83,6 +92,7 @@ pub async fn lead(client: kube::Client, settings: Arc<Settings>, metrics: Arc<Me
 
 /// Pending VMs and migrations by phase, every 2 s.
 async fn gauges(ctx: Arc<Context>) {
+    ctx.ready().await;
     loop {
         let pending = ctx
             .stores

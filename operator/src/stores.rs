@@ -12,6 +12,7 @@ use drover_crds::host_policy::HostPolicy;
 use drover_crds::migration::VirtualMachineMigration;
 use drover_crds::vm::VirtualMachine;
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -28,40 +29,68 @@ pub struct Stores {
     pub nodes: Store<Node>,
 }
 
-/// Starts a reflector for `K`; `on_change` runs after every event.
-fn reflect<K>(api: Api<K>, on_change: impl Fn() + Send + 'static) -> Store<K>
+/// A watch of `K` into a store: managed fields dropped (the operator never reads
+/// them, and they are most of an object's size), `on_change` after every event.
+/// The store fills as the stream is polled.
+fn watch<K>(
+    api: Api<K>,
+    on_change: impl Fn() + Send + 'static,
+) -> (Store<K>, BoxStream<'static, Result<K, watcher::Error>>)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
-    tokio::spawn(async move {
-        let mut stream = stream.boxed();
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => on_change(),
-                Err(e) => tracing::warn!("watch of {}: {e}", K::kind(&())),
-            }
-        }
-    });
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(|object: &mut K| object.meta_mut().managed_fields = None)
+        .reflect(writer)
+        .inspect(move |event| match event {
+            Ok(_) => on_change(),
+            Err(e) => tracing::warn!("watch of {}: {e}", K::kind(&())),
+        })
+        .applied_objects()
+        .boxed();
+    (reader, stream)
+}
+
+/// A store kept up to date in a task of its own (for kinds no controller consumes).
+fn reflect<K>(api: Api<K>, on_change: impl Fn() + Send + 'static) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, mut stream) = watch(api, on_change);
+    tokio::spawn(async move { while stream.next().await.is_some() {} });
     reader
 }
 
+/// The watch streams the controllers consume: what a controller reconciles and
+/// what a snapshot sees come from one watch, and one copy of each object.
+pub struct Streams {
+    pub vms: BoxStream<'static, Result<VirtualMachine, watcher::Error>>,
+    pub migrations: BoxStream<'static, Result<VirtualMachineMigration, watcher::Error>>,
+    pub nodes: BoxStream<'static, Result<Node, watcher::Error>>,
+}
+
 impl Stores {
-    /// Starts every reflector; `poke` is called when something changed that may
-    /// let a waiting VM or migration go on.
-    pub fn start(client: &kube::Client, settings: &crate::settings::Settings, poke: Arc<Notify>) -> Self {
+    /// Starts the watches; `poke` is called when something changed that may let a
+    /// waiting VM or migration go on. The VM, migration and Node stores fill as
+    /// their controllers poll the [`Streams`].
+    pub fn start(client: &kube::Client, settings: &crate::settings::Settings, poke: Arc<Notify>) -> (Self, Streams) {
         let p = |poke: &Arc<Notify>| {
             let poke = poke.clone();
             move || poke.notify_one()
         };
-        Self {
-            vms: reflect(settings.api(client), p(&poke)),
-            migrations: reflect(settings.api(client), p(&poke)),
+        let (vms, vm_stream) = watch(settings.api(client), p(&poke));
+        let (migrations, migration_stream) = watch(settings.api(client), p(&poke));
+        let (nodes, node_stream) = watch(Api::all(client.clone()), p(&poke));
+        let stores = Self {
+            vms,
+            migrations,
             policies: reflect(Api::all(client.clone()), p(&poke)),
             rules: reflect(settings.api(client), p(&poke)),
-            nodes: reflect(Api::all(client.clone()), p(&poke)),
-        }
+            nodes,
+        };
+        (stores, Streams { vms: vm_stream, migrations: migration_stream, nodes: node_stream })
     }
 
     /// Waits until every store has listed once.

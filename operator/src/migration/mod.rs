@@ -26,6 +26,7 @@ use crate::writes::{apply_status, now, now_ms, patch_metadata};
 use decide::{Mine, Stage};
 
 pub async fn reconcile(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.ready().await;
     ctx.metrics.reconciled("migration");
     let m = ctx.migration_writes.newest(m);
     let ns = m.namespace().unwrap_or_default();
@@ -36,6 +37,9 @@ pub async fn reconcile(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Re
             // The source agent cancels its VMM's send on Failed; the VM stays put.
             fail(&ctx, &api, &m, reasons::CANCELLED, "deleted while under way: cancelled; the VM stays on its source")
                 .await?;
+            return Ok(Action::requeue(Duration::from_millis(500)));
+        }
+        if source_settling(&ctx, &m) {
             return Ok(Action::requeue(Duration::from_millis(500)));
         }
         cleanup(&ctx, &m).await?;
@@ -57,6 +61,7 @@ pub async fn reconcile(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Re
             Ok(Action::requeue(Duration::from_secs(1)))
         }
         Stage::Underway => Ok(Action::requeue(Duration::from_secs(5))),
+        Stage::Finished if source_settling(&ctx, &m) => Ok(Action::requeue(Duration::from_millis(500))),
         Stage::Finished => {
             cleanup(&ctx, &m).await?;
             ctx.nudger.poke();
@@ -120,6 +125,20 @@ async fn admit(
             Ok(Action::requeue(Duration::from_secs(1)))
         }
     }
+}
+
+/// Whether the source agent is still settling a migration that ended (it cancels
+/// the VMM's send, or moves the VM's status if the send had already handed over):
+/// the VM's `status.migration` still names it. Its Secret and finalizer stay until
+/// then, and so the target agent keeps the migration to clean up after.
+fn source_settling(ctx: &Context, m: &VirtualMachineMigration) -> bool {
+    let vm_key = drover_core::snapshot::Key::new(m.namespace().unwrap_or_default(), m.spec.vm_name.clone());
+    ctx.vm_writes
+        .apply(ctx.stores.vms.state())
+        .iter()
+        .find(|v| key(v.as_ref()) == vm_key)
+        .and_then(|v| v.status.as_ref().and_then(|s| s.migration.clone()))
+        .is_some_and(|name| name == m.name_any())
 }
 
 /// The operator ends `m` as failed; the VM stays on its source.

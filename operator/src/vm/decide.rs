@@ -176,6 +176,13 @@ pub fn decide(vm: &VirtualMachine, host: HostState, now_ms: u64, backoff: &Backo
             }
             plan.requeue = Some(Duration::from_millis(until_ms.saturating_sub(now_ms).max(50)));
         }
+        Action::Stop if vm.status.as_ref().is_some_and(|s| s.migration.is_some()) => {
+            // Stopping a VM in the middle of a switch-over could leave it stopped on
+            // the source while the target runs it: the stop waits for the migration.
+            plan.why = format!("{} (after its migration ends)", decision.why);
+            plan.consume_request = false;
+            plan.requeue = Some(Duration::from_secs(1));
+        }
         Action::Stop => {
             plan.mine.phase = Some(VmPhase::Stopping);
             plan.notes.push(Note {
@@ -270,6 +277,9 @@ pub fn with_placement(
             plan.mine.node_name = None;
             plan.mine.phase = Some(VmPhase::Pending);
             plan.mine.allocated_cpus = None;
+            // A start request stays until the VM has a host: it is placed as soon
+            // as room appears, not forgotten.
+            plan.consume_request = false;
             let message = none.message();
             let changed = current.scheduled.as_ref().is_none_or(|c| c.message != message);
             Mine::set(
@@ -404,6 +414,28 @@ mod tests {
         );
         let start = decide(&stopped, ready_host(), 0, &Backoff::default());
         assert_eq!((start.mine.phase, start.consume_request), (Some(VmPhase::Scheduled), true));
+    }
+
+    #[test]
+    fn a_start_request_stays_until_the_vm_has_a_host_and_a_stop_waits_for_a_migration() {
+        let stopped = vm(
+            "Manual",
+            serde_json::json!({ "phase": "Stopped" }),
+            serde_json::json!({ "drover.dev/request": "start" }),
+        );
+        let plan = decide(&stopped, HostState::default(), 0, &Backoff::default());
+        assert_eq!((plan.needs_host, plan.consume_request), (Some(NeedsHost::First), true));
+        let none = Unschedulable { vm: Key::new("ns", "db"), reasons: vec![] };
+        let pending = with_placement(plan, &stopped, &Err(none), None);
+        assert_eq!((pending.mine.phase, pending.consume_request), (Some(VmPhase::Pending), false));
+
+        let moving = vm(
+            "Manual",
+            serde_json::json!({ "phase": "Migrating", "nodeName": "h1", "migration": "db-move" }),
+            serde_json::json!({ "drover.dev/request": "stop" }),
+        );
+        let plan = decide(&moving, ready_host(), 0, &Backoff::default());
+        assert_eq!((plan.mine.phase, plan.consume_request), (None, false));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use decide::{HostState, NeedsHost, Plan};
 const RESYNC: Duration = Duration::from_secs(60);
 
 pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.ready().await;
     ctx.metrics.reconciled("vm");
     let vm = ctx.vm_writes.newest(vm);
     let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
