@@ -29,7 +29,7 @@
 //! | `Running` | agent (source) | memory pre-copy, recorded before the send starts |
 //! | `Switchover` | agent (source) | the guest is paused for the last pages |
 //! | `Succeeded` | agent (source) | the VM runs on the target; the source moved its `status.nodeName` there first |
-//! | `Failed` | agent (either) or operator | the VM keeps running on the source; `failureMessage` says why |
+//! | `Failed` | agent (either) or operator | the VM keeps running on the source; `failureMessage` says why. Exception: when the operator fails one (Cancelled, TimedOut) after the source VMM had already handed the VM over, the source agent moves the VM's status to the target and the migration stays Failed |
 
 use std::collections::BTreeMap;
 
