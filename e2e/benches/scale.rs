@@ -192,6 +192,7 @@ fn main() {
     let apply_took = applied.elapsed();
     let mut running: HashMap<String, Duration> = HashMap::new();
     let mut seen: HashMap<String, Duration> = HashMap::new();
+    let mut placed: HashMap<String, Duration> = HashMap::new();
     let deadline = Duration::from_secs(300);
     while running.len() < vms && applied.elapsed() < deadline {
         let list: serde_json::Value =
@@ -200,6 +201,9 @@ fn main() {
         for vm in list["items"].as_array().unwrap() {
             let name = vm["metadata"]["name"].as_str().unwrap().to_string();
             seen.entry(name.clone()).or_insert(now);
+            if vm["status"]["nodeName"].is_string() {
+                placed.entry(name.clone()).or_insert(now);
+            }
             if vm["status"]["phase"] == "Running" {
                 running.entry(name).or_insert(now);
             }
@@ -207,6 +211,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(250));
     }
     let all = applied.elapsed();
+    let all_placed = placed.values().max().copied().unwrap_or_default();
     let mut times: Vec<Duration> = running.values().copied().collect();
     times.sort();
     // From the first poll that saw it (within 250 ms of its creation) to Running.
@@ -232,6 +237,7 @@ fn main() {
     );
     println!("| figure | value | goal |");
     println!("| --- | --- | --- |");
+    println!("| all placed by the operator | {:.1} s ({} of {vms}) | |", all_placed.as_secs_f64(), placed.len());
     println!(
         "| all Running | {:.1} s ({} of {vms}{}) | ≤ 30 s |",
         all.as_secs_f64(),

@@ -38,6 +38,14 @@ impl Context {
         let _ = gate.wait_for(|open| *open).await;
     }
 
+    /// Whether the gate is open. A reconcile before it returns at once to be tried
+    /// again: one waiting there would hold its controller's slot, and a controller
+    /// with its slots full stops reading the watch that fills the stores, so the
+    /// gate would never open.
+    pub fn is_ready(&self) -> bool {
+        *self.gate.borrow()
+    }
+
     /// The cluster now: the stores, with the operator's newer writes over them.
     pub fn snapshot(&self) -> Snapshot {
         self.snapshot_with(None)

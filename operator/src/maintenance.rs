@@ -27,7 +27,9 @@ use crate::vm::mine::Mine;
 use crate::writes::{apply_status, patch_metadata};
 
 pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.ready().await;
+    if !ctx.is_ready() {
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
     ctx.metrics.reconciled("host");
     let name = node.name_any();
     let nodes: Api<Node> = Api::all(ctx.client.clone());

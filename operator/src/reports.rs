@@ -127,7 +127,9 @@ fn selectors_by_host(policies: &[Arc<HostPolicy>], nodes: &[Arc<Node>]) -> HashM
 }
 
 pub async fn reconcile_policy(policy: Arc<HostPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.ready().await;
+    if !ctx.is_ready() {
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
     ctx.metrics.reconciled("hostpolicy");
     let snapshot = ctx.snapshot();
     let cluster = Cluster::new(&snapshot);
@@ -147,7 +149,9 @@ pub async fn reconcile_policy(policy: Arc<HostPolicy>, ctx: Arc<Context>) -> Res
 }
 
 pub async fn reconcile_rule(rule: Arc<DRSRule>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.ready().await;
+    if !ctx.is_ready() {
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
     ctx.metrics.reconciled("drsrule");
     let snapshot = ctx.snapshot();
     let cluster = Cluster::new(&snapshot);

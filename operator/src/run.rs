@@ -32,7 +32,11 @@ pub async fn lead(client: kube::Client, settings: Arc<Settings>, metrics: Arc<Me
     tokio::spawn(heartbeats::watch(client.clone(), settings.heartbeat_namespace.clone(), clock.clone(), move || {
         flip.notify_one()
     }));
-    let (nudger, nudges) = Nudger::start(poke.clone(), stores.vms.clone(), vm::decide::waiting);
+    let fresh = clock.clone();
+    let waiting = move |vm: &drover_crds::vm::VirtualMachine| {
+        vm::decide::waiting(vm, &|host| heartbeats::heartbeat(&fresh, host).is_fresh())
+    };
+    let (nudger, nudges) = Nudger::start(poke.clone(), stores.vms.clone(), waiting);
     let (open, gate) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(Context {
         client: client.clone(),

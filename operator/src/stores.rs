@@ -27,26 +27,52 @@ pub struct Stores {
     pub policies: Store<HostPolicy>,
     pub rules: Store<DRSRule>,
     pub nodes: Store<Node>,
+    /// Set as each watch finishes its first list. (Not `Store::wait_until_ready`:
+    /// its wake-up goes to one waiter only, and the controllers wait on it too.)
+    listed: Arc<Listed>,
 }
 
+/// Which watches have listed once.
+#[derive(Default)]
+struct Listed {
+    done: std::sync::atomic::AtomicUsize,
+    changed: Notify,
+}
+
+/// The number of watches [`Stores`] starts.
+const WATCHES: usize = 5;
+
 /// A watch of `K` into a store: managed fields dropped (the operator never reads
-/// them, and they are most of an object's size), `on_change` after every event.
+/// them, and they are most of an object's size), `on_change` after every event
+/// `matters` picks (one that may let a waiting VM go on).
 /// The store fills as the stream is polled.
 fn watch<K>(
     api: Api<K>,
+    matters: fn(&watcher::Event<K>) -> bool,
     on_change: impl Fn() + Send + 'static,
+    listed: Arc<Listed>,
 ) -> (Store<K>, BoxStream<'static, Result<K, watcher::Error>>)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
+    let mut first = true;
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .modify(|object: &mut K| object.meta_mut().managed_fields = None)
         .reflect(writer)
-        .inspect(move |event| match event {
-            Ok(_) => on_change(),
-            Err(e) => tracing::warn!("watch of {}: {e}", K::kind(&())),
+        .inspect(move |event| {
+            if let (true, Ok(watcher::Event::InitDone)) = (first, event) {
+                first = false;
+                tracing::debug!("{} listed", K::kind(&()));
+                listed.done.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                listed.changed.notify_waiters();
+            }
+            match event {
+                Ok(event) if matters(event) => on_change(),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("watch of {}: {e}", K::kind(&())),
+            }
         })
         .applied_objects()
         .boxed();
@@ -54,11 +80,11 @@ where
 }
 
 /// A store kept up to date in a task of its own (for kinds no controller consumes).
-fn reflect<K>(api: Api<K>, on_change: impl Fn() + Send + 'static) -> Store<K>
+fn reflect<K>(api: Api<K>, on_change: impl Fn() + Send + 'static, listed: Arc<Listed>) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
-    let (reader, mut stream) = watch(api, on_change);
+    let (reader, mut stream) = watch(api, |_| true, on_change, listed);
     tokio::spawn(async move { while stream.next().await.is_some() {} });
     reader
 }
@@ -80,28 +106,60 @@ impl Stores {
             let poke = poke.clone();
             move || poke.notify_one()
         };
-        let (vms, vm_stream) = watch(settings.api(client), p(&poke));
-        let (migrations, migration_stream) = watch(settings.api(client), p(&poke));
-        let (nodes, node_stream) = watch(Api::all(client.clone()), p(&poke));
+        let listed = Arc::new(Listed::default());
+        let (vms, vm_stream) = watch(settings.api(client), vm_frees_room, p(&poke), listed.clone());
+        let (migrations, migration_stream) = watch(settings.api(client), migration_ended, p(&poke), listed.clone());
+        let (nodes, node_stream) = watch(Api::all(client.clone()), |_| true, p(&poke), listed.clone());
         let stores = Self {
             vms,
             migrations,
-            policies: reflect(Api::all(client.clone()), p(&poke)),
-            rules: reflect(settings.api(client), p(&poke)),
+            policies: reflect(Api::all(client.clone()), p(&poke), listed.clone()),
+            rules: reflect(settings.api(client), p(&poke), listed.clone()),
             nodes,
+            listed,
         };
         (stores, Streams { vms: vm_stream, migrations: migration_stream, nodes: node_stream })
     }
 
-    /// Waits until every store has listed once.
+    /// Waits until every watch has listed once.
     pub async fn synced(&self) {
-        let _ = tokio::join!(
-            self.vms.wait_until_ready(),
-            self.migrations.wait_until_ready(),
-            self.policies.wait_until_ready(),
-            self.rules.wait_until_ready(),
-            self.nodes.wait_until_ready(),
-        );
+        loop {
+            let changed = self.listed.changed.notified();
+            if self.listed.done.load(std::sync::atomic::Ordering::Acquire) >= WATCHES {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// A VM event that may free room: a VM deleted, or one that stopped (a Manual or
+/// Halted VM that stopped lets go of its host; so does one being re-placed).
+/// Status updates of running VMs (every few seconds) are not: waiting VMs are not
+/// looked at again for them.
+fn vm_frees_room(event: &watcher::Event<VirtualMachine>) -> bool {
+    match event {
+        watcher::Event::Delete(_) | watcher::Event::InitDone => true,
+        watcher::Event::Apply(vm) => {
+            matches!(
+                vm.status.as_ref().and_then(|s| s.phase),
+                Some(
+                    drover_crds::vm::VmPhase::Stopped
+                        | drover_crds::vm::VmPhase::Failed
+                        | drover_crds::vm::VmPhase::Pending
+                )
+            ) && vm.status.as_ref().is_some_and(|s| s.node_name.is_some())
+        }
+        _ => false,
+    }
+}
+
+/// A migration that ended frees its reservation on the target (or the source).
+fn migration_ended(event: &watcher::Event<VirtualMachineMigration>) -> bool {
+    match event {
+        watcher::Event::Delete(_) | watcher::Event::InitDone => true,
+        watcher::Event::Apply(m) => crate::snapshot::migration_finished(m),
+        _ => false,
     }
 }
 
@@ -113,6 +171,10 @@ type Written<K> = HashMap<(String, String), (Arc<K>, std::time::Instant)>;
 
 pub struct Overlay<K> {
     written: Mutex<Written<K>>,
+    /// Decisions being written: what a write will make of the object, seen by
+    /// the next decision while the write is on its way (placements are decided
+    /// one at a time, written concurrently).
+    intents: Mutex<HashMap<(String, String), Arc<K>>>,
 }
 
 /// How long an object the operator made stays in the overlay without its watch
@@ -121,7 +183,7 @@ const CREATED_GRACE: Duration = Duration::from_secs(10);
 
 impl<K> Default for Overlay<K> {
     fn default() -> Self {
-        Self { written: Mutex::new(HashMap::new()) }
+        Self { written: Mutex::new(HashMap::new()), intents: Mutex::new(HashMap::new()) }
     }
 }
 
@@ -146,10 +208,27 @@ impl<K: Resource + Clone> Overlay<K> {
         self.map().insert(id(&object), (Arc::new(object), std::time::Instant::now()));
     }
 
+    fn intents(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<K>>> {
+        self.intents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records what a write under way will make of an object.
+    pub fn intend(&self, object: K) {
+        self.intents().insert(id(&object), Arc::new(object));
+    }
+
+    /// The write of `object`'s intent has ended (written, or failed).
+    pub fn settle(&self, object: &K) {
+        self.intents().remove(&id(object));
+    }
+
     /// The newer of `object` and the operator's own last write of it.
     pub fn newest(&self, object: Arc<K>) -> Arc<K> {
-        let mut map = self.map();
         let key = id(object.as_ref());
+        if let Some(intent) = self.intents().get(&key) {
+            return intent.clone();
+        }
+        let mut map = self.map();
         match map.get(&key) {
             Some((mine, _)) if version(mine.as_ref()) > version(object.as_ref()) => mine.clone(),
             Some(_) => {
@@ -169,6 +248,8 @@ impl<K: Resource + Clone> Overlay<K> {
         let mut map = self.map();
         map.retain(|key, (_, at)| seen.contains(key) || at.elapsed() < CREATED_GRACE);
         out.extend(map.iter().filter(|(key, _)| !seen.contains(*key)).map(|(_, (o, _))| o.clone()));
+        drop(map);
+        out.extend(self.intents().iter().filter(|(key, _)| !seen.contains(*key)).map(|(_, o)| o.clone()));
         out
     }
 }
@@ -185,7 +266,7 @@ impl Nudger {
     pub fn start(
         poke: Arc<Notify>,
         vms: Store<VirtualMachine>,
-        waiting: fn(&VirtualMachine) -> bool,
+        waiting: impl Fn(&VirtualMachine) -> bool + Send + 'static,
     ) -> (Self, impl futures::Stream<Item = ObjectRef<VirtualMachine>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let notified = poke.clone();

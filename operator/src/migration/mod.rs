@@ -26,7 +26,9 @@ use crate::writes::{apply_status, now, now_ms, patch_metadata};
 use decide::{Mine, Stage};
 
 pub async fn reconcile(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.ready().await;
+    if !ctx.is_ready() {
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
     ctx.metrics.reconciled("migration");
     let m = ctx.migration_writes.newest(m);
     let ns = m.namespace().unwrap_or_default();

@@ -300,8 +300,9 @@ pub fn decide_current(vm: &VirtualMachine) -> Mine {
 }
 
 /// Whether a VM is waiting for something capacity or a host may bring: it has
-/// no host and should run, or stopped where it must start again.
-pub fn waiting(vm: &VirtualMachine) -> bool {
+/// no host and should run, it stopped where it must start again, or it is
+/// scheduled on a host whose heartbeat is not fresh (`host_fresh` says).
+pub fn waiting(vm: &VirtualMachine, host_fresh: &dyn Fn(&str) -> bool) -> bool {
     let status = vm.status.as_ref();
     let phase = status.and_then(|s| s.phase);
     match phase {
@@ -309,7 +310,7 @@ pub fn waiting(vm: &VirtualMachine) -> bool {
         Some(VmPhase::Stopped | VmPhase::Failed) => {
             !matches!(vm.spec.run_strategy, drover_crds::vm::RunStrategy::Halted | drover_crds::vm::RunStrategy::Manual)
         }
-        Some(VmPhase::Scheduled) => true,
+        Some(VmPhase::Scheduled) => !status.and_then(|s| s.node_name.as_deref()).is_some_and(host_fresh),
         _ => false,
     }
 }

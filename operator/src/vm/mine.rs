@@ -56,6 +56,20 @@ impl Mine {
         }
     }
 
+    /// `status` with these fields in place (what the write will make of it).
+    pub fn apply_to(&self, status: &mut VirtualMachineStatus) {
+        status.node_name = self.node_name.clone();
+        if let Some(phase) = self.phase {
+            status.phase = Some(phase);
+        }
+        status.allocated_cpus = self.allocated_cpus.clone();
+        status.restart_count = self.restart_count;
+        status.start_failure = self.start_failure.clone();
+        for c in [&self.scheduled, &self.restart_required, &self.ready].into_iter().flatten() {
+            status.conditions.set(c.clone());
+        }
+    }
+
     /// The status object to apply.
     pub fn to_json(&self) -> serde_json::Value {
         let mut status = serde_json::Map::new();

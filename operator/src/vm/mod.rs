@@ -22,7 +22,9 @@ use decide::{HostState, NeedsHost, Plan};
 const RESYNC: Duration = Duration::from_secs(60);
 
 pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.ready().await;
+    if !ctx.is_ready() {
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
     ctx.metrics.reconciled("vm");
     let vm = ctx.vm_writes.newest(vm);
     let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
@@ -46,13 +48,26 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
     let placed = _guard.is_some();
     let current = decide::decide_current(&vm);
     if plan.mine != current {
-        match apply_status(&api, &vm, plan.mine.to_json()).await {
+        // The next placement sees this one from now on; the write goes without
+        // holding the others back.
+        let mut intent = (*vm).clone();
+        plan.mine.apply_to(intent.status.get_or_insert_with(Default::default));
+        ctx.vm_writes.intend(intent);
+        drop(_guard);
+        let result = apply_status(&api, &vm, plan.mine.to_json()).await;
+        match result {
             Ok(written) => {
                 tracing::info!(vm = %format!("{}/{}", vm.namespace().unwrap_or_default(), vm.name_any()), phase = ?plan.mine.phase, node = ?plan.mine.node_name, "{}", plan.why);
                 ctx.vm_writes.remember(written);
+                ctx.vm_writes.settle(&vm);
             }
-            Err(e) if e.is_not_found() => return Ok(Action::await_change()),
-            Err(e) => return Err(e),
+            Err(e) => {
+                ctx.vm_writes.settle(&vm);
+                if e.is_not_found() {
+                    return Ok(Action::await_change());
+                }
+                return Err(e);
+            }
         }
         if placed {
             ctx.metrics.placement_seconds.observe(started.elapsed().as_secs_f64());
@@ -65,7 +80,6 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
             }
         }
     }
-    drop(_guard);
     if plan.consume_request || plan.clear_maintenance_mark {
         let mut remove = serde_json::Map::new();
         if plan.consume_request {
