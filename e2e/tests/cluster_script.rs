@@ -219,9 +219,10 @@ fn cluster_up_serves_and_down_leaves_nothing_running() {
 }
 
 /// The README's main job: `e2e/cluster up` brings up the control plane, three hosts
-/// with real agents, and the demo VM running on one of them.
+/// with real agents, two operator replicas, and every example: the VMs placed by
+/// the operator and running, the example migration done.
 #[test]
-fn the_main_job_brings_up_three_hosts_and_runs_the_demo_vm() {
+fn the_main_job_brings_up_hosts_and_operators_and_runs_every_example() {
     let cp = control_plane();
     assert_root();
     let _lock = own_cluster_lock();
@@ -235,6 +236,7 @@ fn the_main_job_brings_up_three_hosts_and_runs_the_demo_vm() {
         vec![
             ("DROVER_APISERVER_PORT", "28443".into()),
             ("DROVER_ETCD_PORT", "28379".into()),
+            ("DROVER_OPERATOR_PORT", "28080".into()),
             ("DROVER_BRIDGE", bridge),
             ("DROVER_HOST_NET", net),
             ("DROVER_NETNS_PREFIX", prefix),
@@ -249,14 +251,41 @@ fn the_main_job_brings_up_three_hosts_and_runs_the_demo_vm() {
     assert!(up.status.success(), "e2e/cluster up failed:\n{log}");
     eprintln!("figure: main job (cached binaries) up in {:?}", started.elapsed());
     let kubeconfig = String::from_utf8_lossy(&up.stdout).trim().to_string();
-    assert!(log.contains("VM demo runs on host-1"), "{log}");
-    let wide = Command::new(cp.tools_bin.join("kubectl"))
-        .args(["--kubeconfig", &kubeconfig, "get", "vm", "demo", "-o", "wide", "--no-headers"])
-        .output()
-        .expect("kubectl get vm");
-    let wide = String::from_utf8_lossy(&wide.stdout).into_owned();
-    let columns: Vec<&str> = wide.split_whitespace().collect();
-    assert_eq!(columns[..3], ["demo", "Running", "host-1"], "{wide}");
+    assert!(log.contains("VM demo placed by the operator and running on host-"), "{log}");
+    let kubectl = |args: &[&str]| {
+        let out = Command::new(cp.tools_bin.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let node = |vm: &str| kubectl(&["get", "vm", vm, "-o", "jsonpath={.status.nodeName}"]);
+    // Every example VM placed by the operator and running; the web VMs apart.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let running = |vm: &str| kubectl(&["get", "vm", vm, "-o", "jsonpath={.status.phase}"]) == "Running";
+    while !["demo", "web-01", "web-02", "db-01"].iter().all(|vm| running(vm)) {
+        assert!(Instant::now() < deadline, "example VMs not all Running:\n{}", kubectl(&["get", "vm", "-o", "wide"]));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_ne!(node("web-01"), node("web-02"), "the anti-affinity rule keeps the web VMs apart");
+    let scheduled =
+        kubectl(&["get", "vm", "web-01", "-o", "jsonpath={.status.conditions[?(@.type==\"Scheduled\")].message}"]);
+    assert!(scheduled.starts_with("placed on host-"), "{scheduled}");
+    // The example migration moves db-01.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while kubectl(&["get", "vmim", "db-01-move", "-o", "jsonpath={.status.phase}"]) != "Succeeded" {
+        assert!(Instant::now() < deadline, "{}", kubectl(&["get", "vmim", "db-01-move", "-o", "yaml"]));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(kubectl(&["get", "vmim", "db-01-move", "-o", "jsonpath={.status.targetNode}"]), node("db-01"));
+    // The pools and rules report.
+    assert_eq!(kubectl(&["get", "hp", "local", "-o", "jsonpath={.status.readyHosts}"]), "3");
+    assert_eq!(kubectl(&["get", "drsrule", "web-spread", "-o", "jsonpath={.status.compliant}"]), "true");
+    let operators = String::from_utf8_lossy(&cluster(&["operator", "list"]).stdout).into_owned();
+    assert_eq!(operators.lines().filter(|l| l.contains("leader")).count(), 1, "{operators}");
+    assert_eq!(operators.lines().filter(|l| l.contains("standby")).count(), 1, "{operators}");
     let list = String::from_utf8_lossy(&cluster(&["host", "list"]).stdout).into_owned();
     assert_eq!(list.lines().filter(|l| l.contains("running")).count(), 3, "three hosts with agents:\n{list}");
 

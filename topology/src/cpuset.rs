@@ -81,6 +81,20 @@ impl std::fmt::Display for CpuSet {
     }
 }
 
+/// A CPU set travels as its CPU list (`"0-3,8"`), as everywhere else in Drover.
+impl serde::Serialize for CpuSet {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CpuSet {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let list = String::deserialize(deserializer)?;
+        CpuSet::parse(&list).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,19 +120,5 @@ mod tests {
             let err = CpuSet::parse(bad).unwrap_err().to_string();
             assert!(err.contains(bad), "error for {bad:?} should quote the input: {err}");
         }
-    }
-}
-
-/// A CPU set travels as its CPU list (`"0-3,8"`), as everywhere else in Drover.
-impl serde::Serialize for CpuSet {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.to_string())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for CpuSet {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let list = String::deserialize(deserializer)?;
-        CpuSet::parse(&list).map_err(serde::de::Error::custom)
     }
 }
