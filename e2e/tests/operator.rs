@@ -295,6 +295,22 @@ fn maintenance_evacuates_each_vm_by_its_action_and_the_host_returns_to_service()
     let ns = namespace("op-maint");
     let (a, b) = (Host::add(&unique_name("xa")), Host::add(&unique_name("xb")));
     let _op = Operator::start("op-1", &ns, &[]);
+    // Room for three 1-vCPU VMs on one 2-CPU host: a pool with 4:1 overcommit.
+    let pool = format!("pool-{ns}");
+    apply(&format!(
+        "apiVersion: drover.dev/v1alpha1\nkind: HostPolicy\nmetadata: {{name: {pool}}}\n\
+         spec:\n  nodeSelector: {{matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: [{}, {}]}}]}}\n\
+         \x20 capacity: {{cpuOvercommitRatio: 4}}\n",
+        a.name(),
+        b.name()
+    ));
+    for host in [&a, &b] {
+        wait_for("the pool's capacity in the host facts", Duration::from_secs(30), || {
+            let node = get("", "node", host.name());
+            let facts = node["metadata"]["annotations"]["drover.dev/host-facts"].as_str().unwrap_or("{}").to_string();
+            facts.contains(&format!("\"policy\":\"{pool}\"")).then_some(())
+        });
+    }
     // All three on host a first (a Preferred rule: broken only when a cannot take them).
     apply(&format!(
         "apiVersion: drover.dev/v1alpha1\nkind: DRSRule\nmetadata: {{name: on-a, namespace: {ns}}}\n\
@@ -333,6 +349,7 @@ fn maintenance_evacuates_each_vm_by_its_action_and_the_host_returns_to_service()
     wait_for("the maintenance note removed", Duration::from_secs(10), || {
         get("", "node", a.name())["metadata"]["annotations"]["drover.dev/maintenance-status"].is_null().then_some(())
     });
+    kubectl(&["delete", "hostpolicy", &pool]);
 }
 
 #[test]

@@ -271,6 +271,7 @@ pub fn with_placement(
                 &mut plan.mine.scheduled,
                 condition(conditions::SCHEDULED, true, reasons::PLACED, message.clone(), generation),
             );
+            plan.why = message.clone();
             plan.notes.push(Note { warning: false, reason: reasons::PLACED, action: "Place", message });
         }
         Err(none) => {
@@ -286,6 +287,7 @@ pub fn with_placement(
                 &mut plan.mine.scheduled,
                 condition(conditions::SCHEDULED, false, reasons::UNSCHEDULABLE, message.clone(), generation),
             );
+            plan.why = format!("pending: {message}");
             if changed {
                 plan.notes.push(Note { warning: true, reason: reasons::UNSCHEDULABLE, action: "Place", message });
             }

@@ -33,8 +33,9 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
     let host = HostState::of(node.as_deref().and_then(|n| snapshot.hosts.iter().find(|h| h.name == n)));
     let mut plan = decide::decide(&vm, host, now_ms(), &ctx.settings.backoff);
     let started = Instant::now();
-    // Placement holds the lock through its write: the next placement must see it.
-    let _guard = match plan.needs_host {
+    // Placements take the lock one at a time: each sees the ones before (as
+    // intents while their writes are on the way, then as written).
+    let guard = match plan.needs_host {
         Some(needs) => {
             let guard = ctx.placement.lock().await;
             plan = place(&ctx, &vm, plan, needs);
@@ -45,7 +46,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
             None
         }
     };
-    let placed = _guard.is_some();
+    let placed = guard.is_some();
     let current = decide::decide_current(&vm);
     if plan.mine != current {
         // The next placement sees this one from now on; the write goes without
@@ -53,7 +54,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
         let mut intent = (*vm).clone();
         plan.mine.apply_to(intent.status.get_or_insert_with(Default::default));
         ctx.vm_writes.intend(intent);
-        drop(_guard);
+        drop(guard);
         let result = apply_status(&api, &vm, plan.mine.to_json()).await;
         match result {
             Ok(written) => {
