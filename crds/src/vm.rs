@@ -51,6 +51,13 @@ use crate::common::{CEL_CPU_LIST_COUNT, CEL_CPU_LIST_VALID, Conditions, MAX_VCPU
         description = "vCPU priority"
     ),
     printcolumn(name = "Run Strategy", type_ = "string", json_path = ".spec.runStrategy", priority = "1"),
+    printcolumn(
+        name = "Scheduled",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Scheduled\")].reason",
+        priority = "1",
+        description = "Placed, Unschedulable or BackOff (kubectl describe vm says why)"
+    ),
     printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restartCount", priority = "1"),
     printcolumn(
         name = "CPU Usage",
