@@ -111,21 +111,53 @@ fn plan(ctx: &Context, host: &str) -> drover_core::maintenance::Evacuation {
                 // A VM in the middle of a migration counts as on its way.
                 stopping: v.status.as_ref().and_then(|s| s.phase) == Some(VmPhase::Stopping)
                     || v.status.as_ref().is_some_and(|s| s.migration.is_some() && moving.is_none()),
-                migration: moving.map(|m| {
-                    let waits = (!migration_active(m))
-                        .then(|| {
-                            m.status
-                                .as_ref()
-                                .and_then(|s| s.conditions.get(conditions::APPROVED))
-                                .map(|c| c.message.clone())
-                        })
-                        .flatten();
-                    (m.name_any(), waits)
-                }),
+                migration: moving
+                    .map(|m| {
+                        let waits = (!migration_active(m))
+                            .then(|| {
+                                m.status
+                                    .as_ref()
+                                    .and_then(|s| s.conditions.get(conditions::APPROVED))
+                                    .map(|c| c.message.clone())
+                            })
+                            .flatten();
+                        (m.name_any(), waits)
+                    })
+                    .or_else(|| recently_failed(&migrations, &ns, &v.name_any(), host)),
             }
         })
         .collect();
     evacuate(&residents)
+}
+
+/// How long a failed evacuation migration holds off the next try of its VM.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// A migration of this VM, made for `host`'s maintenance, that failed lately: the
+/// next one waits (a VM that cannot move must not make a failed migration a second).
+fn recently_failed(
+    migrations: &[Arc<drover_crds::migration::VirtualMachineMigration>],
+    ns: &str,
+    vm: &str,
+    host: &str,
+) -> Option<(String, Option<String>)> {
+    let now = crate::writes::now_ms();
+    migrations
+        .iter()
+        .filter(|m| m.namespace().as_deref() == Some(ns) && m.spec.vm_name == vm)
+        .filter(|m| m.labels().get(migration_labels::MAINTENANCE_HOST).map(String::as_str) == Some(host))
+        .filter_map(|m| {
+            let status = m.status.as_ref()?;
+            let ended = status.completion_time.as_ref().map(crate::writes::time_ms)?;
+            (status.phase == Some(MigrationPhase::Failed) && now.saturating_sub(ended) < RETRY_AFTER.as_millis() as u64)
+                .then_some((ended, m))
+        })
+        .max_by_key(|(ended, _)| *ended)
+        .map(|(ended, m)| {
+            let why = m.status.as_ref().and_then(|s| s.failure_message.clone()).unwrap_or_default();
+            let left = (RETRY_AFTER.as_millis() as u64).saturating_sub(now.saturating_sub(ended)) / 1000;
+            (m.name_any(), Some(format!("failed ({why}); trying again in {left} s")))
+        })
 }
 
 async fn carry_out(ctx: &Context, host: &str, step: &Step) -> Result<(), Error> {
