@@ -65,6 +65,7 @@ fn vm(i: usize, rng: &mut Lcg) -> Vm {
         host: None,
         holds: false,
         allocated_cpus: None,
+        ha: Default::default(),
     }
 }
 
@@ -93,7 +94,7 @@ fn cluster(hosts: usize, rng: &mut Lcg) -> (Snapshot, Vec<Vm>) {
             hosts: Default::default(),
         });
     }
-    let mut snapshot = Snapshot { hosts, vms: vec![], rules, migrations: vec![] };
+    let mut snapshot = Snapshot { hosts, vms: vec![], rules, ..Default::default() };
     // Place the existing VMs through the core itself, so the cluster is realistic.
     let pending: Vec<Vm> = all.drain(..existing).collect();
     {

@@ -57,6 +57,7 @@ impl Reason {
             Reason::Numa(why) => format!("cannot bind NUMA strictly ({why})"),
             Reason::Source => format!("{are} the VM's own host"),
             Reason::IncomingLimit(n) => format!("{have} {n} incoming migrations already (the limit)"),
+            Reason::Admission(why) => why.clone(),
         }
     }
 
@@ -68,6 +69,7 @@ impl Reason {
             Reason::Rule(rule) => format!("rule:{rule}"),
             Reason::HostCpus(why) => format!("host-cpus:{why}"),
             Reason::Numa(why) => format!("numa:{why}"),
+            Reason::Admission(why) => format!("admission:{why}"),
             Reason::Cpu { .. } => "cpu".into(),
             Reason::DedicatedCpus { .. } => "dedicated".into(),
             Reason::Memory { .. } => "memory".into(),
@@ -90,6 +92,7 @@ impl Reason {
             Reason::DedicatedCpus { .. } => 9,
             Reason::Memory { .. } => 10,
             Reason::Numa(_) => 11,
+            Reason::Admission(_) => 12,
         }
     }
 

@@ -309,6 +309,7 @@ mod tests {
             host: None,
             holds: false,
             allocated_cpus: None,
+            ha: Default::default(),
         };
         let cpus = set("0-1,8-9");
         ledger.charge(&vm, Some(&cpus));

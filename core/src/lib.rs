@@ -17,10 +17,14 @@
 //! - [`lifecycle`]: what a VM's run strategy asks for now.
 //! - [`migration`]: whether a migration may start, and where it goes.
 //! - [`maintenance`]: how a host in maintenance is emptied.
+//! - [`ha`]: what HA does with the VMs of failed hosts, High priority first.
+//! - [`admission`]: HA admission control: the failover capacity each pool keeps.
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod explain;
+pub mod ha;
 pub mod ledger;
 pub mod lifecycle;
 pub mod maintenance;

@@ -71,6 +71,11 @@ pub fn admit(cluster: &Cluster, request: &Request, active: &[Migration], limits:
     let (Some(source), Some(Phase::Running)) = (vm.host.as_deref(), request.vm_phase) else {
         return refuse(format!("VM {name} is not running ({phase_name}): only a running VM migrates"));
     };
+    if let Some(why) = cluster.host(source).and_then(|h| h.health.problem()) {
+        // Its host failed or went quiet: HA may restart it elsewhere; moving it
+        // now could start it twice.
+        return Admission::Wait { why: format!("VM {name}'s host {source} is not ready ({why})") };
+    }
     if let Some(other) = active.iter().find(|m| m.vm == vm.key && &m.key != request.key) {
         return refuse(format!("VM {name} is already moving (migration {})", other.key.name));
     }
@@ -86,8 +91,14 @@ pub fn admit(cluster: &Cluster, request: &Request, active: &[Migration], limits:
         return Admission::Wait { why: format!("{outgoing} migrations leave {source} already, its limit") };
     }
     let incoming = |host: &str| others.iter().filter(|m| m.target.as_deref() == Some(host)).count() as u32;
+    // A move keeps the capacity HA admission control holds for failover free.
+    let admission = crate::admission::Admission::new(cluster);
+    let admit = |host: &crate::snapshot::Host| admission.check(cluster, vm, host);
     match request.target {
-        Some(target) => match cluster.fit_on(vm, target) {
+        Some(target) => match cluster.fit_on(vm, target).and_then(|p| match cluster.host(target).and_then(admit) {
+            Some(reason) => Err(reason),
+            None => Ok(p),
+        }) {
             Err(reason) => refuse(format!("target {target} cannot take VM {name}: {}", explain_one(target, reason))),
             Ok(_) if incoming(target) >= limits.incoming_per_host => Admission::Wait {
                 why: format!("{} migrations come into {target} already, its limit", incoming(target)),
@@ -109,7 +120,7 @@ pub fn admit(cluster: &Cluster, request: &Request, active: &[Migration], limits:
                     None
                 }
             };
-            match cluster.place_where(vm, veto) {
+            match cluster.place_admitted(vm, veto, admit) {
                 Ok(placement) => Admission::Approve {
                     source: source.to_string(),
                     target: placement.host.clone(),
@@ -157,6 +168,7 @@ mod tests {
             host: Some(on.into()),
             holds: true,
             allocated_cpus: None,
+            ha: Default::default(),
         }
     }
 
@@ -167,6 +179,8 @@ mod tests {
             source: from.into(),
             target: Some(to.into()),
             approved: true,
+            target_listening: false,
+            target_state: None,
         }
     }
 

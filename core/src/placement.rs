@@ -46,6 +46,9 @@ pub enum Reason {
     Source,
     /// As many migrations come in as the host's limit allows.
     IncomingLimit(u32),
+    /// HA admission control: taking the VM would eat into the capacity its pool
+    /// keeps for failover (the figures).
+    Admission(String),
 }
 
 /// A host chosen for a VM.
@@ -157,6 +160,16 @@ impl<'a> Cluster<'a> {
         &self.rules
     }
 
+    /// How host `name` counts its CPUs.
+    pub fn shape(&self, name: &str) -> Option<&HostShape> {
+        self.by_name.get(name).map(|&i| &self.shapes[i])
+    }
+
+    /// The host `vm` holds resources on, if any.
+    pub fn held_on(&self, vm: &VmKey) -> Option<&'a str> {
+        self.held_on.get(vm).map(|&i| self.snapshot.hosts[i].name.as_str())
+    }
+
     /// Where each VM holds resources.
     pub fn placed(&self) -> HashMap<VmKey, String> {
         self.held_on.iter().map(|(vm, &h)| (vm.clone(), self.snapshot.hosts[h].name.clone())).collect()
@@ -164,13 +177,25 @@ impl<'a> Cluster<'a> {
 
     /// The best host for `vm`, or why there is none.
     pub fn place(&self, vm: &Vm) -> Result<Placement, Unschedulable> {
-        self.choose(vm, |_| None)
+        self.choose(vm, |_| None, |_| None)
     }
 
     /// The best host for `vm` among those `veto` lets through (it names the reason
     /// a host is out: a migration's source, a host at its incoming limit).
     pub fn place_where(&self, vm: &Vm, veto: impl Fn(&Host) -> Option<Reason>) -> Result<Placement, Unschedulable> {
-        self.choose(vm, veto)
+        self.choose(vm, veto, |_| None)
+    }
+
+    /// As [`Cluster::place_where`], and a host that can take `vm` must also pass
+    /// `admit` (HA admission control: asked only of hosts that fit, so a host's
+    /// reason is the first thing that stops it).
+    pub fn place_admitted(
+        &self,
+        vm: &Vm,
+        veto: impl Fn(&Host) -> Option<Reason>,
+        admit: impl Fn(&Host) -> Option<Reason>,
+    ) -> Result<Placement, Unschedulable> {
+        self.choose(vm, veto, admit)
     }
 
     /// Whether `vm` can go to `host` (a target a user named), with the reason if not.
@@ -187,7 +212,12 @@ impl<'a> Cluster<'a> {
         Ask { vm, own: self.held_on.get(&vm.key).copied(), rules: self.rules.rules_of(&vm.key) }
     }
 
-    fn choose(&self, vm: &Vm, veto: impl Fn(&Host) -> Option<Reason>) -> Result<Placement, Unschedulable> {
+    fn choose(
+        &self,
+        vm: &Vm,
+        veto: impl Fn(&Host) -> Option<Reason>,
+        admit: impl Fn(&Host) -> Option<Reason>,
+    ) -> Result<Placement, Unschedulable> {
         let ask = self.ask(vm);
         let mut best: Option<Candidate> = None;
         let mut second: Option<(usize, i64, usize)> = None; // host, score, broken
@@ -198,7 +228,7 @@ impl<'a> Cluster<'a> {
                 reasons.push((host.name.clone(), reason));
                 continue;
             }
-            match self.evaluate(&ask, i) {
+            match self.evaluate(&ask, i).and_then(|c| admit(host).map_or(Ok(c), Err)) {
                 Err(reason) => reasons.push((host.name.clone(), reason)),
                 Ok(candidate) => {
                     feasible += 1;
@@ -272,8 +302,8 @@ impl<'a> Cluster<'a> {
     fn evaluate(&self, ask: &Ask<'_, '_>, i: usize) -> Result<Candidate, Reason> {
         let vm = ask.vm;
         let host = &self.snapshot.hosts[i];
-        if let crate::snapshot::HostHealth::NotReady(why) = &host.health {
-            return Err(Reason::NotReady(why.clone()));
+        if let Some(why) = host.health.problem() {
+            return Err(Reason::NotReady(why.to_string()));
         }
         if host.maintenance {
             return Err(Reason::Maintenance);

@@ -42,6 +42,36 @@ pub struct Snapshot {
     pub vms: Vec<Vm>,
     pub rules: Vec<Rule>,
     pub migrations: Vec<Migration>,
+    /// HA settings of each HostPolicy, by name; a host without a policy (or with
+    /// one not listed) gets [`HaSettings::default`].
+    #[serde(default)]
+    pub ha: BTreeMap<String, HaSettings>,
+}
+
+impl Snapshot {
+    /// The HA settings of `host`'s pool.
+    pub fn ha_of(&self, host: &Host) -> HaSettings {
+        host.policy.as_ref().and_then(|p| self.ha.get(p)).copied().unwrap_or_default()
+    }
+}
+
+/// A pool's HA settings (a HostPolicy's `spec.ha`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaSettings {
+    /// Restart the VMs of failed hosts.
+    pub enabled: bool,
+    /// Keep capacity free for failover: refuse starts and moves that eat into it.
+    pub admission_control: bool,
+    /// Host failures the pool must survive.
+    pub host_failures_to_tolerate: u32,
+}
+
+impl Default for HaSettings {
+    /// Hosts no HostPolicy selects: HA restarts their VMs, best effort (there is no
+    /// pool to keep failover capacity in).
+    fn default() -> Self {
+        Self { enabled: true, admission_control: false, host_failures_to_tolerate: 0 }
+    }
 }
 
 /// One host (a Node with an agent).
@@ -70,11 +100,27 @@ pub enum HostHealth {
     Ready,
     /// Not, and why (for the reasons users read).
     NotReady(String),
+    /// Failed: its Lease has not changed for the lease duration, on the operator's
+    /// clock. Its agent has powered its VMs off by then (the fencing deadline comes
+    /// first), so HA may start them elsewhere.
+    Failed(String),
 }
 
 impl HostHealth {
     pub fn is_ready(&self) -> bool {
         matches!(self, HostHealth::Ready)
+    }
+
+    pub fn is_failed(&self) -> bool {
+        matches!(self, HostHealth::Failed(_))
+    }
+
+    /// Why it takes no VMs, if it does not.
+    pub fn problem(&self) -> Option<&str> {
+        match self {
+            HostHealth::Ready => None,
+            HostHealth::NotReady(why) | HostHealth::Failed(why) => Some(why),
+        }
     }
 }
 
@@ -128,6 +174,36 @@ pub struct Vm {
     pub holds: bool,
     /// The host CPUs it holds there (Dedicated VMs: chosen by the operator).
     pub allocated_cpus: Option<CpuSet>,
+    /// How HA treats it.
+    #[serde(default)]
+    pub ha: VmHa,
+}
+
+/// How HA treats a VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmHa {
+    /// Its restart priority (the VM's, else its pool's default).
+    pub priority: RestartPriority,
+    /// Its run strategy keeps it running (Always, RerunOnFailure): HA restarts it
+    /// after a host failure and admission control keeps room for it.
+    pub keeps_running: bool,
+}
+
+impl VmHa {
+    /// HA would restart it: admission control keeps room for it.
+    pub fn protected(&self) -> bool {
+        self.keeps_running && self.priority != RestartPriority::Disabled
+    }
+}
+
+/// HA restart priority: High VMs restart first; Disabled ones not at all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum RestartPriority {
+    Disabled,
+    Low,
+    #[default]
+    Medium,
+    High,
 }
 
 impl Vm {
@@ -194,4 +270,21 @@ pub struct Migration {
     /// Approved and not ended: it holds the VM's resources on `target` (and the VM
     /// still holds its own on `source`).
     pub approved: bool,
+    /// The target published where its receiving VMM listens: the source may have
+    /// sent, so the target may run the VM.
+    #[serde(default)]
+    pub target_listening: bool,
+    /// What the target agent last said of its VMM.
+    #[serde(default)]
+    pub target_state: Option<TargetState>,
+}
+
+/// What a migration's target VMM does, as its agent says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TargetState {
+    Receiving,
+    /// It runs the guest: the VM is the target's.
+    Running,
+    /// Nothing of the migration runs there, nor will.
+    Stopped,
 }

@@ -183,6 +183,8 @@ fn approved_migrations_hold_their_target() {
             source: "h1".into(),
             target: Some("h2".into()),
             approved: true,
+            target_listening: false,
+            target_state: None,
         }],
         ..Default::default()
     };
@@ -226,7 +228,7 @@ fn build(case: &Case) -> (Snapshot, Vec<drover_core::Vm>) {
     let members: Vec<String> = case.vms.iter().enumerate().filter(|(_, v)| v.3).map(|(i, _)| format!("v{i}")).collect();
     let members: Vec<&str> = members.iter().map(String::as_str).collect();
     let rules = vec![rule("spread", RuleKind::VmVmAntiAffinity, case.rule_required, &members, &[])];
-    (Snapshot { hosts, vms: vec![], rules, migrations: vec![] }, vms)
+    (Snapshot { hosts, vms: vec![], rules, ..Default::default() }, vms)
 }
 
 proptest! {

@@ -18,7 +18,9 @@
 //! | `Migrating` | agent (source) | a migration moves it; it keeps running on the source |
 //! | `Stopping` | operator | a stop was asked for (a Manual `stop`/`restart` request, a host's maintenance); the agent powers the VM off and reports `Stopped` |
 //! | `Stopped`, `Failed` | agent | its VMM ended (`lastExit`, the `Ready` condition say how); what next is the operator's call |
-//! | `Unknown` | operator | its host stopped renewing its Lease |
+//! | `Unknown` | operator | its host failed (no Lease renewal for the failure detection time) and HA has not placed it elsewhere yet (no room; a migration's target may run it), or HA is off for that host's policy (left as it is) |
+//! | `Scheduled` (again) | operator | HA: its host failed; placed on another host (`restartCount` + 1) |
+//! | `Failed` | operator | HA: its host failed and HA does not restart it (`restartPriority: Disabled`, or a run strategy that does not keep it running) |
 //!
 //! A `VirtualMachineMigration`'s `status.phase`:
 //!
@@ -29,7 +31,16 @@
 //! | `Running` | agent (source) | memory pre-copy, recorded before the send starts |
 //! | `Switchover` | agent (source) | the guest is paused for the last pages |
 //! | `Succeeded` | agent (source) | the VM runs on the target; the source moved its `status.nodeName` there first |
-//! | `Failed` | agent (either) or operator | the VM keeps running on the source; `failureMessage` says why. Exception: when the operator fails one (Cancelled, TimedOut) after the source VMM had already handed the VM over, the source agent moves the VM's status to the target and the migration stays Failed |
+//! | `Failed` | agent (either) or operator | the VM keeps running on the source; `failureMessage` says why. Exception: when the operator fails one (Cancelled, TimedOut, SourceHostFailed) after the source VMM had already handed the VM over, the VM's status moves to the target (by the source agent, or the target agent) and the migration stays Failed |
+//!
+//! A migration's `status.targetState` is the target agent's: `Receiving` once its
+//! receiving VMM runs, `Running` once that VMM runs the guest (the agent then moves
+//! the VM's status to its host if the source has not: whoever sees the hand-over
+//! first records it), `Stopped` once no VMM of the migration runs there or will
+//! (after a failure). The operator fails a migration whose source or target host
+//! failed (`SourceHostFailed`, `TargetHostFailed`), and HA restarts a VM whose
+//! source host failed mid-move only once the target said `Stopped` (or its host
+//! failed too): until then the target may run it.
 
 use std::collections::BTreeMap;
 
@@ -73,6 +84,12 @@ pub mod annotations {
     /// host's maintenance: `<host>/Restart` (start it elsewhere) or `<host>/Stop`
     /// (keep it stopped until the maintenance ends). Removed when that is done.
     pub const STOPPED_FOR_MAINTENANCE: &str = "drover.dev/stopped-for-maintenance";
+    /// On a VirtualMachine, set by the operator when HA did not restart it after
+    /// its host failed (`restartPriority: Disabled`): the host's name. While it is
+    /// there the run strategy does not start the VM again, even once the host is
+    /// back; remove it (`kubectl annotate vm NAME drover.dev/ha-not-restarted-`)
+    /// and the run strategy takes over.
+    pub const HA_NOT_RESTARTED: &str = "drover.dev/ha-not-restarted";
 }
 
 /// Labels the operator sets on the VirtualMachineMigrations it makes.
@@ -164,6 +181,25 @@ pub mod reasons {
     pub const CPU_CONFIG_IN_EFFECT: &str = "Applied";
     /// VM CpuConfigApplied=False: the VMM refused the change (the message says why).
     pub const CPU_CONFIG_REFUSED: &str = "Refused";
+    /// Migration failed: its source host failed (no heartbeat) before it finished.
+    pub const SOURCE_HOST_FAILED: &str = "SourceHostFailed";
+    /// Migration failed: its target host failed (no heartbeat) before it finished.
+    pub const TARGET_HOST_FAILED: &str = "TargetHostFailed";
+    /// Node Event: the host's heartbeat Lease was not renewed for its duration.
+    pub const HOST_FAILED: &str = "HostFailed";
+    /// Node Event: a failed host renews its heartbeat again.
+    pub const HOST_RECOVERED: &str = "HostRecovered";
+    /// VM Scheduled, Event: HA placed the VM of a failed host on another one.
+    pub const HA_RESTARTED: &str = "HARestarted";
+    /// VM Scheduled=False: HA waits to restart it (capacity, a migration's outcome).
+    pub const HA_WAITING: &str = "HAWaiting";
+    /// VM Ready=False, Event: its host failed and HA does not restart it.
+    pub const HA_NOT_RESTARTED: &str = "HANotRestarted";
+    /// VM Ready=Unknown: its host failed; HA is off there, so it is left as it is.
+    pub const HOST_FAILED_HA_OFF: &str = "HostFailedHAOff";
+    /// VM Scheduled=False: starting it would eat into the capacity HA keeps for
+    /// failover (the message gives the figures).
+    pub const HA_ADMISSION_CONTROL: &str = "HAAdmissionControl";
 }
 
 /// The heartbeat: one `coordination.k8s.io/v1` Lease per host, renewed by its agent.

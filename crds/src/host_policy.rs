@@ -28,6 +28,8 @@ use crate::vm::{NumaPolicy, RestartPriority};
     printcolumn(name = "DRS", type_ = "string", json_path = ".spec.drs.automationLevel"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     printcolumn(name = "Threshold", type_ = "integer", json_path = ".spec.drs.migrationThreshold", priority = "1"),
+    printcolumn(name = "Failed", type_ = "string", json_path = ".status.ha.failedHosts", priority = "1"),
+    printcolumn(name = "Failover OK", type_ = "boolean", json_path = ".status.ha.failoverCapacityOk", priority = "1"),
     printcolumn(
         name = "Failures Tolerated",
         type_ = "integer",
@@ -298,6 +300,49 @@ pub struct HostPolicyStatus {
     /// When DRS last ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_drs_run: Option<Time>,
+
+    /// HA: failed hosts and the failover capacity admission control keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<HaStatus>,
+}
+
+/// HA as the operator sees it in this pool.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HaStatus {
+    /// Hosts declared failed (no heartbeat for the failure detection time).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_hosts: Vec<String>,
+    /// Host failures the pool is to survive (the spec's).
+    #[serde(default)]
+    pub host_failures_to_tolerate: i32,
+    /// True when every protected VM could restart after the worst
+    /// `hostFailuresToTolerate` hosts fail; false says which resource falls short.
+    #[serde(default)]
+    pub failover_capacity_ok: bool,
+    /// What the worst failures would need and what the other hosts have free, per
+    /// resource: `needed` is kept free (admission control refuses starts that eat
+    /// into it), `free` is what the surviving hosts offer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover: Vec<FailoverCapacity>,
+    /// VMs restarted by HA, and VMs HA could not restart yet (with why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Failover capacity of one resource.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverCapacity {
+    /// `vcpus` (Shared vCPUs, in overcommitted units), `memoryMiB`, or `dedicatedCpus`.
+    pub resource: String,
+    /// What the protected VMs of the worst `hostFailuresToTolerate` hosts need.
+    pub needed: f64,
+    /// What the other hosts have free for them.
+    pub free: f64,
+    /// The hosts whose failure needs the most.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub worst_hosts: Vec<String>,
 }
 
 /// Capacity and use of one host.

@@ -148,6 +148,23 @@ pub struct VirtualMachineMigrationStatus {
     /// Why the migration failed (the VM keeps running on the source).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_message: Option<String>,
+    /// What the target's VMM of this migration does, as the target agent last saw
+    /// it: HA reads it before restarting a VM whose source host failed mid-move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_state: Option<MigrationTargetState>,
+}
+
+/// What a migration's target VMM does (set by the target agent).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationTargetState {
+    /// A receiving VMM listens or receives; it does not run the guest.
+    Receiving,
+    /// The receiving VMM runs the guest (the source handed it over): the VM is the
+    /// target's, and its agent moves the VM's status there if the source has not.
+    Running,
+    /// No VMM of this migration runs on the target, nor will: it never started, or
+    /// it ended, or was powered off (nothing of the VM runs there).
+    Stopped,
 }
 
 /// Phase of a migration.

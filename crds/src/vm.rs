@@ -322,10 +322,11 @@ pub struct Disk {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct VmHaSpec {
-    /// Order in which HA restarts VMs of a failed host: High first, then Medium
-    /// (default), then Low; Disabled VMs are not restarted.
-    #[serde(default)]
-    pub restart_priority: RestartPriority,
+    /// Order in which HA restarts VMs of a failed host: High first, then Medium,
+    /// then Low; Disabled VMs are not restarted. Unset: the HostPolicy's
+    /// `ha.defaultRestartPriority` (Medium by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_priority: Option<RestartPriority>,
 }
 
 /// HA restart priority (as in VMware HA).

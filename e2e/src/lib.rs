@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 
 pub mod hosts;
 pub mod operator;
+pub mod overlap;
 pub mod vms;
 
 /// Errors of the e2e helpers.

@@ -57,6 +57,17 @@ pub fn get(ns: &str, kind: &str, name: &str) -> Value {
     serde_json::from_str(&kubectl(&["get", kind, name, "-n", ns, "-o", "json"])).expect("kubectl get -o json")
 }
 
+/// The object, or `None` while it does not exist yet (any other error still panics).
+pub fn try_get(ns: &str, kind: &str, name: &str) -> Option<Value> {
+    let out = control_plane().kubectl(&["get", kind, name, "-n", ns, "-o", "json"], None);
+    if out.status.success() {
+        return Some(serde_json::from_slice(&out.stdout).expect("kubectl get -o json"));
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("NotFound"), "kubectl get {kind} {name} -n {ns} failed:\n{stderr}");
+    None
+}
+
 pub fn vm_yaml(ns: &str, name: &str, vcpus: u32, memory: &str, cmdline: &str) -> String {
     format!(
         "apiVersion: drover.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {name}, namespace: {ns}}}\n\
@@ -146,4 +157,37 @@ pub fn vcpu_affinity(pid: u32) -> Vec<String> {
 
 pub fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
+}
+
+/// The digest the workload prints when it runs undisturbed, from a plain VMM run.
+pub fn reference_digest(vcpus: u32, memory_mib: u32, cmdline: &str) -> String {
+    let out = std::process::Command::new(bin_dir().join("drover-vmm"))
+        .args(["run", "--vcpus", &vcpus.to_string(), "--memory-mib", &memory_mib.to_string(), "--cmdline", cmdline])
+        .arg("--kernel")
+        .arg(guest_image())
+        .output()
+        .expect("run drover-vmm");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "reference run: {text}{}", String::from_utf8_lossy(&out.stderr));
+    digest_of(&text).unwrap_or_else(|| panic!("no digest in {text}"))
+}
+
+/// The digest a `drover.mode=digest` guest printed on its serial console, if it did.
+pub fn digest_of(serial: &str) -> Option<String> {
+    serial
+        .lines()
+        .find_map(|l| l.strip_prefix("drover-guest: digest "))
+        .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
+}
+
+/// Sends `signal` (`KILL`, `STOP`, `CONT`, ...) to `pid`.
+pub fn signal(pid: u32, signal: &str) {
+    let status =
+        std::process::Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// SIGKILL, as a crash or the OOM killer would.
+pub fn kill_9(pid: u32) {
+    signal(pid, "KILL");
 }

@@ -180,10 +180,13 @@ fn an_isolated_host_powers_its_vms_off_before_its_lease_runs_out() {
     let _serial = serial();
     let ns = namespace("agent-fence");
     let host = Host::add(&unique_name("fence"));
-    apply(&vm_yaml(&ns, "db", 1, "32Mi", "drover.mode=idle"));
+    // A guest that would shut down if asked (spin mode): PowerOff, the isolation
+    // response without a HostPolicy, does not ask.
+    apply(&vm_yaml(&ns, "db", 1, "32Mi", "drover.mode=spin"));
     place(&ns, "db", &host);
     wait_phase(&ns, "db", "Running", Duration::from_secs(30));
-    let pid = vmm_pid(&host, &uid(&ns, "db")).expect("VMM");
+    let db = uid(&ns, "db");
+    let pid = vmm_pid(&host, &db).expect("VMM");
 
     let isolated = Instant::now();
     host.isolate();
@@ -201,6 +204,9 @@ fn an_isolated_host_powers_its_vms_off_before_its_lease_runs_out() {
     );
     assert!(dead_at < expires, "the VM ran until {dead_at}, past the lease's end {expires}");
     assert!(host.agent_log().contains("fencing"), "{}", host.agent_log());
+    let exit = exit_record(&host, &db);
+    assert_eq!(exit["signal"], 9, "killed, not shut down: {exit}");
+    assert!(!serial_log(&host, &ns, "db").contains("ctrl-alt-del"), "PowerOff asks no guest");
 
     // Healed: the agent reports why the VM stopped, and does not start it again
     // (the operator may have restarted it elsewhere; it decides).
@@ -210,6 +216,92 @@ fn an_isolated_host_powers_its_vms_off_before_its_lease_runs_out() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(vm_status(&ns, "db")["phase"], "Failed");
     assert!(vmm_pid(&host, &uid(&ns, "db")).is_none());
+}
+
+/// `exit.json` of a VM's VMM on a host, as its monitor writes it once the VMM has
+/// ended (it is there until the agent has reported the end and forgotten the VM).
+fn exit_record(host: &Host, uid: &str) -> Value {
+    let path = host.runtime_dir().join("vms").join(uid).join("exit.json");
+    let text = wait_for("the monitor's exit record", Duration::from_secs(5), || std::fs::read_to_string(&path).ok());
+    serde_json::from_str(&text).expect("exit.json")
+}
+
+fn stop_reason(host: &Host, uid: &str) -> String {
+    std::fs::read_to_string(host.runtime_dir().join("vms").join(uid).join("stop-reason")).unwrap_or_default()
+}
+
+/// A VM's serial log as its host keeps it (read from the host's state directory:
+/// an isolated host's console endpoint cannot be reached).
+fn serial_log(host: &Host, ns: &str, vm: &str) -> String {
+    std::fs::read_to_string(host.state_dir().join("console").join(format!("{ns}_{vm}.log"))).unwrap_or_default()
+}
+
+#[test]
+fn an_isolated_host_with_isolation_response_shutdown_asks_its_guests_before_powering_off() {
+    let _serial = serial();
+    let ns = namespace("agent-shutdown");
+    let host = Host::add(&unique_name("shut"));
+    // 1 s heartbeats, 5 s failure detection: F = 4 s; the host looks isolated 2 s
+    // after its last accepted renewal, and guests get the 2 s left.
+    let policy = format!("shutdown-{}", host.name());
+    apply(&format!(
+        "apiVersion: drover.dev/v1alpha1\nkind: HostPolicy\nmetadata: {{name: {policy}}}\nspec:\n  nodeSelector: {{matchLabels: {{kubernetes.io/hostname: {}}}}}\n  ha: {{heartbeatIntervalSeconds: 1, failureDetectionSeconds: 5, isolationResponse: Shutdown}}\n",
+        host.name()
+    ));
+    wait_for("the agent to follow the HostPolicy", Duration::from_secs(45), || {
+        let lease = get("drover-system", "lease", host.name());
+        (lease["spec"]["leaseDurationSeconds"] == 5 && host.agent_log().contains("isolation response changed"))
+            .then_some(())
+    });
+    // One guest shuts down when asked (spin mode); the other never reads its keyboard.
+    apply(&vm_yaml(&ns, "polite", 1, "32Mi", "drover.mode=spin"));
+    apply(&vm_yaml(&ns, "deaf", 1, "32Mi", "drover.mode=idle"));
+    for vm in ["polite", "deaf"] {
+        place(&ns, vm, &host);
+    }
+    let (polite, deaf) = (uid(&ns, "polite"), uid(&ns, "deaf"));
+    for vm in ["polite", "deaf"] {
+        wait_phase(&ns, vm, "Running", Duration::from_secs(30));
+    }
+    let (polite_pid, deaf_pid) = (vmm_pid(&host, &polite).expect("VMM"), vmm_pid(&host, &deaf).expect("VMM"));
+
+    let isolated = Instant::now();
+    host.isolate();
+    let lease = get("drover-system", "lease", host.name());
+    let expires = wall_ms(lease["spec"]["renewTime"].as_str().unwrap())
+        + 1000 * lease["spec"]["leaseDurationSeconds"].as_i64().unwrap();
+    wait_for("the polite guest to shut down", Duration::from_secs(10), || (!alive(polite_pid)).then_some(()));
+    let (polite_gone, polite_at) = (isolated.elapsed(), now_ms());
+    wait_for("the deaf guest to be powered off", Duration::from_secs(10), || (!alive(deaf_pid)).then_some(()));
+    let (deaf_gone, deaf_at) = (isolated.elapsed(), now_ms());
+    println!(
+        "figure: isolation -> polite guest shut down in {} ms, deaf guest powered off in {} ms; {} ms before the lease ran out",
+        polite_gone.as_millis(),
+        deaf_gone.as_millis(),
+        expires - deaf_at
+    );
+    assert!(polite_at < expires && deaf_at < expires, "a VM outlived the lease ({polite_at}, {deaf_at} vs {expires})");
+    // The request came well before the deadline: the guest that took it was gone
+    // a second or more before the one that did not.
+    assert!(deaf_gone >= polite_gone + Duration::from_secs(1), "{polite_gone:?} {deaf_gone:?}");
+
+    let exit = exit_record(&host, &polite);
+    assert_eq!(exit["code"], 0, "a clean power-off: {exit}");
+    assert!(serial_log(&host, &ns, "polite").contains("drover-guest: ctrl-alt-del, powering off"));
+    assert!(stop_reason(&host, &polite).contains("isolation response (Shutdown)"), "{}", stop_reason(&host, &polite));
+    let exit = exit_record(&host, &deaf);
+    assert_eq!(exit["signal"], 9, "killed at the deadline: {exit}");
+    assert!(stop_reason(&host, &deaf).contains("heartbeat deadline passed"), "{}", stop_reason(&host, &deaf));
+    assert!(host.agent_log().contains("the host looks isolated"), "{}", host.agent_log());
+
+    // Healed: each VM reports how it ended; neither starts again.
+    host.heal();
+    let status = wait_phase(&ns, "polite", "Stopped", Duration::from_secs(20));
+    let last = status["lastExit"].as_str().unwrap();
+    assert!(last.contains("guest powered off") && last.contains("isolation response (Shutdown)"), "{status}");
+    let status = wait_phase(&ns, "deaf", "Failed", Duration::from_secs(20));
+    assert!(status["lastExit"].as_str().unwrap().contains("heartbeat deadline passed"), "{status}");
+    kubectl(&["delete", "hostpolicy", &policy]);
 }
 
 #[test]
@@ -311,26 +403,6 @@ fn approve(ns: &str, migration: &str, from: &Host, to: &Host, secret: &str) {
     kubectl(&["patch", "vmim", migration, "-n", ns, "--subresource=status", "--type=merge", "-p", &patch]);
 }
 
-/// The digest the workload prints when it runs undisturbed, from a plain VMM run.
-fn reference_digest(vcpus: u32, memory_mib: u32, cmdline: &str) -> String {
-    let out = std::process::Command::new(bin_dir().join("drover-vmm"))
-        .args(["run", "--vcpus", &vcpus.to_string(), "--memory-mib", &memory_mib.to_string(), "--cmdline", cmdline])
-        .arg("--kernel")
-        .arg(guest_image())
-        .output()
-        .expect("run drover-vmm");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "reference run: {text}{}", String::from_utf8_lossy(&out.stderr));
-    digest_of(&text).unwrap_or_else(|| panic!("no digest in {text}"))
-}
-
-fn digest_of(serial: &str) -> Option<String> {
-    serial
-        .lines()
-        .find_map(|l| l.strip_prefix("drover-guest: digest "))
-        .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
-}
-
 #[test]
 fn a_vm_migrates_between_hosts_and_its_workload_result_is_intact() {
     let _serial = serial();
@@ -401,12 +473,6 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_millis() as i64
 }
 
-/// SIGKILL, as a crash or the OOM killer would.
-fn kill_9(pid: u32) {
-    let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().expect("run kill");
-    assert!(status.success(), "kill -9 {pid}");
-}
-
 #[test]
 fn a_host_without_kvm_says_so_and_runs_no_vm() {
     let _serial = serial();
@@ -469,7 +535,7 @@ fn the_host_policy_sets_the_heartbeat() {
     control_plane().install_crds();
     let host = Host::add(&unique_name("policy"));
     wait_for("the first Lease", Duration::from_secs(20), || {
-        (get("drover-system", "lease", host.name())["spec"]["leaseDurationSeconds"] == 3).then_some(())
+        (try_get("drover-system", "lease", host.name())?["spec"]["leaseDurationSeconds"] == 3).then_some(())
     });
     let policy = format!("hb-{}", host.name());
     apply(&format!(

@@ -19,7 +19,9 @@
 /* Ports. The TSS I/O bitmap lets ring 3 use every port below IOMAP_PORTS. */
 #define COM1 0x3f8
 #define EXIT_PORT 0x501 /* QEMU's isa-debug-exit and Drover's exit device */
-#define I8042_CMD 0x64
+#define I8042_DATA 0x60
+#define I8042_CMD 0x64 /* written: a controller command; read: the status */
+#define I8042_STATUS 0x64
 #define IOMAP_PORTS 0x600
 
 /* Ring 3 asks ring 0 to halt its CPU with `ud2` and this value in %rax. Neither
@@ -57,6 +59,11 @@ struct hvm_memmap_entry {
 };
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port) {
+    u8 v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 static inline u64 rdtsc(void) {
     u32 lo, hi;

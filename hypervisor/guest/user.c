@@ -6,9 +6,14 @@
  * drover.mode= on the command line:
  *   sum (default)  each CPU sums splitmix64(i) over its share of i < drover.work
  *                  (default 2^20); CPU 0 prints the total and exits with status 0.
- *   spin           every CPU spins; CPU 0 prints a tick about every 2^29 TSC cycles.
+ *   spin           every CPU spins; CPU 0 prints a tick about every 2^29 TSC cycles
+ *                  and, about every 2^22 (a millisecond or so), looks for Ctrl+Alt+Del
+ *                  on the i8042 keyboard (the VMM's request to shut down): it then
+ *                  says so and powers off cleanly (exit status 0).
  *   idle           CPU 0 says "idle" and every CPU halts: a VM that runs and costs
- *                  the host no CPU (examples, agent tests).
+ *                  the host no CPU (examples, agent tests). It ignores Ctrl+Alt+Del,
+ *                  as a guest without a keyboard driver would (a halted CPU polls
+ *                  nothing, and ring 0 takes no interrupts).
  *   reset          CPU 0 asks the i8042 controller for a CPU reset.
  *   fault          CPU 0 executes hlt in ring 3 (#GP), which ends the VM through
  *                  the exception handler.
@@ -77,6 +82,33 @@ static void __attribute__((noreturn)) guest_exit(u8 status) {
 static void __attribute__((noreturn)) halt_this_cpu(void) {
     __asm__ volatile("ud2" ::"a"((u64)HALT_REQUEST) : "memory");
     __builtin_unreachable();
+}
+
+/* Scan code set 2 as the VMM's keyboard types it (no translation: the controller
+ * command byte is left as the VMM starts it). Ctrl and Alt are tracked, left or
+ * right (0xe0-prefixed), and a Delete press with both held (0xe0 0x71, or the
+ * keypad's 0x71, as Linux counts it) powers the VM off cleanly. Each status read
+ * is a VM exit: callers poll it about every millisecond, from ring 3. */
+static void check_ctrl_alt_del(void) {
+    static u8 ctrl, alt, released;
+    while (inb(I8042_STATUS) & 1) {
+        u8 code = inb(I8042_DATA);
+        if (code == 0xe0) continue; /* extended key: the same codes follow */
+        if (code == 0xf0) {
+            released = 1;
+            continue;
+        }
+        u8 down = !released;
+        released = 0;
+        if (code == 0x14) ctrl = down;
+        if (code == 0x11) alt = down;
+        if (code == 0x71 && down && ctrl && alt) {
+            lock();
+            puts_("drover-guest: ctrl-alt-del, powering off\n");
+            unlock();
+            guest_exit(0);
+        }
+    }
 }
 
 static int starts_with(const char *s, const char *prefix) {
@@ -192,8 +224,12 @@ void user_main(u32 cpu, struct hvm_start_info *info) {
     }
 
     if (mode_is(info, "spin")) {
-        u64 next = rdtsc(), ticks = 0;
+        u64 next = rdtsc(), ticks = 0, poll = next;
         for (;;) {
+            if (cpu == 0 && rdtsc() >= poll) {
+                poll = rdtsc() + (1ULL << 22);
+                check_ctrl_alt_del();
+            }
             if (cpu == 0 && rdtsc() >= next) {
                 next = rdtsc() + (1ULL << 29);
                 lock();

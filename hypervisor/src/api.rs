@@ -10,6 +10,7 @@
 //! | `GET /vm` | status: state, vCPUs (thread, host CPUs, last CPU, CPU time), memory, uptime, boot time, shares |
 //! | `PUT /vm/pause`, `PUT /vm/resume` | stop / restart every vCPU (the migration hooks) |
 //! | `PUT /vm/shutdown` | power the VM off (exit status 0) |
+//! | `PUT /vm/ctrl-alt-del` | ask the guest to shut down: type Ctrl+Alt+Del on its i8042 keyboard (IRQ 1); the guest decides what follows (409 while a migration is under way, or while it has not read the keys typed before) |
 //! | `PUT /vm/snapshot` `{"path": "/dir"}` | write state and memory to a directory (the VM pauses meanwhile) |
 //! | `PUT /vm/migrate` `{"destination": "10.0.0.2:7070", "secretFile": "/run/drover/mig.key", "maxDowntimeMs": 30}` | live-migrate to a `drover-vmm receive` (see `migration::send::MigrateRequest`) |
 //! | `GET /vm/migration` | the migration's phase, pass, bytes, dirty rate, estimated and measured downtime, total time |
@@ -121,12 +122,12 @@ fn serve_one(stream: UnixStream, control: &Arc<VmControl>) -> std::io::Result<()
 /// The status code of a refused request: the one place an error becomes a code.
 /// 400: the request is wrong (its body, a value out of range); 404: no such
 /// request; 409: not in the VM's present state (a migration under way, none to
-/// cancel, too late to cancel); 413: body too large; 500: the VMM failed doing it.
+/// cancel, too late to cancel, keys typed before still unread); 413: body too large; 500: the VMM failed doing it.
 pub fn status_code(e: &Error) -> u16 {
     match e {
         Error::Config(_) | Error::Body(_) => 400,
         Error::NoSuchRequest { .. } => 404,
-        Error::MigrationUnderWay | Error::NoMigration | Error::HandedOver => 409,
+        Error::MigrationUnderWay | Error::NoMigration | Error::HandedOver | Error::KeyboardFull => 409,
         Error::BodyTooLarge { .. } => 413,
         Error::KvmOpen { .. }
         | Error::Kvm { .. }
@@ -168,6 +169,7 @@ fn route(method: &str, path: &str, body: &str, control: &Arc<VmControl>) -> Resu
         ("PUT", paths::MIGRATION_CANCEL) => control.cancel_migration().map(|()| None),
         // Powering off happens after the reply is written (see serve_one).
         ("PUT", paths::SHUTDOWN) => Ok(None),
+        ("PUT", paths::CTRL_ALT_DEL) => control.ctrl_alt_del().map(|()| None),
         ("PATCH", paths::CPUS) => control.set_host_cpus(&parse::<CpusPatch>(body)?.host_cpus).map(|()| None),
         ("PATCH", paths::PRIORITY) => control.set_shares(parse::<PriorityPatch>(body)?.shares).map(|()| None),
         (method, path) => Err(Error::NoSuchRequest { method: method.into(), path: path.into() }),
@@ -188,6 +190,7 @@ mod tests {
             (Error::MigrationUnderWay, 409),
             (Error::NoMigration, 409),
             (Error::HandedOver, 409),
+            (Error::KeyboardFull, 409),
             (Error::BodyTooLarge { limit: MAX_BODY }, 413),
             (Error::io("writing 500 to cpu.shares", std::io::Error::from_raw_os_error(libc::EACCES)), 500),
             (Error::PauseTimedOut { parked: 0, vcpus: 1, waited: std::time::Duration::from_secs(5) }, 500),

@@ -43,6 +43,10 @@ pub enum Error {
     /// A cancel came after the point of no return: the target has the VM.
     #[error("migration: too late to cancel: the target has the VM")]
     HandedOver,
+    /// Ctrl+Alt+Del was asked for while the guest has not read the keys typed
+    /// before (it has no keyboard driver, or is not listening yet).
+    #[error("the guest has not read the keys typed before (has it a keyboard driver?)")]
+    KeyboardFull,
     /// Saving or restoring VM state failed.
     #[error("VM state: {0}")]
     State(String),

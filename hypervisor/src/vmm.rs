@@ -14,7 +14,7 @@ use crate::arch::x86_64::{cpuid, layout, regs};
 use crate::boot::BootEntry;
 use crate::config::{SerialOutput, VmConfig};
 use crate::control::{self, VmControl};
-use crate::devices::{PioBus, serial};
+use crate::devices::{IrqTrigger, Keyboard, PioBus, i8042, serial};
 use crate::exit::VmExit;
 use crate::restore::{Origin, RestoreSource};
 use crate::vstate::{vcpu::Vcpu, vm::Vm};
@@ -72,8 +72,8 @@ pub fn start(config: &VmConfig, origin: Origin) -> Result<RunningVm, Error> {
     let first_output = Arc::new(serial::FirstOutput::default());
     let control =
         Arc::new(VmControl::new(config.clone(), started, placement, numa_nodes, exits_tx, vm, first_output.clone()));
-    let Prepared { fds, serial, msrs, mut source } = prepare(config, control.vm(), &apic_ids, origin)?;
-    let bus = Arc::new(PioBus::new(serial, first_output, control.exits().clone()));
+    let Prepared { fds, serial, keyboard, msrs, mut source } = prepare(config, control.vm(), &apic_ids, origin)?;
+    let bus = Arc::new(PioBus::new(serial, keyboard, first_output, control.exits().clone()));
     control.set_bus(bus.clone());
     let msrs = Arc::new(msrs);
     let vcpus: Vec<Vcpu> = (0..config.vcpus)
@@ -119,11 +119,12 @@ fn spawn_vcpus(vcpus: Vec<Vcpu>, control: &VmControl) -> Result<(), Error> {
     Ok(())
 }
 
-/// What `prepare` makes: the vCPU fds, set up; the serial port; the MSRs each
-/// vCPU saves; the restore source to tell when the vCPUs run.
+/// What `prepare` makes: the vCPU fds, set up; the serial port; the keyboard
+/// controller; the MSRs each vCPU saves; the restore source to tell when the vCPUs run.
 struct Prepared {
     fds: Vec<kvm_ioctls::VcpuFd>,
     serial: serial::SerialPort,
+    keyboard: Keyboard,
     msrs: Vec<u32>,
     source: Option<Box<dyn RestoreSource>>,
 }
@@ -131,12 +132,17 @@ struct Prepared {
 /// Loads the guest (or restores it), sets up devices, creates the vCPUs.
 ///
 /// What does not depend on the guest's state (the vCPUs themselves, the serial
-/// port's interrupt and output) is set up before the state is loaded: a migration
-/// target loads it while the guest is paused, and does the rest beforehand.
+/// port's interrupt and output, the keyboard controller, which is not part of the
+/// saved state) is set up before the state is loaded: a migration target loads it
+/// while the guest is paused, and does the rest beforehand.
 fn prepare(config: &VmConfig, vm: &Vm, apic_ids: &[u32], origin: Origin) -> Result<Prepared, Error> {
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?;
-    vm.fd.register_irqfd(&irq, serial::COM1_GSI).map_err(|source| Error::Kvm { what: "KVM_IRQFD", source })?;
-    let trigger = serial::IrqTrigger(irq);
+    let irq_for = |gsi| -> Result<IrqTrigger, Error> {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?;
+        vm.fd.register_irqfd(&irq, gsi).map_err(|source| Error::Kvm { what: "KVM_IRQFD", source })?;
+        Ok(IrqTrigger(irq))
+    };
+    let trigger = irq_for(serial::COM1_GSI)?;
+    let keyboard = i8042::I8042::new(irq_for(i8042::KEYBOARD_GSI)?);
     let out = serial_output(&config.serial)?;
     let fds = (0..config.vcpus)
         .map(|index| {
@@ -178,7 +184,7 @@ fn prepare(config: &VmConfig, vm: &Vm, apic_ids: &[u32], origin: Origin) -> Resu
             (serial, msrs, Some(source))
         }
     };
-    Ok(Prepared { fds, serial, msrs, source })
+    Ok(Prepared { fds, serial, keyboard, msrs, source })
 }
 
 /// Sets each new vCPU up to boot: CPUID and topology, FPU, LAPIC lines; the first

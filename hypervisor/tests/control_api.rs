@@ -21,19 +21,52 @@ struct Vm {
 impl Vm {
     /// Starts a spinning guest (CPU 0 prints a tick about every 2^29 TSC cycles).
     fn start(name: &str, extra: &[&str]) -> Vm {
+        let vm = Vm::start_mode(name, "spin", extra);
+        vm.wait_for_ticks(1);
+        vm
+    }
+
+    /// Starts the test guest in a `drover.mode`, without waiting for it.
+    fn start_mode(name: &str, mode: &str, extra: &[&str]) -> Vm {
         let dir = std::env::temp_dir();
         let socket = dir.join(format!("drover-api-{name}-{}.sock", std::process::id()));
         let serial = dir.join(format!("drover-api-{name}-{}.log", std::process::id()));
         let _ = std::fs::remove_file(&serial);
         let child = Command::new(env!("CARGO_BIN_EXE_drover-vmm"))
-            .args(["run", "--memory-mib", "64", "--kernel", GUEST, "--cmdline", "drover.mode=spin", "--name", name])
+            .args(["run", "--memory-mib", "64", "--kernel", GUEST, "--name", name])
+            .args(["--cmdline", &format!("drover.mode={mode}")])
             .args(["--api-socket", socket.to_str().unwrap(), "--serial", serial.to_str().unwrap()])
             .args(extra)
             .spawn()
             .expect("spawn drover-vmm");
-        let vm = Vm { child, socket, serial };
-        vm.wait_for_ticks(1);
-        vm
+        Vm { child, socket, serial }
+    }
+
+    fn serial(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// Waits until the guest has printed `text`.
+    fn wait_for_serial(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.serial().contains(text) {
+            assert!(Instant::now() < deadline, "guest never printed {text:?}: {:?}", self.serial());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The VMM's exit code once it ends, if that is within `limit`.
+    fn exit_within(&mut self, limit: Duration) -> Option<Option<i32>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status.code());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
@@ -231,5 +264,33 @@ fn unknown_requests_and_bad_bodies_get_clear_errors() {
     let (code, body) = vm.call("PATCH", "/vm/cpus", Some(r#"{"cpus": "0"}"#));
     assert_eq!(code, 400);
     assert!(body.contains("unknown field `cpus`"), "{body}");
+    assert_eq!(vm.shutdown(), Some(0));
+}
+
+#[test]
+fn ctrl_alt_del_asks_the_guest_to_shut_down_and_it_powers_off_cleanly() {
+    let mut vm = Vm::start("ctrl-alt-del", &["--vcpus", "2"]);
+    let asked = Instant::now();
+    let (code, body) = vm.call("PUT", "/vm/ctrl-alt-del", None);
+    assert_eq!(code, 204, "{body}");
+    // The guest polls its keyboard about every millisecond; the rest is its exit.
+    let exit = vm.exit_within(Duration::from_secs(5));
+    println!("figure: ctrl-alt-del -> VMM exited in {} ms", asked.elapsed().as_millis());
+    assert_eq!(exit, Some(Some(0)), "the VMM did not end with the clean power-off status: {:?}", vm.serial());
+    // The guest powered off (not the VMM on its own): it says why.
+    assert!(vm.serial().contains("drover-guest: ctrl-alt-del, powering off"), "{:?}", vm.serial());
+}
+
+#[test]
+fn a_guest_that_ignores_ctrl_alt_del_runs_on_and_a_second_request_says_so() {
+    // The idle guest halts every CPU and never reads its keyboard.
+    let mut vm = Vm::start_mode("ignores-ctrl-alt-del", "idle", &["--vcpus", "1"]);
+    vm.wait_for_serial("drover-guest: idle");
+    let (code, body) = vm.call("PUT", "/vm/ctrl-alt-del", None);
+    assert_eq!(code, 204, "{body}");
+    assert_eq!(vm.exit_within(Duration::from_millis(500)), None, "the VM runs on");
+    let (code, body) = vm.call("PUT", "/vm/ctrl-alt-del", None);
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("has not read the keys"), "{body}");
     assert_eq!(vm.shutdown(), Some(0));
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 pub use drover_crds::contract::HostFacts;
 use drover_crds::contract::{HeartbeatFact, KvmFact, NumaFact, Offered, TopologyFact, annotations, labels};
-use drover_crds::host_policy::HostPolicy;
+use drover_crds::host_policy::{HostPolicy, IsolationResponse};
 use drover_topology::{CpuSet, HostTopology};
 use kube::core::{Selector, SelectorExt};
 
@@ -67,11 +67,7 @@ pub fn compute(
     node_labels: &BTreeMap<String, String>,
     policies: &[HostPolicy],
 ) -> HostFacts {
-    let mut sorted: Vec<&HostPolicy> = policies.iter().collect();
-    sorted.sort_by_key(|p| p.metadata.name.clone());
-    let policy = sorted
-        .into_iter()
-        .find(|p| Selector::try_from(p.spec.node_selector.clone()).map(|s| s.matches(node_labels)).unwrap_or(false));
+    let policy = selecting_policy(node_labels, policies);
     let online = topology.online();
     let ratio = policy.map(|p| p.spec.capacity.memory_overcommit_ratio).unwrap_or(1.0);
     let (offered_cpus, vcpus, offered_memory) = match policy {
@@ -120,6 +116,26 @@ pub fn compute(
     }
 }
 
+/// The HostPolicy that selects a host with these labels: the first by name whose
+/// selector matches.
+pub fn selecting_policy<'a>(
+    node_labels: &BTreeMap<String, String>,
+    policies: &'a [HostPolicy],
+) -> Option<&'a HostPolicy> {
+    let mut sorted: Vec<&HostPolicy> = policies.iter().collect();
+    sorted.sort_by_key(|p| p.metadata.name.clone());
+    sorted
+        .into_iter()
+        .find(|p| Selector::try_from(p.spec.node_selector.clone()).map(|s| s.matches(node_labels)).unwrap_or(false))
+}
+
+/// What the host does with its VMs when it looks isolated: its HostPolicy's
+/// `ha.isolationResponse`, else PowerOff (the HostPolicy default). Kept by the
+/// agent for its heartbeat, not published: the contract's facts carry no such field.
+pub fn isolation_response(node_labels: &BTreeMap<String, String>, policies: &[HostPolicy]) -> IsolationResponse {
+    selecting_policy(node_labels, policies).map(|p| p.spec.ha.isolation_response).unwrap_or_default()
+}
+
 /// The merge patch that publishes the facts on the Node.
 pub fn node_patch(facts: &HostFacts, settings: &Settings) -> serde_json::Value {
     serde_json::json!({
@@ -148,11 +164,12 @@ fn meminfo_total_mib() -> Option<u64> {
 
 /// Publishes the facts on the Node at start, whenever a HostPolicy or the Node's
 /// labels change, and every `refresh` in any case; `facts` carries them to the
-/// controllers.
+/// controllers, `isolation` the policy's isolation response to the heartbeat.
 pub async fn publish(
     client: kube::Client,
     settings: std::sync::Arc<Settings>,
     facts: tokio::sync::watch::Sender<Option<HostFacts>>,
+    isolation: tokio::sync::watch::Sender<IsolationResponse>,
     refresh: std::time::Duration,
 ) {
     use futures::StreamExt;
@@ -184,6 +201,10 @@ pub async fn publish(
             _ = tokio::time::sleep(refresh) => {}
         }
         let list: Vec<HostPolicy> = store.state().iter().map(|p| (**p).clone()).collect();
+        isolation.send_if_modified(|response| {
+            let now = isolation_response(&node_labels, &list);
+            std::mem::replace(response, now) != now
+        });
         // Gathering runs the VMM's kvm-check: off the async threads.
         let (for_gather, labels_now) = (settings.clone(), node_labels.clone());
         let gathered = match tokio::task::spawn_blocking(move || gather(&for_gather, &labels_now, &list)).await {
@@ -261,6 +282,13 @@ mod tests {
         assert_eq!(facts.topology.threads_per_core, 2);
         assert_eq!(facts.topology.numa_nodes.len(), 2);
         assert_eq!(facts.topology.sibling_groups.len(), 8, "one group per core: {:?}", facts.topology.sibling_groups);
+
+        assert_eq!(isolation_response(&labels, std::slice::from_ref(&other)), IsolationResponse::PowerOff, "no policy");
+        let mut shutdown =
+            policy("c-shutdown", serde_json::json!({ "nodeSelector": {}, "ha": { "isolationResponse": "Shutdown" } }));
+        assert_eq!(isolation_response(&labels, &[shutdown.clone()]), IsolationResponse::Shutdown, "selects all");
+        shutdown.spec.node_selector = other.spec.node_selector.clone();
+        assert_eq!(isolation_response(&labels, &[shutdown]), IsolationResponse::PowerOff, "selects another pool");
 
         let none = compute(&topology, 4096, usable(), &BTreeMap::new(), &[other]);
         assert_eq!(none.policy, None);

@@ -111,20 +111,6 @@ fn settings(cli: Cli) -> Result<Settings, Error> {
     })
 }
 
-async fn client(kubeconfig: Option<PathBuf>) -> Result<kube::Client, Error> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(&path)
-                .map_err(|e| Error::Config(format!("--kubeconfig {}: {e}", path.display())))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| Error::Config(format!("--kubeconfig {}: {e}", path.display())))?
-        }
-        None => kube::Config::infer().await.map_err(|e| Error::Config(format!("no Kubernetes configuration: {e}")))?,
-    };
-    Ok(kube::Client::try_from(config)?)
-}
-
 async fn run(cli: Cli) -> Result<(), Error> {
     let started = Instant::now();
     let kubeconfig = cli.kubeconfig.clone();
@@ -140,7 +126,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             )));
         }
     }
-    let client = client(kubeconfig).await?;
+    let client = drover_kube::client(kubeconfig.as_deref()).await.map_err(|e| Error::Config(e.to_string()))?;
 
     let supervisor = Arc::new(Supervisor::new(settings.clone()));
     let adopted = supervisor.adopt_all();
@@ -154,7 +140,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
 
     let (leased_tx, leased) = tokio::sync::watch::channel(false);
     let (facts_tx, facts) = tokio::sync::watch::channel(None);
-    let events = drover_agent::events::Events::new(client.clone(), &settings.node);
+    let (isolation_tx, isolation) = tokio::sync::watch::channel(Default::default());
+    let events = drover_agent::events::for_node(client.clone(), &settings.node);
     let ctx = Arc::new(Context {
         client: client.clone(),
         settings: settings.clone(),
@@ -164,8 +151,21 @@ async fn run(cli: Cli) -> Result<(), Error> {
         events,
     });
 
-    tokio::spawn(heartbeat::run(client.clone(), settings.clone(), supervisor.clone(), facts.clone(), leased_tx));
-    tokio::spawn(host_facts::publish(client.clone(), settings.clone(), facts_tx, Duration::from_secs(30)));
+    tokio::spawn(heartbeat::run(
+        client.clone(),
+        settings.clone(),
+        supervisor.clone(),
+        facts.clone(),
+        isolation,
+        leased_tx,
+    ));
+    tokio::spawn(host_facts::publish(
+        client.clone(),
+        settings.clone(),
+        facts_tx,
+        isolation_tx,
+        Duration::from_secs(30),
+    ));
     let http = tokio::spawn(console::serve(ctx.clone()));
 
     let vms = Controller::new(Api::<VirtualMachine>::all(client.clone()), watcher::Config::default())

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::os::unix::process::CommandExt as _;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use drover_vmm_api::VmConfig;
 
@@ -208,6 +208,36 @@ impl Supervisor {
         killed
     }
 
+    /// Asks a VM's guest to shut down (Ctrl+Alt+Del through its VMM's control API,
+    /// `PUT /vm/ctrl-alt-del`). Records `reason` now, so that an end that follows
+    /// at once is reported with it, and returns the request itself, blocking (one
+    /// request on the VMM's socket, at most `timeout`), for the caller to run off
+    /// its async threads; the request withdraws the reason if the VMM did not take
+    /// it. `None` when there is no such VM.
+    pub fn ask_to_shut_down(
+        &self,
+        uid: &str,
+        reason: StopReason,
+        timeout: Duration,
+    ) -> Option<impl FnOnce() -> Result<(), Error> + Send + 'static> {
+        let vm = self.get(uid)?;
+        vm.dir.set_stop_reason(reason);
+        Some(move || {
+            let asked = drover_vmm_api::Client::new(vm.dir.api_socket()).with_timeout(timeout).ctrl_alt_del();
+            if asked.is_err() {
+                vm.dir.withdraw_stop_reason(reason);
+            }
+            asked.map_err(Error::from)
+        })
+    }
+
+    /// Withdraws a stop reason recorded for a VM (see `VmDir::withdraw_stop_reason`).
+    pub fn withdraw_stop_reason(&self, uid: &str, reason: StopReason) {
+        if let Some(vm) = self.get(uid) {
+            vm.dir.withdraw_stop_reason(reason);
+        }
+    }
+
     /// Changes what a local VMM does for its VM (a received VM becomes the VM's own).
     pub fn set_role(&self, uid: &str, role: Role) -> Result<(), Error> {
         let mut vms = self.vms();
@@ -266,4 +296,63 @@ fn clock_ticks_per_second() -> f64 {
 /// The metadata of a new VM directory.
 pub fn new_meta(namespace: &str, name: &str, uid: &str, role: Role) -> VmMeta {
     VmMeta { namespace: namespace.into(), name: name.into(), uid: uid.into(), role, started_at_ms: unix_ms() }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+
+    /// A supervisor that has adopted one VM directory, `uid` "u1".
+    fn with_one_vm(root: &std::path::Path) -> (Supervisor, VmDir) {
+        let settings = Arc::new(crate::settings::tests::settings(root));
+        let dir = VmDir::new(&settings.runtime_dir, "u1");
+        std::fs::create_dir_all(&dir.path).unwrap();
+        let meta = new_meta("ns", "vm", "u1", Role::Run);
+        write_atomic(&dir.meta(), &serde_json::to_vec(&meta).unwrap()).unwrap();
+        let supervisor = Supervisor::new(settings);
+        assert_eq!(supervisor.adopt_all().len(), 1);
+        (supervisor, dir)
+    }
+
+    /// Answers one request on the VMM's socket with `status`; returns the request line.
+    fn vmm_answering(dir: &VmDir, status: &'static str) -> std::thread::JoinHandle<String> {
+        let listener = UnixListener::bind(dir.api_socket()).unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let mut header = String::new();
+            while reader.read_line(&mut header).unwrap() > 0 && header != "\r\n" {
+                header.clear();
+            }
+            let body = r#"{"error":"the guest has not read the keys typed before"}"#;
+            write!(&stream, "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+            line
+        })
+    }
+
+    #[test]
+    fn a_shutdown_request_records_its_reason_first_and_withdraws_it_when_refused() {
+        let reason = StopReason::IsolationShutdown;
+        // (the VMM's answer, the reason left recorded)
+        for (answer, kept) in [(Some("204 No Content"), true), (Some("409 Conflict"), false), (None, false)] {
+            let root = tempfile::tempdir().unwrap();
+            let (supervisor, dir) = with_one_vm(root.path());
+            let vmm = answer.map(|status| vmm_answering(&dir, status));
+            let request = supervisor.ask_to_shut_down("u1", reason, Duration::from_secs(5)).unwrap();
+            assert_eq!(dir.read_stop_reason().as_deref(), Some(reason.text()), "recorded before the request");
+            assert_eq!(request().is_ok(), kept, "{answer:?}");
+            if let Some(vmm) = vmm {
+                assert_eq!(vmm.join().unwrap(), "PUT /vm/ctrl-alt-del HTTP/1.1\r\n");
+            }
+            assert_eq!(dir.read_stop_reason().is_some(), kept, "{answer:?}");
+        }
+        let root = tempfile::tempdir().unwrap();
+        let (supervisor, _) = with_one_vm(root.path());
+        assert!(supervisor.ask_to_shut_down("other", reason, Duration::from_secs(1)).is_none());
+    }
 }

@@ -45,6 +45,25 @@ impl Timing {
         }
         Ok(Self { renew_interval, lease_duration, fence_after: lease_duration - margin })
     }
+
+    /// How long after the last accepted renewal the host looks isolated, for the
+    /// Shutdown isolation response (see `heartbeat`): half the fencing time `F`, so
+    /// that guests get the other half to shut down, but never before two renewal
+    /// intervals. By then the renewal sent one interval after the last accepted one
+    /// has had a whole interval to be accepted (its attempt is cut off after one), so
+    /// a single late or failed renewal never asks a guest to shut down: a request that
+    /// cannot be taken back. `Timing::new` keeps `F` at two intervals or more, so the
+    /// moment is never past the deadline; at the defaults (1 s, 3 s) it is 2 s, and
+    /// guests get 0.4 s: Shutdown wants a longer failure detection time.
+    pub fn isolated_after(&self) -> Duration {
+        (self.fence_after / 2).max(2 * self.renew_interval).min(self.fence_after)
+    }
+
+    /// How long before the fencing deadline the Shutdown response asks guests to
+    /// shut down: the most a guest has before it is powered off.
+    pub fn shutdown_lead(&self) -> Duration {
+        self.fence_after - self.isolated_after()
+    }
 }
 
 #[cfg(test)]
@@ -67,5 +86,25 @@ mod tests {
         }
         assert!(Timing::new(Duration::from_secs(1), Duration::from_secs(2)).is_err());
         assert!(Timing::new(Duration::from_secs(1), Duration::from_millis(3500)).is_err());
+    }
+
+    #[test]
+    fn a_host_looks_isolated_at_half_the_fencing_time_but_never_after_one_missed_renewal() {
+        let ms = Duration::from_millis;
+        // (interval ms, lease s) → (isolated after, guests' time before the deadline)
+        for (interval_ms, lease_s, isolated, lead) in [
+            (1000, 3, ms(2000), ms(400)),  // F 2.4 s: two intervals come after F/2
+            (1000, 5, ms(2000), ms(2000)), // F 4 s: F/2 is two intervals
+            (1000, 10, ms(4000), ms(4000)),
+            (1000, 30, ms(12000), ms(12000)),
+            (200, 2, ms(750), ms(750)), // F 1.5 s
+            (5000, 60, ms(24000), ms(24000)),
+            (2000, 5, ms(4000), ms(0)), // F 4 s = two intervals: no time to ask in
+        ] {
+            let t = Timing::new(ms(interval_ms), Duration::from_secs(lease_s)).unwrap();
+            assert_eq!((t.isolated_after(), t.shutdown_lead()), (isolated, lead), "{t:?}");
+            assert!(t.isolated_after() >= 2 * t.renew_interval, "{t:?}");
+            assert!(t.isolated_after() <= t.fence_after, "{t:?}");
+        }
     }
 }

@@ -13,7 +13,7 @@
 //! | `api.sock` | VMM | its control API |
 //! | `console.sock` | monitor | live serial output for console clients |
 //! | `vmm.log` | VMM | its log |
-//! | `stop-reason` | agent or monitor | why the VMM was stopped from outside (fencing, request) |
+//! | `stop-reason` | agent or monitor | why the VMM was stopped from outside (fencing, request), or asked to shut down (the Shutdown isolation response) |
 //! | `exit.json` | monitor | how the VMM ended |
 //! | `migration.json` | VMM | final figures of its outgoing migration |
 //! | `outgoing.json` | agent | where its outgoing migration sends the VM (migration, target host, CPUs) |
@@ -119,6 +119,11 @@ pub struct Outgoing {
 pub enum StopReason {
     /// The host's heartbeat deadline passed: the isolation response.
     Fenced,
+    /// The host looked isolated and its isolation response is Shutdown: the guest
+    /// was asked to shut down (Ctrl+Alt+Del). Only a request: whatever stops the
+    /// VMM later (the deadline, a deletion) replaces it, and it is withdrawn from a
+    /// VM still running when a renewal is accepted again.
+    IsolationShutdown,
     /// The VirtualMachine was deleted.
     Deleted,
     /// `spec.runStrategy` is Halted.
@@ -140,6 +145,9 @@ impl StopReason {
     pub fn text(self) -> &'static str {
         match self {
             StopReason::Fenced => "powered off by the host's isolation response: its heartbeat deadline passed",
+            StopReason::IsolationShutdown => {
+                "asked to shut down by the host's isolation response (Shutdown): its heartbeat lease was not renewed"
+            }
             StopReason::Deleted => "stopped on request: the VirtualMachine was deleted",
             StopReason::Halted => "stopped on request: spec.runStrategy is Halted",
             StopReason::PlacedElsewhere => "powered off: the VM is placed on another host",
@@ -219,10 +227,21 @@ impl VmDir {
         std::fs::read_to_string(self.stop_reason()).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
     }
     /// Records why the VMM is being stopped from outside, unless a reason is already
-    /// recorded (the first reason is the true one: a fenced VM stays "fenced").
+    /// recorded (the first reason is the true one: a fenced VM stays "fenced"). A
+    /// request to shut down is the exception: the guest may not have acted on it, and
+    /// what stops the VMM after it (the fencing deadline) is the truer reason.
     pub fn set_stop_reason(&self, reason: StopReason) {
-        if self.read_stop_reason().is_none() {
+        let recorded = self.read_stop_reason();
+        if recorded.as_deref().is_none_or(|r| r == StopReason::IsolationShutdown.text() && r != reason.text()) {
             let _ = write_atomic(&self.stop_reason(), reason.text().as_bytes());
+        }
+    }
+
+    /// Withdraws `reason` if it is the one recorded (a request the VMM did not take,
+    /// or one the host no longer stands by); any other reason stays.
+    pub fn withdraw_stop_reason(&self, reason: StopReason) {
+        if self.read_stop_reason().as_deref() == Some(reason.text()) {
+            let _ = std::fs::remove_file(self.stop_reason());
         }
     }
     pub fn read_pid(path: &Path) -> Option<i32> {
@@ -244,6 +263,7 @@ mod tests {
         use StopReason::*;
         for (reason, requested) in [
             (Fenced, false),
+            (IsolationShutdown, false),
             (Deleted, true),
             (Halted, true),
             (PlacedElsewhere, false),
@@ -255,13 +275,39 @@ mod tests {
     }
 
     #[test]
-    fn the_first_stop_reason_is_kept() {
+    fn the_first_stop_reason_is_kept_unless_it_was_only_a_request_to_shut_down() {
+        use StopReason::*;
+        // (reasons recorded one after the other, the one that stays)
+        let cases: [(&[StopReason], Option<StopReason>); 6] = [
+            (&[], None),
+            (&[Fenced, Deleted], Some(Fenced)),
+            (&[Deleted, IsolationShutdown], Some(Deleted)),
+            // The guest did not shut down in time: the deadline powered it off.
+            (&[IsolationShutdown, Fenced], Some(Fenced)),
+            (&[IsolationShutdown, Deleted, Fenced], Some(Deleted)),
+            (&[IsolationShutdown, IsolationShutdown], Some(IsolationShutdown)),
+        ];
+        for (recorded, kept) in cases {
+            let root = tempfile::tempdir().unwrap();
+            let dir = VmDir { path: root.path().to_path_buf() };
+            for reason in recorded {
+                dir.set_stop_reason(*reason);
+            }
+            assert_eq!(dir.read_stop_reason().as_deref(), kept.map(StopReason::text), "{recorded:?}");
+        }
+    }
+
+    #[test]
+    fn only_the_named_reason_is_withdrawn() {
         let root = tempfile::tempdir().unwrap();
         let dir = VmDir { path: root.path().to_path_buf() };
+        dir.set_stop_reason(StopReason::IsolationShutdown);
+        dir.withdraw_stop_reason(StopReason::Fenced);
+        assert_eq!(dir.read_stop_reason().as_deref(), Some(StopReason::IsolationShutdown.text()));
+        dir.withdraw_stop_reason(StopReason::IsolationShutdown);
         assert_eq!(dir.read_stop_reason(), None);
-        dir.set_stop_reason(StopReason::Fenced);
-        dir.set_stop_reason(StopReason::Deleted);
-        assert_eq!(dir.read_stop_reason().as_deref(), Some(StopReason::Fenced.text()));
+        dir.withdraw_stop_reason(StopReason::IsolationShutdown);
+        assert_eq!(dir.read_stop_reason(), None, "nothing to withdraw is fine");
     }
 
     #[test]

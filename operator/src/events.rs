@@ -2,9 +2,6 @@
 //! them). Best effort: an Event that cannot be written is logged and dropped,
 //! never holding up a decision.
 
-use kube::Resource;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-
 /// Reasons of the operator's Events that are no condition's reason (those are in
 /// `drover_crds::contract::reasons`).
 pub mod reasons {
@@ -22,48 +19,20 @@ pub mod reasons {
     pub const EVACUATING: &str = "Evacuating";
 }
 
-/// Publishes the operator's Events.
-#[derive(Clone)]
-pub struct Events {
-    recorder: Recorder,
+/// An Event to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub action: &'static str,
+    pub message: String,
 }
 
-impl Events {
-    pub fn new(client: kube::Client, identity: &str) -> Self {
-        let reporter = Reporter { controller: "drover-operator".into(), instance: Some(identity.into()) };
-        Self { recorder: Recorder::new(client, reporter) }
-    }
+/// Publishes the operator's Events (`drover_kube::Events`, reported as
+/// `drover-operator` from its replica).
+pub use drover_kube::Events;
 
-    pub fn normal<K: Resource<DynamicType = ()>>(&self, object: &K, reason: &str, action: &str, note: String) {
-        self.publish(object, EventType::Normal, reason, action, note);
-    }
-
-    pub fn warning<K: Resource<DynamicType = ()>>(&self, object: &K, reason: &str, action: &str, note: String) {
-        self.publish(object, EventType::Warning, reason, action, note);
-    }
-
-    fn publish<K: Resource<DynamicType = ()>>(
-        &self,
-        object: &K,
-        type_: EventType,
-        reason: &str,
-        action: &str,
-        note: String,
-    ) {
-        let reference = object.object_ref(&());
-        let recorder = self.recorder.clone();
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            // The API server caps notes at 1 kB.
-            note: Some(note.chars().take(1000).collect()),
-            action: action.into(),
-            secondary: None,
-        };
-        tokio::spawn(async move {
-            if let Err(e) = recorder.publish(&event, &reference).await {
-                tracing::debug!("event not written: {e}");
-            }
-        });
-    }
+/// The operator's Events publisher for replica `identity`.
+pub fn for_replica(client: kube::Client, identity: &str) -> Events {
+    Events::new(client, "drover-operator", identity)
 }

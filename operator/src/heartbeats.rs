@@ -5,8 +5,15 @@
 //! measured from when *this process* saw the last change — never by comparing the
 //! Lease's `renewTime` with our clock, so clock skew between hosts plays no part. A
 //! Lease seen for the first time counts as a change now: an operator that just
-//! started (or took over as leader) waits a full lease duration before it calls a
-//! host failed.
+//! started waits a full lease duration before it calls a host failed.
+//!
+//! Every replica keeps this clock from its start, standbys too ([`Heartbeats`]):
+//! a standby that takes over knows how long each host has been silent, so a host
+//! that failed with the old leader (the leader ran on it, say) is declared failed
+//! as soon as the new leader leads, not one lease duration later. All Leases come
+//! through one watch: if that watch stalls, every host goes stale together and
+//! no host is left to restart anything on, so a stalled watch never restarts a VM
+//! that still runs.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -44,15 +51,21 @@ impl Heartbeat {
         matches!(self, Heartbeat::Fresh)
     }
 
+    /// Seen, then not renewed for its duration: the host failed.
+    pub fn is_stale(&self) -> bool {
+        matches!(self, Heartbeat::Stale { .. })
+    }
+
     /// Why the host is not ready, if it is not.
     pub fn problem(&self) -> Option<String> {
         match self {
             Heartbeat::Fresh => None,
-            Heartbeat::Stale { silent, duration } => Some(format!(
-                "no heartbeat for {:.1} s (its Lease lasts {} s)",
-                silent.as_secs_f64(),
-                duration.as_secs()
-            )),
+            // Without the time silent, which grows: the reason stays the same
+            // while the host stays failed (a VM waiting on it is not rewritten,
+            // nor an Event sent, on every look).
+            Heartbeat::Stale { duration, .. } => {
+                Some(format!("no heartbeat for more than its Lease's {} s", duration.as_secs()))
+            }
             Heartbeat::Missing => Some("no heartbeat Lease".into()),
         }
     }
@@ -127,13 +140,38 @@ pub fn heartbeat(clock: &SharedClock, host: &str) -> Heartbeat {
     lock(clock).heartbeat(host, Instant::now())
 }
 
+/// The hosts' heartbeats as this replica sees them, kept from the process's start
+/// whether it leads or not.
+#[derive(Clone)]
+pub struct Heartbeats {
+    pub clock: SharedClock,
+    flips: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Heartbeats {
+    /// Starts watching the heartbeat Leases of `namespace` (for the process's life).
+    pub fn start(client: kube::Client, namespace: String) -> Heartbeats {
+        let clock = SharedClock::default();
+        let (tx, flips) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(watch(client, namespace, clock.clone(), move || tx.send_modify(|n| *n = n.wrapping_add(1))));
+        Heartbeats { clock, flips }
+    }
+
+    /// Changes whenever the set of hosts with a fresh heartbeat changes.
+    pub fn flips(&self) -> tokio::sync::watch::Receiver<u64> {
+        let mut flips = self.flips.clone();
+        flips.mark_unchanged();
+        flips
+    }
+}
+
 /// Watches the heartbeat Leases of `namespace` into `clock`, and calls `on_flip`
-/// whenever the set of hosts with a fresh heartbeat changes (checked every 250
-/// ms: a host goes stale without any event).
+/// whenever the set of hosts with a fresh heartbeat changes (checked every 100
+/// ms: a host goes stale without any event, and HA's restart time starts there).
 pub async fn watch(client: kube::Client, namespace: String, clock: SharedClock, on_flip: impl Fn() + Send + 'static) {
     let leases: Api<Lease> = Api::namespaced(client, &namespace);
     let mut events = watcher(leases, watcher::Config::default()).default_backoff().boxed();
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut fresh = Vec::new();
     loop {
         tokio::select! {
@@ -184,7 +222,9 @@ mod tests {
         assert!(!clock.observe(&lease("h1", "2026-01-01T00:00:00.000000Z", 3), t0 + Duration::from_secs(2)));
         let stale = clock.heartbeat("h1", t0 + Duration::from_millis(3100));
         assert!(matches!(stale, Heartbeat::Stale { .. }), "{stale:?}");
-        assert!(stale.problem().unwrap().contains("no heartbeat for 3.1 s"));
+        assert_eq!(stale.problem().unwrap(), "no heartbeat for more than its Lease's 3 s");
+        let later = clock.heartbeat("h1", t0 + Duration::from_secs(9));
+        assert_eq!(later.problem(), stale.problem(), "the reason does not change while the host stays silent");
         // A renewal, whatever its timestamp says (a skewed clock), is a change now.
         assert!(clock.observe(&lease("h1", "1999-01-01T00:00:00.000000Z", 3), t0 + Duration::from_secs(4)));
         assert!(clock.heartbeat("h1", t0 + Duration::from_secs(6)).is_fresh());

@@ -11,6 +11,7 @@
 //! - [`heartbeats`]: hosts' Leases timed on the operator's own clock.
 //! - [`snapshot`]: API objects → the core's snapshot (pure).
 //! - [`vm`]: VirtualMachines: placement and lifecycle (`decide` pure, `reconcile` acts).
+//! - [`ha`]: the VMs of failed hosts: restarted elsewhere, left, or waiting, with why.
 //! - [`migration`]: VirtualMachineMigrations: admission, Secrets, limits, cleanup.
 //! - [`maintenance`]: hosts tainted `drover.dev/maintenance`.
 //! - [`reports`]: HostPolicy and DRSRule status.
@@ -23,6 +24,7 @@
 pub mod context;
 pub mod error;
 pub mod events;
+pub mod ha;
 pub mod heartbeats;
 pub mod http;
 pub mod leader;

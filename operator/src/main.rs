@@ -1,37 +1,25 @@
 //! `drover-operator`: see the library's documentation.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
 use drover_operator::metrics::Metrics;
 use drover_operator::settings::{Cli, Settings};
-use drover_operator::{Error, http, leader, run};
-
-async fn client(kubeconfig: Option<PathBuf>) -> Result<kube::Client, Error> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(&path)
-                .map_err(|e| Error::Config(format!("--kubeconfig {}: {e}", path.display())))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .map_err(|e| Error::Config(format!("--kubeconfig {}: {e}", path.display())))?
-        }
-        None => kube::Config::infer().await.map_err(|e| Error::Config(format!("no cluster configuration: {e}")))?,
-    };
-    Ok(kube::Client::try_from(config)?)
-}
+use drover_operator::{Error, heartbeats, http, leader, run};
 
 async fn serve(cli: Cli) -> Result<(), Error> {
     let settings = Arc::new(Settings::from_cli(&cli)?);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), identity = %settings.identity, "starting");
-    let client = client(cli.kubeconfig.clone()).await?;
+    let client = drover_kube::client(cli.kubeconfig.as_deref()).await.map_err(|e| Error::Config(e.to_string()))?;
     let metrics = Arc::new(Metrics::new());
     let http = tokio::spawn(http::serve(settings.http_address, metrics.clone()));
+    // Standbys time the hosts' heartbeats too: a new leader knows how long each
+    // host has been silent.
+    let heartbeats = heartbeats::Heartbeats::start(client.clone(), settings.heartbeat_namespace.clone());
     let lead = {
         let (client, settings, metrics) = (client.clone(), settings.clone(), metrics.clone());
-        move || run::lead(client.clone(), settings.clone(), metrics.clone())
+        move || run::lead(client.clone(), settings.clone(), metrics.clone(), heartbeats.clone())
     };
     tokio::select! {
         result = leader::run(client, &settings, metrics, lead) => result,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_core::maintenance::{OnMaintenance, Resident, Step, evacuate};
-use drover_crds::contract::{annotations, conditions, migration_labels};
+use drover_crds::contract::{annotations, conditions, migration_labels, reasons};
 use drover_crds::migration::{MigrationPhase, MigrationTrigger};
 use drover_crds::vm::{MaintenanceAction, VirtualMachine, VmPhase};
 use k8s_openapi::api::core::v1::Node;
@@ -35,8 +35,28 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Err
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let mut notes = serde_json::Map::new();
     if crate::snapshot::facts(&node).is_some() {
-        let health = crate::heartbeats::heartbeat(&ctx.clock, &name).problem().unwrap_or_else(|| "Ready".to_string());
-        if node.annotations().get(annotations::HOST_HEALTH) != Some(&health) {
+        let beat = crate::heartbeats::heartbeat(&ctx.clock, &name);
+        let health = host_health(&beat);
+        let old = node.annotations().get(annotations::HOST_HEALTH);
+        let was_failed = old.is_some_and(|h| h.starts_with(FAILED));
+        if beat.is_stale() && !was_failed {
+            tracing::warn!(host = %name, "host failed: {health}");
+            ctx.events.warning(
+                node.as_ref(),
+                reasons::HOST_FAILED,
+                "HostFailure",
+                format!("{health}: its agent has powered its VMs off; HA restarts them on other hosts where its HostPolicy has HA on"),
+            );
+        } else if beat.is_fresh() && was_failed {
+            tracing::info!(host = %name, "host recovered: its heartbeat is renewed again");
+            ctx.events.normal(
+                node.as_ref(),
+                reasons::HOST_RECOVERED,
+                "HostFailure",
+                format!("{name} renews its heartbeat again: it takes VMs; VMs HA restarted elsewhere stay there"),
+            );
+        }
+        if old != Some(&health) {
             notes.insert(annotations::HOST_HEALTH.into(), health.into());
         }
     }
@@ -76,6 +96,19 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Err
         patch_metadata(&nodes, node.as_ref(), serde_json::json!({ "annotations": notes })).await?;
     }
     Ok(Action::requeue(requeue))
+}
+
+/// How a failed host's health annotation begins.
+const FAILED: &str = "Failed: ";
+
+/// The host-health annotation for a heartbeat: `Ready`, `Failed: ...` once the
+/// Lease ran out (HA acts), or why it is not ready yet.
+pub fn host_health(beat: &crate::heartbeats::Heartbeat) -> String {
+    match beat.problem() {
+        None => "Ready".into(),
+        Some(problem) if beat.is_stale() => format!("{FAILED}{problem}"),
+        Some(problem) => problem,
+    }
 }
 
 /// The evacuation of `host` as the stores show it.

@@ -34,6 +34,10 @@ pub struct Metrics {
     pub migrations: Family<PhaseLabel, Gauge>,
     /// 1 while this replica is the leader.
     pub leader: Gauge,
+    /// VMs of failed hosts that HA placed elsewhere.
+    pub ha_restarts: Counter,
+    /// Hosts declared failed now.
+    pub failed_hosts: Gauge,
     /// Whether the stores have synced (for /readyz).
     pub synced: AtomicBool,
 }
@@ -48,6 +52,10 @@ impl Metrics {
         let pending_vms = Gauge::default();
         let migrations = Family::<PhaseLabel, Gauge>::default();
         let leader = Gauge::default();
+        let ha_restarts = Counter::default();
+        let failed_hosts = Gauge::default();
+        registry.register("ha_restarts", "VMs of failed hosts HA placed on another host", ha_restarts.clone());
+        registry.register("failed_hosts", "Hosts whose heartbeat Lease ran out (failed)", failed_hosts.clone());
         registry.register("reconciles", "Reconciles, by controller", reconciles.clone());
         registry.register("reconcile_errors", "Reconciles that failed, by controller", errors.clone());
         registry.register("placement_seconds", "Time to place one VM and write it", placement_seconds.clone());
@@ -62,6 +70,8 @@ impl Metrics {
             pending_vms,
             migrations,
             leader,
+            ha_restarts,
+            failed_hosts,
             synced: AtomicBool::new(false),
         }
     }

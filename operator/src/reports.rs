@@ -10,7 +10,7 @@ use drover_core::Cluster;
 use drover_core::snapshot::{Key, Snapshot};
 use drover_crds::Conditions;
 use drover_crds::drs_rule::{DRSRule, DRSRuleStatus, RuleViolation};
-use drover_crds::host_policy::{HostPolicy, HostPolicyStatus, HostSummary};
+use drover_crds::host_policy::{FailoverCapacity, HaStatus, HostPolicy, HostPolicyStatus, HostSummary};
 use drover_crds::quantity::format_mib;
 use k8s_openapi::api::core::v1::Node;
 use kube::core::{Selector, SelectorExt};
@@ -90,6 +90,58 @@ pub fn policy_status(
         hosts: summaries,
         recommendations: old.map(|s| s.recommendations.clone()).unwrap_or_default(),
         last_drs_run: old.and_then(|s| s.last_drs_run.clone()),
+        ha: Some(ha_status(policy, cluster, hosts)),
+    }
+}
+
+/// HA in a pool: its failed hosts, and the failover capacity admission control
+/// keeps (what the worst `hostFailuresToTolerate` hosts would need, what the
+/// others have free).
+pub fn ha_status(policy: &HostPolicy, cluster: &Cluster, hosts: &[String]) -> HaStatus {
+    let ha = &policy.spec.ha;
+    let failed: Vec<String> =
+        hosts.iter().filter(|h| cluster.host(h).is_some_and(|h| h.health.is_failed())).cloned().collect();
+    let name = policy.name_any();
+    let failover = drover_core::admission::Admission::new(cluster).failover().remove(&name);
+    let figures: Vec<FailoverCapacity> = failover
+        .as_ref()
+        .map(|f| {
+            f.figures
+                .iter()
+                .map(|x| FailoverCapacity {
+                    resource: x.resource.name().into(),
+                    needed: x.needed,
+                    free: x.free,
+                    worst_hosts: x.worst.clone(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let ok = failover.as_ref().is_none_or(|f| f.ok());
+    let n = ha.host_failures_to_tolerate;
+    let mut message = if !ha.enabled {
+        "HA is off: VMs of failed hosts are left as they are".to_string()
+    } else if !ha.admission_control || n == 0 {
+        "HA restarts VMs of failed hosts, best effort (no admission control)".to_string()
+    } else if ok {
+        format!("every protected VM can restart after {n} host failure{}", if n == 1 { "" } else { "s" })
+    } else {
+        let short: Vec<String> = failover
+            .iter()
+            .flat_map(|f| f.figures.iter().filter(|x| !x.ok()))
+            .map(|x| format!("{} {:.1} free of {:.1} needed", x.resource.name(), x.free, x.needed))
+            .collect();
+        format!("failover capacity short for {n} host failure{}: {}", if n == 1 { "" } else { "s" }, short.join(", "))
+    };
+    if !failed.is_empty() {
+        message = format!("failed: {}; {message}", failed.join(", "));
+    }
+    HaStatus {
+        failed_hosts: failed,
+        host_failures_to_tolerate: n as i32,
+        failover_capacity_ok: ok,
+        failover: figures,
+        message: Some(message),
     }
 }
 
@@ -133,6 +185,7 @@ pub async fn reconcile_policy(policy: Arc<HostPolicy>, ctx: Arc<Context>) -> Res
     ctx.metrics.reconciled("hostpolicy");
     let snapshot = ctx.snapshot();
     let cluster = Cluster::new(&snapshot);
+    ctx.metrics.failed_hosts.set(snapshot.hosts.iter().filter(|h| h.health.is_failed()).count() as i64);
     let nodes = ctx.stores.nodes.state();
     let hosts = selected(&policy, &nodes);
     let name = policy.name_any();

@@ -6,7 +6,8 @@
 //!   the HostPolicy that selects it (a host no policy selects offers every CPU,
 //!   memory less 1 GiB, no overcommit: the agent's defaults).
 //! - A VM holds resources on its host while it runs or is about to, and while it
-//!   is stopped but its run strategy will start it there again.
+//!   is stopped but its run strategy will start it there again (not when HA left
+//!   it down: `drover.dev/ha-not-restarted`).
 //! - Rules have their VM and host selectors resolved; disabled rules are left out.
 //! - Migrations that have not ended; approved ones hold their target.
 
@@ -15,12 +16,13 @@ use std::sync::Arc;
 
 use drover_core::lifecycle::{Phase, RunStrategy};
 use drover_core::snapshot::{
-    Capacity, CpuRequest, Host, HostHealth, Key, Migration, NumaNode, NumaRequest, Rule, RuleKind, Snapshot, Vm,
+    Capacity, CpuRequest, HaSettings, Host, HostHealth, Key, Migration, NumaNode, NumaRequest, RestartPriority, Rule,
+    RuleKind, Snapshot, TargetState, Vm, VmHa,
 };
 use drover_crds::contract::{HostFacts, MAINTENANCE_TAINT};
 use drover_crds::drs_rule::{DRSRule, DrsRuleType, Enforcement};
 use drover_crds::host_policy::HostPolicy;
-use drover_crds::migration::{MigrationPhase, VirtualMachineMigration};
+use drover_crds::migration::{MigrationPhase, MigrationTargetState, VirtualMachineMigration};
 use drover_crds::vm::{self as api_vm, VirtualMachine, VmPhase};
 use drover_topology::CpuSet;
 use k8s_openapi::api::core::v1::Node;
@@ -45,13 +47,54 @@ pub struct World<'a> {
 pub fn build(world: &World) -> Snapshot {
     let mut hosts: Vec<Host> = world.nodes.iter().filter_map(|n| host(n, world.policies, world.heartbeat)).collect();
     hosts.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut vms: Vec<Vm> = world.vms.iter().filter_map(|v| vm(v)).collect();
+    let ha: BTreeMap<String, HaSettings> =
+        world.policies.iter().filter_map(|p| Some((p.metadata.name.clone()?, ha_settings(p)))).collect();
+    // A VM that names no restart priority takes its host's pool's default.
+    let default_priority = |vm: &VirtualMachine| -> Option<RestartPriority> {
+        let node = vm.status.as_ref()?.node_name.as_deref()?;
+        let policy = hosts.iter().find(|h| h.name == node)?.policy.as_deref()?;
+        let policy = world.policies.iter().find(|p| p.metadata.name.as_deref() == Some(policy))?;
+        Some(priority(policy.spec.ha.default_restart_priority))
+    };
+    let mut vms: Vec<Vm> = world
+        .vms
+        .iter()
+        .filter_map(|v| {
+            let mut core = vm(v)?;
+            if v.spec.ha.restart_priority.is_none()
+                && let Some(p) = default_priority(v)
+            {
+                core.ha.priority = p;
+            }
+            Some(core)
+        })
+        .collect();
     vms.sort_by(|a, b| a.key.cmp(&b.key));
     let mut rules: Vec<Rule> = world.rules.iter().filter_map(|r| rule(r, world.vms, world.nodes)).collect();
     rules.sort_by(|a, b| a.key.cmp(&b.key));
     let mut migrations: Vec<Migration> = world.migrations.iter().filter_map(|m| migration(m)).collect();
     migrations.sort_by(|a, b| a.key.cmp(&b.key));
-    Snapshot { hosts, vms, rules, migrations }
+    Snapshot { hosts, vms, rules, migrations, ha }
+}
+
+/// A HostPolicy's HA settings as the core reads them.
+pub fn ha_settings(policy: &HostPolicy) -> HaSettings {
+    let ha = &policy.spec.ha;
+    HaSettings {
+        enabled: ha.enabled,
+        admission_control: ha.admission_control,
+        host_failures_to_tolerate: ha.host_failures_to_tolerate,
+    }
+}
+
+/// The core's restart priority.
+pub fn priority(p: api_vm::RestartPriority) -> RestartPriority {
+    match p {
+        api_vm::RestartPriority::Disabled => RestartPriority::Disabled,
+        api_vm::RestartPriority::Low => RestartPriority::Low,
+        api_vm::RestartPriority::Medium => RestartPriority::Medium,
+        api_vm::RestartPriority::High => RestartPriority::High,
+    }
 }
 
 /// A Node's host facts, if its agent published readable ones.
@@ -68,7 +111,10 @@ pub fn in_maintenance(node: &Node) -> bool {
 pub fn host(node: &Node, policies: &[Arc<HostPolicy>], heartbeat: &dyn Fn(&str) -> Heartbeat) -> Option<Host> {
     let name = node.metadata.name.clone()?;
     let facts = facts(node)?;
-    let health = match (heartbeat(&name).problem(), facts.kvm.usable) {
+    let beat = heartbeat(&name);
+    let health = match (beat.problem(), facts.kvm.usable) {
+        // Stale for its lease duration on our clock: failed (its VMs were fenced).
+        (Some(problem), _) if beat.is_stale() => HostHealth::Failed(problem),
         (Some(problem), _) => HostHealth::NotReady(problem),
         (None, false) => HostHealth::NotReady(format!(
             "KVM is not usable: {}",
@@ -129,7 +175,12 @@ pub fn phase(phase: VmPhase) -> Phase {
 /// Whether a VM holds resources on its host (see the module's comment).
 pub fn holds(vm: &VirtualMachine) -> bool {
     let Some(status) = vm.status.as_ref() else { return false };
-    if status.node_name.is_none() {
+    let Some(host) = status.node_name.as_deref() else { return false };
+    // Left down by HA when that host failed: nothing starts it there again until
+    // a person hands it back (removes the annotation), so it keeps no room.
+    if status.phase == Some(VmPhase::Failed)
+        && vm.annotations().get(drover_crds::contract::annotations::HA_NOT_RESTARTED).map(String::as_str) == Some(host)
+    {
         return false;
     }
     match status.phase.map(phase) {
@@ -165,6 +216,10 @@ pub fn vm(vm: &VirtualMachine) -> Option<Vm> {
             .and_then(|s| s.allocated_cpus.as_deref())
             .and_then(|l| CpuSet::parse(l).ok())
             .filter(|_| cpu.placement == api_vm::CpuPlacement::Dedicated),
+        ha: VmHa {
+            priority: vm.spec.ha.restart_priority.map(priority).unwrap_or_default(),
+            keeps_running: matches!(strategy(&vm.spec), RunStrategy::Always | RunStrategy::RerunOnFailure),
+        },
     })
 }
 
@@ -238,7 +293,25 @@ pub fn migration(m: &VirtualMachineMigration) -> Option<Migration> {
         source: status.and_then(|s| s.source_node.clone()).unwrap_or_default(),
         target: status.and_then(|s| s.target_node.clone()).filter(|_| approved),
         approved,
+        target_listening: status.is_some_and(|s| s.target_address.is_some()),
+        target_state: status.and_then(|s| s.target_state).map(target_state),
     })
+}
+
+/// The core's view of what a migration's target VMM does.
+pub fn target_state(state: MigrationTargetState) -> TargetState {
+    match state {
+        MigrationTargetState::Receiving => TargetState::Receiving,
+        MigrationTargetState::Running => TargetState::Running,
+        MigrationTargetState::Stopped => TargetState::Stopped,
+    }
+}
+
+/// The CPUs Shared VMs may use on `host`: those it offers that no Dedicated VM holds.
+pub fn shared_cpus(snapshot: &drover_core::Snapshot, host: &str) -> Option<String> {
+    let offered = &snapshot.hosts.iter().find(|h| h.name == host)?.capacity.cpus;
+    let dedicated = dedicated_by_host(snapshot).remove(host).unwrap_or_default();
+    Some(offered.iter().filter(|c| !dedicated.contains(*c)).collect::<drover_topology::CpuSet>().to_string())
 }
 
 /// The Dedicated CPUs held on each host (for Shared VMs' allocated CPUs).
@@ -337,6 +410,13 @@ mod tests {
             );
             assert_eq!(holds(&v), held, "{strategy} {phase:?} {host:?}");
         }
+        // A VM HA left down (Disabled, its host failed) keeps no room there.
+        let left = vm(serde_json::json!({
+            "metadata": { "annotations": { "drover.dev/ha-not-restarted": "h1" } },
+            "spec": { "runStrategy": "Always", "cpu": { "vcpus": 2 }, "memory": { "size": "1Gi" }, "boot": { "kernel": "/k" } },
+            "status": { "phase": "Failed", "nodeName": "h1" }
+        }));
+        assert!(!holds(&left));
     }
 
     #[test]

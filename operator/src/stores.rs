@@ -18,6 +18,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource};
 use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
 
 /// The reflector stores.
 #[derive(Clone)]
@@ -80,12 +81,17 @@ where
 }
 
 /// A store kept up to date in a task of its own (for kinds no controller consumes).
-fn reflect<K>(api: Api<K>, on_change: impl Fn() + Send + 'static, listed: Arc<Listed>) -> Store<K>
+fn reflect<K>(
+    api: Api<K>,
+    on_change: impl Fn() + Send + 'static,
+    listed: Arc<Listed>,
+    tasks: &mut JoinSet<()>,
+) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
     let (reader, mut stream) = watch(api, |_| true, on_change, listed);
-    tokio::spawn(async move { while stream.next().await.is_some() {} });
+    tasks.spawn(async move { while stream.next().await.is_some() {} });
     reader
 }
 
@@ -101,7 +107,14 @@ impl Stores {
     /// Starts the watches; `poke` is called when something changed that may let a
     /// waiting VM or migration go on. The VM, migration and Node stores fill as
     /// their controllers poll the [`Streams`].
-    pub fn start(client: &kube::Client, settings: &crate::settings::Settings, poke: Arc<Notify>) -> (Self, Streams) {
+    /// The stores; the watches no controller consumes run in `tasks` (the leader's:
+    /// they end with its term).
+    pub fn start(
+        client: &kube::Client,
+        settings: &crate::settings::Settings,
+        poke: Arc<Notify>,
+        tasks: &mut JoinSet<()>,
+    ) -> (Self, Streams) {
         let p = |poke: &Arc<Notify>| {
             let poke = poke.clone();
             move || poke.notify_one()
@@ -113,8 +126,8 @@ impl Stores {
         let stores = Self {
             vms,
             migrations,
-            policies: reflect(Api::all(client.clone()), p(&poke), listed.clone()),
-            rules: reflect(settings.api(client), p(&poke), listed.clone()),
+            policies: reflect(Api::all(client.clone()), p(&poke), listed.clone(), tasks),
+            rules: reflect(settings.api(client), p(&poke), listed.clone(), tasks),
             nodes,
             listed,
         };
@@ -263,14 +276,18 @@ pub struct Nudger {
 impl Nudger {
     /// The nudger, and the stream of VMs to look at again (for the VM controller's
     /// `reconcile_on`).
-    pub fn start(
+    pub fn start<W>(
         poke: Arc<Notify>,
         vms: Store<VirtualMachine>,
-        waiting: impl Fn(&VirtualMachine) -> bool + Send + 'static,
-    ) -> (Self, impl futures::Stream<Item = ObjectRef<VirtualMachine>>) {
+        waiting: W,
+        tasks: &mut JoinSet<()>,
+    ) -> (Self, impl futures::Stream<Item = ObjectRef<VirtualMachine>> + use<W>)
+    where
+        W: Fn(&VirtualMachine) -> bool + Send + 'static,
+    {
         let (tx, rx) = mpsc::unbounded_channel();
         let notified = poke.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             loop {
                 notified.notified().await;
                 // Let a burst settle (a host's facts, its Lease and its VMs often change together).

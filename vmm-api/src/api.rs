@@ -6,6 +6,7 @@
 //! | `GET /vm` | | [`VmStatus`] |
 //! | `PUT /vm/pause`, `PUT /vm/resume` | | |
 //! | `PUT /vm/shutdown` | | (the VMM exits with status 0 after replying) |
+//! | `PUT /vm/ctrl-alt-del` | | (the guest decides what follows; 409 during a migration, or while it has not read the keys typed before) |
 //! | `PUT /vm/snapshot` | [`SnapshotRequest`] | [`SnapshotInfo`] |
 //! | `PUT /vm/migrate` | [`MigrateRequest`] | (409 while one runs) |
 //! | `GET /vm/migration` | | [`MigrationStatus`] |
@@ -28,6 +29,9 @@ pub const PAUSE: &str = "/vm/pause";
 pub const RESUME: &str = "/vm/resume";
 /// `PUT`: power the VM off.
 pub const SHUTDOWN: &str = "/vm/shutdown";
+/// `PUT`: ask the guest to shut down, as a user would: Ctrl+Alt+Del on its
+/// keyboard. The VM runs on; the guest decides (a shutdown, a reboot, nothing).
+pub const CTRL_ALT_DEL: &str = "/vm/ctrl-alt-del";
 /// `PUT`: write a snapshot.
 pub const SNAPSHOT: &str = "/vm/snapshot";
 /// `PUT`: start a live migration.

@@ -105,6 +105,12 @@ impl Client {
         self.call("PUT", api::SHUTDOWN, None).map(drop)
     }
 
+    /// Asks the guest to shut down (Ctrl+Alt+Del on its keyboard); the VM runs on
+    /// until the guest powers off or reboots, if it does.
+    pub fn ctrl_alt_del(&self) -> Result<(), Error> {
+        self.call("PUT", api::CTRL_ALT_DEL, None).map(drop)
+    }
+
     pub fn set_host_cpus(&self, host_cpus: &str) -> Result<(), Error> {
         self.send("PATCH", api::CPUS, &CpusPatch { host_cpus: host_cpus.into() }).map(drop)
     }

@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use drover_topology::CpuSet;
-use drover_vmm_api::api::{MigrationStatus, VcpuStatus, VmStatus};
+use drover_vmm_api::api::{MigrationPhase as Phase, MigrationStatus, VcpuStatus, VmStatus};
 
 use crate::config::VmConfig;
 use crate::devices::{PioBus, serial::FirstOutput};
@@ -114,6 +114,23 @@ impl VmControl {
     /// Powers the VM off (the control API's shutdown).
     pub fn power_off(&self) {
         self.end(VmExit::PoweredOff);
+    }
+
+    /// Asks the guest to shut down: Ctrl+Alt+Del on its keyboard. Refused while a
+    /// migration is under way or has handed the VM over: the keyboard is not part
+    /// of the state that travels, and the keys would be lost (or typed into a VM
+    /// that no longer runs here).
+    pub fn ctrl_alt_del(&self) -> Result<(), Error> {
+        if self.migration.handed_over() {
+            return Err(Error::HandedOver);
+        }
+        if matches!(self.migration.status().phase, Phase::Connecting | Phase::PreCopy | Phase::Switchover) {
+            return Err(Error::MigrationUnderWay);
+        }
+        match self.bus.get() {
+            Some(bus) => bus.ctrl_alt_del(),
+            None => Err(Error::Internal("the VM's devices do not exist yet".into())),
+        }
     }
 
     /// The channel on which the VM's outcome is reported (for its devices).

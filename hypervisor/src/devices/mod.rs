@@ -1,6 +1,8 @@
-//! Port-I/O devices: the COM1 serial port (vm-superio), the i8042 controller (only
-//! its CPU-reset line) and the exit device at port 0x501 (QEMU's isa-debug-exit
-//! port, so the same guest runs under both). The PIC, PIT and IOAPIC are KVM's own.
+//! Port-I/O devices: the COM1 serial port (vm-superio), the i8042 controller (its
+//! CPU-reset line, and a keyboard that types Ctrl+Alt+Del when the control API asks)
+//! and the exit device at port 0x501 (QEMU's isa-debug-exit port, so the same guest
+//! runs under both). The PIC, PIT and IOAPIC are KVM's own; the serial port and the
+//! keyboard raise their IRQs through irqfds ([`IrqTrigger`]).
 //!
 //! Devices know nothing of the VMM around them: a device that ends the VM (a reset,
 //! the guest's exit) sends its outcome down the VMM's exit channel, as Firecracker's
@@ -14,7 +16,26 @@ pub mod serial;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
+use vm_superio::Trigger;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::Error;
 use crate::exit::VmExit;
+
+/// Raises a device's interrupt by signalling the eventfd KVM listens on (an irqfd
+/// on the device's GSI: KVM pulses the line, an edge, as ISA devices signal).
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.write(1)
+    }
+}
+
+/// The keyboard controller with its interrupt.
+pub type Keyboard = i8042::I8042<IrqTrigger>;
 
 const COM1: std::ops::RangeInclusive<u16> = 0x3f8..=0x3ff;
 const I8042: [u16; 2] = [0x60, 0x64];
@@ -23,6 +44,7 @@ const EXIT_PORTS: std::ops::RangeInclusive<u16> = debug_exit::EXIT_PORT..=debug_
 /// Every port-I/O device, dispatched by port from the vCPU threads.
 pub struct PioBus {
     serial: Mutex<serial::SerialPort>,
+    keyboard: Mutex<Keyboard>,
     /// When the guest first wrote to COM1 (its boot time, as the control API reports it).
     first_output: Arc<serial::FirstOutput>,
     /// Where a device that ends the VM says so.
@@ -30,8 +52,13 @@ pub struct PioBus {
 }
 
 impl PioBus {
-    pub fn new(serial: serial::SerialPort, first_output: Arc<serial::FirstOutput>, exits: Sender<VmExit>) -> Self {
-        Self { serial: Mutex::new(serial), first_output, exits }
+    pub fn new(
+        serial: serial::SerialPort,
+        keyboard: Keyboard,
+        first_output: Arc<serial::FirstOutput>,
+        exits: Sender<VmExit>,
+    ) -> Self {
+        Self { serial: Mutex::new(serial), keyboard: Mutex::new(keyboard), first_output, exits }
     }
 
     /// A guest write to `port`.
@@ -46,7 +73,7 @@ impl PioBus {
                 tracing::debug!("serial output: {e:?}");
             }
         } else if I8042.contains(&port) {
-            if let Some(exit) = i8042::write(port, value) {
+            if let Some(exit) = self.with_keyboard(|k| k.write(port, value)) {
                 self.end(exit);
             }
         } else if EXIT_PORTS.contains(&port) {
@@ -60,7 +87,7 @@ impl PioBus {
         let value = if COM1.contains(&port) {
             self.with_serial(|s| s.read((port - COM1.start()) as u8))
         } else if I8042.contains(&port) {
-            i8042::read(port)
+            self.with_keyboard(|k| k.read(port))
         } else {
             0xff
         };
@@ -70,6 +97,12 @@ impl PioBus {
     /// The serial port's state, for snapshots and migration.
     pub fn serial_state(&self) -> crate::state::SerialState {
         self.with_serial(|s| (&s.state()).into())
+    }
+
+    /// Types Ctrl+Alt+Del on the guest's keyboard (the control API's request to
+    /// shut down); refused while the guest has not read the keys typed before.
+    pub fn ctrl_alt_del(&self) -> Result<(), Error> {
+        self.with_keyboard(|k| k.ctrl_alt_del()).map_err(|i8042::BufferFull| Error::KeyboardFull)
     }
 
     fn end(&self, exit: VmExit) {
@@ -82,6 +115,12 @@ impl PioBus {
         let mut serial = self.serial.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut serial)
     }
+
+    fn with_keyboard<T>(&self, f: impl FnOnce(&mut Keyboard) -> T) -> T {
+        // As for the serial port: every operation leaves the controller consistent.
+        let mut keyboard = self.keyboard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut keyboard)
+    }
 }
 
 #[cfg(test)]
@@ -90,13 +129,20 @@ mod tests {
 
     use super::*;
 
-    fn bus() -> (PioBus, mpsc::Receiver<VmExit>, Arc<serial::FirstOutput>) {
-        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    fn bus_with_keyboard_irq() -> (PioBus, mpsc::Receiver<VmExit>, Arc<serial::FirstOutput>, EventFd) {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let out: Box<dyn std::io::Write + Send> = Box::new(std::io::sink());
-        let serial = vm_superio::Serial::new(serial::IrqTrigger(irq), out);
+        let serial = vm_superio::Serial::new(IrqTrigger(irq), out);
+        let keyboard_irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let keyboard = i8042::I8042::new(IrqTrigger(keyboard_irq.try_clone().unwrap()));
         let (exits, events) = mpsc::channel();
         let first = Arc::new(serial::FirstOutput::default());
-        (PioBus::new(serial, first.clone(), exits), events, first)
+        (PioBus::new(serial, keyboard, first.clone(), exits), events, first, keyboard_irq)
+    }
+
+    fn bus() -> (PioBus, mpsc::Receiver<VmExit>, Arc<serial::FirstOutput>) {
+        let (bus, events, first, _) = bus_with_keyboard_irq();
+        (bus, events, first)
     }
 
     #[test]
@@ -110,6 +156,27 @@ mod tests {
         assert_eq!(events.try_recv().unwrap(), VmExit::Shutdown);
         bus.write(debug_exit::EXIT_PORT, &[3]);
         assert_eq!(events.try_recv().unwrap(), VmExit::GuestFailure(3));
+    }
+
+    #[test]
+    fn ctrl_alt_del_reaches_the_guest_through_the_ports_and_irq_1() {
+        let (bus, events, _, irq) = bus_with_keyboard_irq();
+        let read = |port| {
+            let mut value = [0u8];
+            bus.read(port, &mut value);
+            value[0]
+        };
+        assert_eq!(read(0x64) & 1, 0, "nothing to read");
+        bus.ctrl_alt_del().unwrap();
+        assert_eq!(irq.read().unwrap(), 1, "IRQ 1 raised");
+        assert_eq!(read(0x64) & 1, 1, "output buffer full");
+        assert_eq!(read(0x60), 0x14, "Ctrl pressed, in scan code set 2");
+        assert!(matches!(bus.ctrl_alt_del(), Err(Error::KeyboardFull)), "10 bytes still unread");
+        while read(0x64) & 1 != 0 {
+            read(0x60);
+        }
+        bus.ctrl_alt_del().unwrap();
+        assert!(events.try_recv().is_err(), "typing ends nothing");
     }
 
     #[test]

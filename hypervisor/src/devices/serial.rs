@@ -2,19 +2,9 @@
 
 use std::io::Write;
 
-use vm_superio::{Serial, Trigger};
-use vmm_sys_util::eventfd::EventFd;
+use vm_superio::Serial;
 
-/// Raises the serial interrupt by signalling the eventfd KVM listens on (irqfd).
-pub struct IrqTrigger(pub EventFd);
-
-impl Trigger for IrqTrigger {
-    type E = std::io::Error;
-
-    fn trigger(&self) -> Result<(), Self::E> {
-        self.0.write(1)
-    }
-}
+use super::IrqTrigger;
 
 /// When the guest first wrote to the serial port: set once by the vCPU that
 /// writes, read by the control API (a VM's boot time is its first output).

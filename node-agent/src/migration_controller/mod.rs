@@ -6,14 +6,21 @@
 //!    `status.targetAddress` once it listens.
 //! 2. Source agent: asks its VMM to migrate there (`PUT /vm/migrate`), then copies
 //!    progress into the migration's status until the VMM reports an end.
-//! 3. On success the source agent moves the VM's `status.nodeName` to the target,
-//!    whose agent then takes the VM over; on failure the VM keeps running on the
-//!    source, the target's VMM is stopped, and the status says why.
+//! 3. On success the VM's `status.nodeName` moves to the target, by whichever end
+//!    sees the hand-over first: the source agent when its VMM completed the send,
+//!    the target agent once its receiving VMM runs the guest (it asks every
+//!    `target_side::decide::POLL_FOLLOW`; with the source's host dead, nobody else
+//!    would). The target agent says what its VMM does in `status.targetState`
+//!    (`Receiving`, `Running`, `Stopped`), and its VM controller takes the VM over.
+//!    On failure the VM keeps running on the source, the target's VMM is stopped
+//!    (`targetState: Stopped`), and the status says why.
 //! 4. The operator may end a migration under way as `Failed` itself (deleted,
-//!    timed out): the source agent then cancels its VMM's send, or, if the send had
-//!    already handed the VM over, moves the VM's status to the target all the same
-//!    (`source_side::settle`); the operator's status of the migration is left as
-//!    it wrote it.
+//!    timed out, a host failed): the source agent then cancels its VMM's send, or,
+//!    if the send had already handed the VM over, moves the VM's status to the
+//!    target all the same (`source_side::settle`); the target keeps a receiving VMM
+//!    that runs the guest and moves the VM's status to itself (`target_side::stop`);
+//!    the operator's status of the migration is left as it wrote it, but for
+//!    `targetState`.
 //!
 //! Each reconcile first decides from the migration's status alone which end this
 //! host plays now (`part`, pure); that end then observes what it needs (the VM,
@@ -57,11 +64,20 @@ pub async fn reconcile(migration: Arc<VirtualMachineMigration>, ctx: Arc<Context
                 next = source_side::settle(&migration, &vms, &ctx).await?;
             }
             if target {
-                next = next.sooner(target_side::stop(&migration, &vms, &ctx).await?);
+                next = next.sooner(target_side::stop(&migration, &api, &vms, &ctx).await?);
             }
             Ok(next.into())
         }
-        Part::DriveSource => source_side::drive(&migration, &api, &vms, &ctx).await,
+        Part::Drive { source, target } => {
+            let mut next = Next::Change;
+            if source {
+                next = source_side::drive(&migration, &api, &vms, &ctx).await?;
+            }
+            if target {
+                next = next.sooner(target_side::follow(&migration, &api, &vms, &ctx).await?);
+            }
+            Ok(next.into())
+        }
         Part::Wait(next) => Ok(next.into()),
     }
 }

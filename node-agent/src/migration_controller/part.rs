@@ -1,12 +1,14 @@
 //! Which end of a migration this host is to play now, from the migration's status
 //! alone (pure): the target gets ready and publishes where it listens, the source
-//! sends once it knows; once the migration failed (an agent or the operator ended
-//! it), the source settles a send that may still be under way and the target lets
-//! go of its receiving VMM; otherwise the step is the other side's.
+//! sends once it knows while the target watches for its receiving VMM to run the
+//! guest; once the migration failed (an agent or the operator ended it), the source
+//! settles a send that may still be under way and the target lets go of its
+//! receiving VMM (or keeps the one that runs the guest); otherwise the step is the
+//! other side's.
 
 use std::time::Duration;
 
-use drover_crds::migration::{MigrationPhase, VirtualMachineMigrationStatus};
+use drover_crds::migration::{MigrationPhase, MigrationTargetState, VirtualMachineMigrationStatus};
 
 use crate::next::Next;
 
@@ -22,8 +24,12 @@ pub enum Part {
     /// way, or move the VM if the send had completed anyway) and its target
     /// (`target`: stop its receiving VMM). A host may be both.
     Failed { source: bool, target: bool },
-    /// Source: start the send, or follow it.
-    DriveSource,
+    /// A migration under way whose target listens, seen from its source (`source`:
+    /// start the send, or follow it) and its target (`target`: record whether its
+    /// receiving VMM runs the guest, and take the VM over once it does). The target
+    /// of a migration that Succeeded while its word was still `Receiving` follows
+    /// too, to record `Running`.
+    Drive { source: bool, target: bool },
     /// Nothing for this host to do now.
     Wait(Next),
 }
@@ -40,8 +46,12 @@ pub fn part(status: &VirtualMachineMigrationStatus, node: &str) -> Part {
     if status.phase == Some(MigrationPhase::Failed) && (source || target) {
         return Part::Failed { source, target };
     }
-    if status.source_node.as_deref() == Some(node) && active && status.target_address.is_some() {
-        return Part::DriveSource;
+    if active && status.target_address.is_some() && (source || target) {
+        return Part::Drive { source, target };
+    }
+    let succeeded = status.phase == Some(MigrationPhase::Succeeded);
+    if target && succeeded && status.target_state == Some(MigrationTargetState::Receiving) {
+        return Part::Drive { source: false, target: true };
     }
     let involved = [&status.source_node, &status.target_node].iter().any(|n| n.as_deref() == Some(node));
     Part::Wait(if active && involved { Next::After(POLL_INVOLVED) } else { Next::Change })
@@ -90,7 +100,7 @@ mod tests {
                 let target = status(phase, "other", "me", address);
                 let neither = status(phase, "a", "b", address);
                 let want_source = match (active, address, phase) {
-                    (true, true, _) => Part::DriveSource,
+                    (true, true, _) => Part::Drive { source: true, target: false },
                     (true, false, _) => wait_involved,
                     (_, _, Some(Failed)) => Part::Failed { source: true, target: false },
                     _ => wait,
@@ -98,7 +108,7 @@ mod tests {
                 let want_target = match (active, address, phase) {
                     (true, false, _) => Part::PrepareTarget,
                     (_, _, Some(Failed)) => Part::Failed { source: false, target: true },
-                    (true, true, _) => wait_involved,
+                    (true, true, _) => Part::Drive { source: false, target: true },
                     _ => wait,
                 };
                 let case = format!("{phase:?}, address {address}");
@@ -114,8 +124,29 @@ mod tests {
         let both = status(Some(MigrationPhase::Scheduled), "me", "me", false);
         assert_eq!(part(&both, "me"), Part::PrepareTarget);
         let both = status(Some(MigrationPhase::Scheduled), "me", "me", true);
-        assert_eq!(part(&both, "me"), Part::DriveSource);
+        assert_eq!(part(&both, "me"), Part::Drive { source: true, target: true });
         let both = status(Some(MigrationPhase::Failed), "me", "me", true);
         assert_eq!(part(&both, "me"), Part::Failed { source: true, target: true });
+    }
+
+    /// A Succeeded migration × the target's word: only a target whose word is still
+    /// `Receiving` (the source recorded the hand-over first) looks again, to say
+    /// `Running`.
+    #[test]
+    fn the_target_of_a_succeeded_migration_records_that_it_runs_the_vm() {
+        use MigrationTargetState::*;
+        for state in [None, Some(Receiving), Some(Running), Some(Stopped)] {
+            let mut target = status(Some(MigrationPhase::Succeeded), "other", "me", true);
+            target.target_state = state;
+            let want = if state == Some(Receiving) {
+                Part::Drive { source: false, target: true }
+            } else {
+                Part::Wait(Next::Change)
+            };
+            assert_eq!(part(&target, "me"), want, "{state:?}");
+            let source =
+                VirtualMachineMigrationStatus { target_state: state, ..status(target.phase, "me", "other", true) };
+            assert_eq!(part(&source, "me"), Part::Wait(Next::Change), "source, {state:?}");
+        }
     }
 }

@@ -5,11 +5,12 @@
 
 use std::time::Duration;
 
-use drover_crds::contract::{conditions, reasons};
+use drover_crds::contract::{annotations, conditions, reasons};
 use drover_crds::vm::{BootedWith, RunStrategy, VirtualMachine, VirtualMachineStatus, VmPhase};
 use drover_topology::CpuSet;
 use drover_vmm_api::VmConfig;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
 
 use crate::conditions::condition;
 use crate::events;
@@ -55,6 +56,13 @@ pub struct LocalVmm {
     pub handed_over: bool,
     /// A send of it whose migration is gone, the VM still marked as moving in it.
     pub orphan: Option<Orphan>,
+    /// It ended "migrated" while its VM is placed elsewhere, and its migration is
+    /// still under way: the migration controller has yet to record the figures it
+    /// left (the target moved the VM's status first). Asked only then.
+    pub unrecorded_send: bool,
+    /// A receiving VMM that still runs, left from a migration that is gone, while
+    /// the VM (placed elsewhere) is not marked as moving in it. Asked only then.
+    pub migration_gone: bool,
 }
 
 /// A send the local VMM made for a migration that no longer exists, while the VM
@@ -173,20 +181,34 @@ pub fn decide(o: &Observed) -> Plan {
 }
 
 /// The VM is placed elsewhere (or nowhere). A VMM of ours may still exist: a
-/// migration target (left to the migration controller), a source that has handed
-/// the VM over, or one that must not run (the VM was moved while this host was cut
-/// off and has fenced; this is the belt to those braces).
+/// migration target (left to the migration controller while its migration
+/// exists), a source that has handed the VM over, or one that must not run (the VM
+/// was moved while this host was cut off and has fenced; this is the belt to those
+/// braces). Nothing is started and nothing is written: the VM's status is another
+/// host's now (an HA restart, a migration); what is left here goes.
 fn elsewhere(o: &Observed, status: &VirtualMachineStatus) -> Plan {
     match &o.local {
-        Some(l) if l.role == Role::Run && l.state == VmmState::Running => {
-            if l.handed_over {
-                Plan::Wait(Next::After(POLL_BUSY))
-            } else {
-                Plan::PowerOff(StopReason::PlacedElsewhere)
+        Some(l @ LocalVmm { role: Role::Run, .. }) => match l.state {
+            VmmState::Running if l.handed_over => Plan::Wait(Next::After(POLL_BUSY)),
+            VmmState::Running => Plan::PowerOff(StopReason::PlacedElsewhere),
+            // The migration controller reads the send's figures from its directory.
+            _ if l.unrecorded_send => Plan::Wait(Next::After(POLL_BUSY)),
+            _ => Plan::Forget,
+        },
+        Some(LocalVmm { role: Role::Receive { migration }, state, migration_gone, .. }) => {
+            // While the VM is marked as moving in its migration the source may still
+            // hand it over (then it is placed here, and a received VM's end is
+            // reported from the VMM's record): the migration controller's.
+            let marked = status.migration.as_deref() == Some(migration.as_str());
+            match state {
+                VmmState::Running if *migration_gone => Plan::PowerOff(StopReason::PlacedElsewhere),
+                VmmState::Running => Plan::Wait(Next::After(POLL_RUNNING)),
+                _ if marked => Plan::Wait(Next::After(POLL_RUNNING)),
+                // Ended (fenced, say) without the VM ever being placed here: nothing
+                // of it will run, and nothing of it is reported.
+                _ => Plan::Forget,
             }
         }
-        Some(l) if l.role == Role::Run => Plan::Forget,
-        Some(_) => Plan::Wait(Next::After(POLL_RUNNING)),
         // A deleted VM that no host runs: nobody else will release it.
         None if o.vm.metadata.deletion_timestamp.is_some() && status.node_name.is_none() => Plan::ReleaseFinalizer,
         None => Plan::Wait(Next::Change),
@@ -239,10 +261,17 @@ fn ended(o: &Observed, mut status: VirtualMachineStatus, record: &ExitRecord, st
     // not started again, and not a failure either.
     let clean = record.is_clean() || stop_reason.is_some_and(stop_was_requested) || (stop_asked && record.is_reset());
     let note = format!("{what} on {}", o.node);
-    status.phase = Some(if clean { VmPhase::Stopped } else { VmPhase::Failed });
     status.last_exit = Some(what.clone());
     status.cpu_usage = None;
-    status.conditions.set(ready(o, if clean { reasons::STOPPED } else { reasons::VMM_EXITED }, note.clone()));
+    if left_down_by_ha(o, &status) {
+        // This host failed and HA left the VM down (its run strategy or the
+        // user's choice): that is why it stays Failed, and what `Ready` keeps
+        // saying; how its VMM ended here, late, is in `lastExit` and the Event.
+        status.phase = Some(VmPhase::Failed);
+    } else {
+        status.phase = Some(if clean { VmPhase::Stopped } else { VmPhase::Failed });
+        status.conditions.set(ready(o, if clean { reasons::STOPPED } else { reasons::VMM_EXITED }, note.clone()));
+    }
     let event =
         if clean { normal(reasons::STOPPED, "Stop", note) } else { warning(events::reasons::FAILED, "Stop", note) };
     report(status, Some(format!("VM ended: {what}")), Some(event)).forgetting().then(Next::After(POLL_BUSY))
@@ -352,6 +381,14 @@ pub fn starting(
     status
 }
 
+/// Whether HA marked the VM as not restarted after this host failed, and says so
+/// in its `Ready` condition (see `annotations::HA_NOT_RESTARTED`).
+fn left_down_by_ha(o: &Observed, status: &VirtualMachineStatus) -> bool {
+    o.vm.annotations().get(annotations::HA_NOT_RESTARTED).is_some_and(|host| host == o.node)
+        && status.phase == Some(VmPhase::Failed)
+        && status.conditions.get(conditions::READY).is_some_and(|c| c.reason == reasons::HA_NOT_RESTARTED)
+}
+
 fn halted(vm: &VirtualMachine) -> bool {
     vm.spec.run_strategy == RunStrategy::Halted
 }
@@ -425,6 +462,8 @@ mod tests {
         None,
         Running,
         Receiving,
+        /// A receiving VMM the host's isolation response killed.
+        ReceiveFenced,
         EndedClean,
         EndedReset,
         EndedMigrated,
@@ -432,10 +471,11 @@ mod tests {
         Lost,
     }
 
-    const VMMS: [Vmm; 8] = [
+    const VMMS: [Vmm; 9] = [
         Vmm::None,
         Vmm::Running,
         Vmm::Receiving,
+        Vmm::ReceiveFenced,
         Vmm::EndedClean,
         Vmm::EndedReset,
         Vmm::EndedMigrated,
@@ -448,8 +488,17 @@ mod tests {
     }
 
     fn local(vmm: Vmm) -> Option<LocalVmm> {
-        let run =
-            |state| Some(LocalVmm { role: Role::Run, state, stop_reason: None, handed_over: false, orphan: None });
+        let run = |state| {
+            Some(LocalVmm {
+                role: Role::Run,
+                state,
+                stop_reason: None,
+                handed_over: false,
+                orphan: None,
+                unrecorded_send: false,
+                migration_gone: false,
+            })
+        };
         match vmm {
             Vmm::None => None,
             Vmm::Running => run(VmmState::Running),
@@ -459,6 +508,17 @@ mod tests {
                 stop_reason: None,
                 handed_over: false,
                 orphan: None,
+                unrecorded_send: false,
+                migration_gone: false,
+            }),
+            Vmm::ReceiveFenced => Some(LocalVmm {
+                role: Role::Receive { migration: "m".into() },
+                state: VmmState::Ended(ExitRecord { code: None, signal: Some(9), at_ms: 1 }),
+                stop_reason: Some(StopReason::Fenced.text().into()),
+                handed_over: false,
+                orphan: None,
+                unrecorded_send: false,
+                migration_gone: false,
             }),
             Vmm::EndedClean => run(exit(ExitStatus::PoweredOff)),
             Vmm::EndedReset => run(exit(ExitStatus::Reset)),
@@ -603,6 +663,9 @@ mod tests {
                 // fences without the lease); a received one becomes the VM's own.
                 (None, Vmm::Running, None, "run"),
                 (None, Vmm::Receiving, None, "take-over>run"),
+                // A VM handed over here whose receiving VMM this host's isolation
+                // response killed before it took it over: a failure, reported.
+                (None, Vmm::ReceiveFenced, None, "report:Failed/VmmExited+forget>250ms"),
                 // It ended: say how, then forget it; a reset boots again if it may,
                 // not while the operator stops it (it has stopped as asked).
                 (None, Vmm::EndedClean, None, "report:Stopped/Stopped+forget>250ms"),
@@ -629,6 +692,7 @@ mod tests {
                 (Some(others), Vmm::None, None, "report:Stopped/Stopped>change"),
                 (None, Vmm::Running, None, "power-off:Halted"),
                 (None, Vmm::Receiving, None, "take-over>power-off:Halted"),
+                (None, Vmm::ReceiveFenced, None, "report:Failed/VmmExited+forget>250ms"),
                 (None, Vmm::EndedClean, None, "report:Stopped/Stopped+forget>250ms"),
                 (None, Vmm::EndedFailed, None, "report:Failed/VmmExited+forget>250ms"),
                 // Halted: a reset is an end like any other (not a clean one), unless
@@ -649,8 +713,16 @@ mod tests {
             &[(None, Vmm::Running, None, "power-off:Deleted"), (None, Vmm::Receiving, None, "power-off:Deleted")]
                 .into_iter()
                 .chain(
-                    [Vmm::None, Vmm::EndedClean, Vmm::EndedReset, Vmm::EndedMigrated, Vmm::EndedFailed, Vmm::Lost]
-                        .map(|v| (None, v, None, "deleted")),
+                    [
+                        Vmm::None,
+                        Vmm::ReceiveFenced,
+                        Vmm::EndedClean,
+                        Vmm::EndedReset,
+                        Vmm::EndedMigrated,
+                        Vmm::EndedFailed,
+                        Vmm::Lost,
+                    ]
+                    .map(|v| (None, v, None, "deleted")),
                 )
                 .collect::<Vec<Row>>(),
             |phase| delete(vm(Some(NODE), phase)),
@@ -666,6 +738,9 @@ mod tests {
             (None, Vmm::Running, None, "power-off:PlacedElsewhere"),
             // A migration target: the migration controller's.
             (None, Vmm::Receiving, None, "wait:2000ms"),
+            // Left from a migration (fenced while the host was cut off, say), the VM
+            // never placed here and not moving in it: cleared, nothing written.
+            (None, Vmm::ReceiveFenced, None, "forget"),
             (None, Vmm::EndedClean, None, "forget"),
             (None, Vmm::EndedReset, None, "forget"),
             (None, Vmm::EndedMigrated, None, "forget"),
@@ -682,12 +757,109 @@ mod tests {
         check_table(&rows, |phase| vm(None, phase), true);
     }
 
+    /// A host back from isolation (its lease renewed again) whose VMs the operator
+    /// restarted elsewhere meanwhile: every phase the new host may have written ×
+    /// this host's VMM of it (run or receiving, killed by the isolation response,
+    /// or lost) → cleared, never started, never reported over the new host's status.
+    #[test]
+    fn a_host_back_from_isolation_clears_what_is_left_of_vms_placed_elsewhere() {
+        let facts = facts(true);
+        let fenced = |role: Role| LocalVmm {
+            role,
+            state: VmmState::Ended(ExitRecord { code: None, signal: Some(9), at_ms: 1 }),
+            stop_reason: Some(StopReason::Fenced.text().into()),
+            handed_over: false,
+            orphan: None,
+            unrecorded_send: false,
+            migration_gone: false,
+        };
+        let receive = || Role::Receive { migration: "m".into() };
+        let lost = LocalVmm { state: VmmState::Lost, ..fenced(Role::Run) };
+        for &phase in phases() {
+            let mut vm = vm(Some("host-2"), phase);
+            // Restarted elsewhere since: a start leaves no migration mark.
+            vm.status.as_mut().unwrap().restart_count = Some(1);
+            for local in [
+                fenced(Role::Run),
+                fenced(receive()),
+                lost.clone(),
+                LocalVmm { state: VmmState::Lost, ..fenced(receive()) },
+            ] {
+                for leased in [true, false] {
+                    let plan = observe(&vm, Some(local.clone()), leased, &facts);
+                    assert_eq!(plan, Plan::Forget, "{phase:?} × {:?} {:?} × leased {leased}", local.role, local.state);
+                }
+            }
+            // Nothing left here: nothing to do, and certainly no start.
+            assert_eq!(observe(&vm, None, true, &facts), Plan::Wait(Next::Change), "{phase:?}");
+        }
+    }
+
+    /// A receiving VMM of a VM placed elsewhere × the VM marked as moving in its
+    /// migration or not × the migration gone or not.
+    #[test]
+    fn a_receiving_vmm_is_left_to_its_migration_while_the_vm_may_still_come() {
+        let facts = facts(true);
+        let receiving = |state: VmmState, migration_gone: bool| LocalVmm {
+            role: Role::Receive { migration: "m".into() },
+            state,
+            stop_reason: None,
+            handed_over: false,
+            orphan: None,
+            unrecorded_send: false,
+            migration_gone,
+        };
+        let ended = exit(ExitStatus::VmmError);
+        for marked in [false, true] {
+            let mut vm = vm(Some("host-2"), Some(VmPhase::Migrating));
+            vm.status.as_mut().unwrap().migration = marked.then(|| "m".into());
+            let rows: &[(VmmState, bool, &str)] = &[
+                (VmmState::Running, false, "wait:2000ms"),
+                // Its migration is gone and the source has settled: it must not run here.
+                (VmmState::Running, true, "power-off:PlacedElsewhere"),
+                (ended.clone(), false, if marked { "wait:2000ms" } else { "forget" }),
+                (VmmState::Lost, false, if marked { "wait:2000ms" } else { "forget" }),
+            ];
+            for (state, gone, want) in rows {
+                let plan = observe(&vm, Some(receiving(state.clone(), *gone)), true, &facts);
+                assert_eq!(kind(&plan), *want, "marked {marked} × {state:?} × migration gone {gone}");
+            }
+        }
+    }
+
+    /// A source VMM that ended "migrated" while the target moved the VM's status
+    /// first: kept until its migration has been recorded (its figures are in its
+    /// directory), then cleared.
+    #[test]
+    fn a_source_keeps_the_figures_of_a_send_until_its_migration_records_them() {
+        let facts = facts(true);
+        let vm = vm(Some("host-2"), Some(VmPhase::Running));
+        let migrated = |unrecorded_send: bool| LocalVmm {
+            role: Role::Run,
+            state: exit(ExitStatus::MigratedOut),
+            stop_reason: None,
+            handed_over: false,
+            orphan: None,
+            unrecorded_send,
+            migration_gone: false,
+        };
+        assert_eq!(observe(&vm, Some(migrated(true)), true, &facts), Plan::Wait(Next::After(POLL_BUSY)));
+        assert_eq!(observe(&vm, Some(migrated(false)), true, &facts), Plan::Forget);
+    }
+
     #[test]
     fn a_source_that_handed_the_vm_over_is_left_to_end() {
         let vm = vm(Some("host-2"), Some(VmPhase::Running));
         let facts = facts(true);
-        let handed =
-            LocalVmm { role: Role::Run, state: VmmState::Running, stop_reason: None, handed_over: true, orphan: None };
+        let handed = LocalVmm {
+            role: Role::Run,
+            state: VmmState::Running,
+            stop_reason: None,
+            handed_over: true,
+            orphan: None,
+            unrecorded_send: false,
+            migration_gone: false,
+        };
         assert_eq!(observe(&vm, Some(handed), true, &facts), Plan::Wait(Next::After(POLL_BUSY)));
     }
 
@@ -740,6 +912,8 @@ mod tests {
             stop_reason: stop_reason.map(|r| r.text().to_string()),
             handed_over: false,
             orphan: None,
+            unrecorded_send: false,
+            migration_gone: false,
         };
         let Plan::Report(r) = observe(&vm, Some(killed(Some(StopReason::Halted))), true, &facts) else { panic!() };
         assert_eq!(r.status.phase, Some(VmPhase::Stopped));
@@ -765,6 +939,38 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_ha_left_down_keeps_why_when_its_healed_host_reports_the_end() {
+        let mut vm = vm(Some(NODE), Some(VmPhase::Failed));
+        vm.metadata.annotations = Some([(annotations::HA_NOT_RESTARTED.to_string(), NODE.to_string())].into());
+        let status = vm.status.as_mut().unwrap();
+        status.conditions.set(condition(
+            conditions::READY,
+            false,
+            reasons::HA_NOT_RESTARTED,
+            "host-1 failed; spec.ha.restartPriority is Disabled",
+            Some(2),
+            now(),
+        ));
+        let facts = facts(true);
+        let fenced = LocalVmm {
+            role: Role::Run,
+            state: VmmState::Ended(ExitRecord { code: None, signal: Some(9), at_ms: 1 }),
+            stop_reason: Some(StopReason::Fenced.text().to_string()),
+            handed_over: false,
+            orphan: None,
+            unrecorded_send: false,
+        };
+        let Plan::Report(r) = observe(&vm, Some(fenced.clone()), true, &facts) else { panic!() };
+        assert_eq!(r.status.phase, Some(VmPhase::Failed));
+        assert_eq!(r.status.conditions.get(conditions::READY).unwrap().reason, reasons::HA_NOT_RESTARTED);
+        assert!(r.status.last_exit.unwrap().contains("isolation response"));
+        assert!(r.event.unwrap().warning);
+        // Marked for another host (a stale mark): this host's own end is the news.
+        vm.metadata.annotations = Some([(annotations::HA_NOT_RESTARTED.to_string(), "host-9".to_string())].into());
+        assert_eq!(kind(&observe(&vm, Some(fenced), true, &facts)), "report:Failed/VmmExited+forget>250ms");
+    }
+
+    #[test]
     fn a_reboot_keeps_how_the_guest_ended() {
         let vm = vm(Some(NODE), Some(VmPhase::Running));
         let facts = facts(true);
@@ -785,6 +991,8 @@ mod tests {
             stop_reason: Some(StopReason::Requested.text().to_string()),
             handed_over: false,
             orphan: None,
+            unrecorded_send: false,
+            migration_gone: false,
         };
         let Plan::Report(r) = observe(&vm, Some(killed), true, &facts) else { panic!() };
         assert_eq!(r.status.phase, Some(VmPhase::Stopped));
@@ -842,6 +1050,8 @@ mod tests {
             stop_reason: None,
             handed_over: false,
             orphan: Some(Orphan { phase, outgoing: Some(outgoing.clone()) }),
+            unrecorded_send: false,
+            migration_gone: false,
         };
         let rows: &[(Option<Phase>, &str)] = &[
             (None, "wait:250ms"),

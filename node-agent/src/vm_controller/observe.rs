@@ -1,7 +1,7 @@
 //! What the VM controller looks at before it decides: gathered here, so that
 //! `decide` reads no file, socket or clock.
 
-use drover_crds::migration::VirtualMachineMigration;
+use drover_crds::migration::{MigrationPhase, VirtualMachineMigration};
 use drover_crds::vm::VirtualMachine;
 use kube::{Api, ResourceExt};
 
@@ -33,7 +33,20 @@ pub async fn observe<'a>(
                 false
             };
             let orphan = if here { orphan(vm, ctx, &local, &state).await } else { None };
-            Some(LocalVmm { role: local.meta.role, state, stop_reason, handed_over, orphan })
+            let unrecorded_send = !here
+                && local.meta.role == Role::Run
+                && matches!(&state, VmmState::Ended(r) if r.is_migrated())
+                && unrecorded_send(vm, ctx, &local).await;
+            let migration_gone = !here && receiving_for_gone(vm, ctx, &local, &state).await;
+            Some(LocalVmm {
+                role: local.meta.role,
+                state,
+                stop_reason,
+                handed_over,
+                orphan,
+                unrecorded_send,
+                migration_gone,
+            })
         }
         _ => None,
     };
@@ -61,4 +74,35 @@ async fn orphan(vm: &VirtualMachine, ctx: &Context, local: &LocalVm, state: &Vmm
         None
     };
     Some(Orphan { phase, outgoing: local.dir.read_outgoing().filter(|o| o.migration == name) })
+}
+
+/// Whether the send this VMM made (it ended "migrated") is still under way in its
+/// migration, which this host's migration controller then still has to record with
+/// the figures the VMM left in its directory: the target may have moved the VM's
+/// status first. An error says nothing, and keeps the directory a while longer.
+async fn unrecorded_send(vm: &VirtualMachine, ctx: &Context, local: &LocalVm) -> bool {
+    let Some(outgoing) = local.dir.read_outgoing() else { return false };
+    let api: Api<VirtualMachineMigration> = Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    match api.get_opt(&outgoing.migration).await {
+        Ok(Some(m)) => m.status.as_ref().is_some_and(|s| {
+            matches!(s.phase, Some(MigrationPhase::Running | MigrationPhase::Switchover))
+                && s.source_node.as_deref() == Some(ctx.node())
+        }),
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
+/// Whether this receiving VMM, which still runs, is left from a migration that no
+/// longer exists, while the VM is not marked as moving in it (its source has
+/// settled the send): nobody else will stop it. Asked only then.
+async fn receiving_for_gone(vm: &VirtualMachine, ctx: &Context, local: &LocalVm, state: &VmmState) -> bool {
+    let Role::Receive { migration } = &local.meta.role else { return false };
+    let marked = vm.status.as_ref().and_then(|s| s.migration.as_deref()) == Some(migration.as_str());
+    if marked || *state != VmmState::Running {
+        return false;
+    }
+    let api: Api<VirtualMachineMigration> = Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    // Only a migration known to be gone: an error says nothing.
+    matches!(api.get_opt(migration).await, Ok(None))
 }

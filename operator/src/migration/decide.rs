@@ -34,7 +34,14 @@ impl Mine {
         let refused_by_me = approved.as_ref().is_some_and(|c| c.status == "False")
             && s.phase == Some(MigrationPhase::Failed)
             || s.conditions.get(conditions::SUCCEEDED).is_some_and(|c| {
-                [reasons::CANCELLED, reasons::TIMED_OUT, reasons::REFUSED].contains(&c.reason.as_str())
+                [
+                    reasons::CANCELLED,
+                    reasons::TIMED_OUT,
+                    reasons::REFUSED,
+                    reasons::SOURCE_HOST_FAILED,
+                    reasons::TARGET_HOST_FAILED,
+                ]
+                .contains(&c.reason.as_str())
             });
         Self {
             phase: s.phase.filter(|p| {
@@ -122,6 +129,30 @@ pub fn admitted(m: &VirtualMachineMigration, admission: &Admission, secret: &str
         }
     }
     mine
+}
+
+/// Whether an approved migration lost one of its hosts (`failed` says which
+/// hosts are failed): the reason and the message it fails with. The source's
+/// failure comes first: then HA decides about the VM, once the target has said
+/// whether its VMM runs it.
+pub fn host_failed(m: &VirtualMachineMigration, failed: &dyn Fn(&str) -> bool) -> Option<(&'static str, String)> {
+    let status = m.status.as_ref()?;
+    if let Some(source) = status.source_node.as_deref().filter(|h| failed(h)) {
+        let target = status.target_node.as_deref().unwrap_or("the target");
+        return Some((
+            reasons::SOURCE_HOST_FAILED,
+            format!(
+                "its source host {source} failed (no heartbeat) before the migration finished; the VM stays with {target} if its VMM runs it there (status.targetState), else HA restarts it"
+            ),
+        ));
+    }
+    let target = status.target_node.as_deref().filter(|h| failed(h))?;
+    Some((
+        reasons::TARGET_HOST_FAILED,
+        format!(
+            "its target host {target} failed (no heartbeat) before the migration finished; the VM stays on its source"
+        ),
+    ))
 }
 
 /// The operator ends a migration as failed (refused, cancelled, timed out): the VM
@@ -217,6 +248,30 @@ mod tests {
         .unwrap();
         let mine = Mine::of(Some(&status));
         assert_eq!((mine.phase, mine.failure_message, mine.succeeded), (None, None, None));
+    }
+
+    #[test]
+    fn a_migration_fails_when_its_source_or_target_host_fails() {
+        let m: VirtualMachineMigration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "drover.dev/v1alpha1", "kind": "VirtualMachineMigration",
+            "metadata": { "name": "m", "namespace": "ns" },
+            "spec": { "vmName": "db" },
+            "status": { "phase": "Running", "sourceNode": "h1", "targetNode": "h2" }
+        }))
+        .unwrap();
+        assert_eq!(host_failed(&m, &|_| false), None);
+        let (reason, why) = host_failed(&m, &|h| h == "h1").unwrap();
+        assert_eq!(reason, reasons::SOURCE_HOST_FAILED);
+        assert!(why.contains("source host h1 failed"), "{why}");
+        assert_eq!(host_failed(&m, &|h| h == "h2").unwrap().0, reasons::TARGET_HOST_FAILED);
+        assert_eq!(host_failed(&m, &|_| true).unwrap().0, reasons::SOURCE_HOST_FAILED);
+        // The operator keeps owning the phase it wrote.
+        let mut failed = Mine::of(m.status.as_ref());
+        fail(&mut failed, reasons::SOURCE_HOST_FAILED, why, None, crate::writes::now());
+        let mut status = m.status.clone().unwrap();
+        status.phase = failed.phase;
+        status.conditions.set(failed.succeeded.clone().unwrap());
+        assert_eq!(Mine::of(Some(&status)).phase, Some(MigrationPhase::Failed));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use drover_core::Cluster;
 use drover_core::migration::{Admission, Request};
 use drover_crds::contract::{MIGRATION_SECRET_KEY, finalizers, migration_labels, reasons};
-use drover_crds::migration::VirtualMachineMigration;
+use drover_crds::migration::{MigrationPhase, MigrationTargetState, VirtualMachineMigration};
 use drover_crds::vm::VirtualMachine;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -62,7 +62,18 @@ pub async fn reconcile(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Re
             fail(&ctx, &api, &m, reasons::TIMED_OUT, &why).await?;
             Ok(Action::requeue(Duration::from_secs(1)))
         }
-        Stage::Underway => Ok(Action::requeue(Duration::from_secs(5))),
+        Stage::Underway => {
+            let snapshot = ctx.snapshot();
+            let failed = |h: &str| snapshot.hosts.iter().any(|host| host.name == h && host.health.is_failed());
+            if let Some((reason, why)) = decide::host_failed(&m, &failed) {
+                fail(&ctx, &api, &m, reason, &why).await?;
+                ctx.nudger.poke();
+                return Ok(Action::requeue(Duration::from_millis(500)));
+            }
+            // Looked at again within a second: a host failing mid-move is noticed
+            // without waiting for an event.
+            Ok(Action::requeue(Duration::from_secs(1)))
+        }
         Stage::Finished if source_settling(&ctx, &m) => Ok(Action::requeue(Duration::from_millis(500))),
         Stage::Finished => {
             cleanup(&ctx, &m).await?;
@@ -141,6 +152,21 @@ fn source_settling(ctx: &Context, m: &VirtualMachineMigration) -> bool {
         .find(|v| key(v.as_ref()) == vm_key)
         .and_then(|v| v.status.as_ref().and_then(|s| s.migration.clone()))
         .is_some_and(|name| name == m.name_any())
+        || target_undecided(ctx, m)
+}
+
+/// Whether a failed migration's target may still say what its VMM does: it
+/// listened (so it may have received the VM), has not given its final word
+/// (`targetState` Running or Stopped), and its host has not failed. HA reads that
+/// word, so the migration is kept until it comes.
+fn target_undecided(ctx: &Context, m: &VirtualMachineMigration) -> bool {
+    let Some(status) = m.status.as_ref() else { return false };
+    let final_word = matches!(status.target_state, Some(MigrationTargetState::Running | MigrationTargetState::Stopped));
+    if status.phase != Some(MigrationPhase::Failed) || final_word || status.target_address.is_none() {
+        return false;
+    }
+    let snapshot = ctx.snapshot();
+    status.target_node.as_deref().is_some_and(|t| snapshot.hosts.iter().any(|h| h.name == t && !h.health.is_failed()))
 }
 
 /// The operator ends `m` as failed; the VM stays on its source.

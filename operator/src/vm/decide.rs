@@ -13,18 +13,10 @@ use drover_crds::vm::{StartFailure, VirtualMachine, VmPhase};
 use kube::ResourceExt;
 
 use super::mine::Mine;
+pub use crate::events::Note;
 use crate::events::reasons as event_reasons;
 use crate::snapshot::{phase, strategy};
 use crate::writes::{condition, ms_time, time_ms};
-
-/// An Event to publish.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Note {
-    pub warning: bool,
-    pub reason: &'static str,
-    pub action: &'static str,
-    pub message: String,
-}
 
 /// Placement a plan waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +110,25 @@ pub fn observe(vm: &VirtualMachine, host: HostState) -> Observed {
 /// Decides for `vm` whose host is in `host` state, at `now_ms`.
 pub fn decide(vm: &VirtualMachine, host: HostState, now_ms: u64, backoff: &Backoff) -> Plan {
     let observed = observe(vm, host);
+    if let Some(failed) = vm.annotations().get(annotations::HA_NOT_RESTARTED)
+        && !observed.phase.is_some_and(|p| p.is_active())
+        && !observed.deleting
+    {
+        // HA left it when its host failed (restartPriority Disabled): the run
+        // strategy must not undo that, even once the host is back.
+        return Plan {
+            mine: Mine::of(vm.status.as_ref()),
+            notes: Vec::new(),
+            consume_request: false,
+            clear_maintenance_mark: false,
+            requeue: None,
+            needs_host: None,
+            why: format!(
+                "left stopped by HA after its host {failed} failed; remove the {} annotation to start it again",
+                annotations::HA_NOT_RESTARTED
+            ),
+        };
+    }
     let decision = lifecycle::decide(&observed, now_ms, backoff);
     let current = Mine::of(vm.status.as_ref());
     let generation = vm.metadata.generation;
@@ -313,6 +324,10 @@ pub fn waiting(vm: &VirtualMachine, host_fresh: &dyn Fn(&str) -> bool) -> bool {
             !matches!(vm.spec.run_strategy, drover_crds::vm::RunStrategy::Halted | drover_crds::vm::RunStrategy::Manual)
         }
         Some(VmPhase::Scheduled) => !status.and_then(|s| s.node_name.as_deref()).is_some_and(host_fresh),
+        // On a host gone silent: HA's, the moment it counts as failed.
+        phase if crate::ha::stranded_phase(phase) => {
+            !status.and_then(|s| s.node_name.as_deref()).is_some_and(host_fresh)
+        }
         _ => false,
     }
 }

@@ -29,6 +29,9 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
     let vm = ctx.vm_writes.newest(vm);
     let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
     let snapshot = ctx.snapshot_with(Some(&vm));
+    if crate::ha::is_stranded(&vm, &snapshot) {
+        return crate::ha::reconcile(vm, &ctx).await;
+    }
     let node = vm.status.as_ref().and_then(|s| s.node_name.clone());
     let host = HostState::of(node.as_deref().and_then(|n| snapshot.hosts.iter().find(|h| h.name == n)));
     let mut plan = decide::decide(&vm, host, now_ms(), &ctx.settings.backoff);
@@ -111,17 +114,14 @@ fn place(ctx: &Context, vm: &Arc<VirtualMachine>, plan: Plan, needs: NeedsHost) 
     }
     core_vm.host = None;
     core_vm.holds = false;
-    let result = cluster.place(&core_vm);
-    let shared =
-        result.as_ref().ok().and_then(|p| (!core_vm.is_dedicated()).then(|| shared_cpus(&snapshot, &p.host)).flatten());
+    // Starts keep the capacity HA admission control holds for failover free.
+    let admission = drover_core::admission::Admission::new(&cluster);
+    let result = cluster.place_admitted(&core_vm, |_| None, |h| admission.check(&cluster, &core_vm, h));
+    let shared = result
+        .as_ref()
+        .ok()
+        .and_then(|p| (!core_vm.is_dedicated()).then(|| crate::snapshot::shared_cpus(&snapshot, &p.host)).flatten());
     decide::with_placement(plan, vm, &result, shared)
-}
-
-/// The CPUs Shared VMs may use on `host`: those it offers that no Dedicated VM holds.
-fn shared_cpus(snapshot: &drover_core::Snapshot, host: &str) -> Option<String> {
-    let offered = &snapshot.hosts.iter().find(|h| h.name == host)?.capacity.cpus;
-    let dedicated = crate::snapshot::dedicated_by_host(snapshot).remove(host).unwrap_or_default();
-    Some(offered.iter().filter(|c| !dedicated.contains(*c)).collect::<drover_topology::CpuSet>().to_string())
 }
 
 /// A placed Shared VM follows the Dedicated VMs of its host: its CPUs are those
@@ -132,7 +132,7 @@ fn keep_shared_cpus(ctx: &Context, vm: &VirtualMachine, plan: &mut Plan, snapsho
         return;
     }
     let Some(node) = plan.mine.node_name.clone() else { return };
-    if let Some(cpus) = shared_cpus(snapshot, &node)
+    if let Some(cpus) = crate::snapshot::shared_cpus(snapshot, &node)
         && !cpus.is_empty()
     {
         plan.mine.allocated_cpus = Some(cpus);

@@ -1,7 +1,9 @@
 //! The source's decisions (pure): start the send once the target listens, follow
 //! it from what the VMM reports, and end the migration (the VM moved, or it stays);
 //! and once the migration has failed (the operator may end one under way), settle
-//! a send that may still go on.
+//! a send that may still go on. The target agent may record the hand-over before
+//! the source does (its VMM runs the guest): the source then finds the VM placed
+//! there and only records the migration's end, with its figures.
 
 use std::time::Duration;
 
@@ -48,8 +50,8 @@ pub enum Plan {
     Send { status: Box<VirtualMachineMigrationStatus>, address: String },
     /// The send goes on: `status` has the VMM's figures; written when `write`.
     Follow { status: Box<VirtualMachineMigrationStatus>, write: bool },
-    /// The VM runs on `target`: its status moves there, then the migration's
-    /// `status` (Succeeded) is written.
+    /// The VM runs on `target`: its status moves there (unless the target agent
+    /// has moved it already), then the migration's `status` (Succeeded) is written.
     Succeed { status: Box<VirtualMachineMigrationStatus>, target: String },
 }
 
@@ -91,8 +93,14 @@ pub fn decide(o: &Observed) -> Plan {
         return Plan::Send { status: Box::new(status), address };
     }
 
-    // Running or Switchover: follow the VMM.
-    let ended = ended(o);
+    // Running or Switchover: follow the VMM. The target agent moves the VM's status
+    // to its host only once its VMM runs the guest, past the source's point of no
+    // return: from then on the VM is the target's whatever this VMM says.
+    let taken_over = target != o.node && crate::handover::placed_on(vm, &target);
+    let ended = match ended(o) {
+        Some(Err(_)) if taken_over => Some(Ok(())),
+        ended => ended,
+    };
     if let Some(p) = &o.progress {
         status.iterations = Some(p.pass as i32);
         status.bytes_transferred = Some(p.bytes_sent as i64);
@@ -127,7 +135,9 @@ pub fn decide(o: &Observed) -> Plan {
             ));
             Plan::Succeed { status: Box::new(status), target }
         }
-        Some(Err(why)) => fail(o, status, Failure::source(why), true),
+        // The VM stays here, and is released here: a VM placed elsewhere since is
+        // another host's to write.
+        Some(Err(why)) => fail(o, status, Failure::source(why), crate::handover::placed_on(vm, o.node)),
     }
 }
 
@@ -375,6 +385,68 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The target agent moved the VM's status first (its VMM runs the guest: the
+    /// source's host may have been slow, or its agent down at the hand-over) ×
+    /// Running and Switchover × every source VMM state × every report of the VMM:
+    /// the migration Succeeded, with the figures the VMM gives, once it has said
+    /// how the send ended; never a failure, and the VM is not moved again.
+    #[test]
+    fn a_vm_the_target_moved_first_makes_the_migration_succeed() {
+        let mut vm = vm(VmPhase::Running, None);
+        vm.status.as_mut().unwrap().node_name = Some("host-2".into());
+        let reports: Vec<(&str, Option<MigrationStatus>)> = vec![
+            ("nothing", None),
+            ("pre-copy", Some(progress(Phase::PreCopy))),
+            ("switch-over", Some(progress(Phase::Switchover))),
+            ("completed", Some(MigrationStatus { downtime_us: Some(900), ..progress(Phase::Completed) })),
+            ("failed", Some(progress(Phase::Failed))),
+            ("unknown", Some(progress(Phase::Unknown))),
+        ];
+        for phase in [MigrationPhase::Running, MigrationPhase::Switchover] {
+            let m = migration(phase, None);
+            for (local_name, local) in locals() {
+                for (report, p) in &reports {
+                    // A VMM that still runs and has not said how the send ended is
+                    // followed (it says Completed, or the VM controller powers off a
+                    // VMM whose VM is placed elsewhere and has not handed it over).
+                    let running = local_name == "running";
+                    let want = match *report {
+                        "nothing" | "pre-copy" | "switch-over" if running => {
+                            format!(
+                                "follow:{:?}+write",
+                                if *report == "switch-over" { MigrationPhase::Switchover } else { phase }
+                            )
+                        }
+                        _ => "succeed:host-2".into(),
+                    };
+                    let plan = decide_for(&m, Some(&vm), local.clone(), p.clone());
+                    assert_eq!(kind(&plan), want, "{phase:?} × VMM {local_name} × report {report}");
+                    if let Plan::Succeed { status, .. } = plan {
+                        assert_eq!(status.phase, Some(MigrationPhase::Succeeded));
+                        if p.is_some() {
+                            assert_eq!(
+                                (status.iterations, status.bytes_transferred),
+                                (Some(3), Some(4096)),
+                                "its figures"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // Placed on a third host meanwhile (HA, while this host was cut off): the
+        // send failed, and the VM is not this host's to release.
+        let mut elsewhere = vm.clone();
+        elsewhere.status.as_mut().unwrap().node_name = Some("host-3".into());
+        let m = migration(MigrationPhase::Running, None);
+        let plan = decide_for(&m, Some(&elsewhere), Some(exit(ExitStatus::VmmError)), None);
+        assert_eq!(kind(&plan), "fail:the source VMM ended: VMM error (see the VMM log)");
+        // The VM's status is left as the target wrote it (and as it reports since).
+        let mut reported = vm.clone();
+        reported.status.as_mut().unwrap().phase = Some(VmPhase::Stopped);
+        assert_eq!(crate::handover::moved_from(&reported, "host-1", "host-2", None, now()), None);
     }
 
     #[test]

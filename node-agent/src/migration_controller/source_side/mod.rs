@@ -1,10 +1,11 @@
 //! The source's shell: looks at the migration's VM, this host's VMM that runs it and
 //! what that VMM says of the send, decides (`decide`), and carries it out: asks the
 //! VMM to migrate (`PUT /vm/migrate`), copies its progress into the migration's
-//! status, and at the end moves the VM's `status.nodeName` to the target or leaves
-//! the VM running here. Once the migration has failed (the operator may end one
-//! under way), it settles the send (`settle`): cancels it, or moves the VM if the
-//! send had handed it over already.
+//! status, and at the end moves the VM's `status.nodeName` to the target (unless
+//! the target agent has already: whoever sees the hand-over first records it) or
+//! leaves the VM running here. Once the migration has failed (the operator may end
+//! one under way), it settles the send (`settle`): cancels it, or moves the VM if
+//! the send had handed it over already.
 //!
 //! The VM is marked as moving in the migration (`status.migration`) before the
 //! VMM is asked to send, and the mark goes only once the send has ended without
@@ -13,7 +14,6 @@
 use drover_crds::contract::reasons;
 use drover_crds::migration::{MigrationPhase, VirtualMachineMigration, VirtualMachineMigrationStatus};
 use drover_crds::vm::VirtualMachine;
-use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 
 use super::failure::Failure;
@@ -23,6 +23,7 @@ use crate::Error;
 use crate::context::Context;
 use crate::events;
 use crate::files::read_json;
+use crate::handover;
 use crate::next::Next;
 use crate::status;
 use crate::supervisor::{LocalVm, VmmState};
@@ -39,7 +40,7 @@ pub async fn drive(
     api: &Api<VirtualMachineMigration>,
     vms: &Api<VirtualMachine>,
     ctx: &Context,
-) -> Result<Action, Error> {
+) -> Result<Next, Error> {
     let vm = vms.get_opt(&migration.spec.vm_name).await?;
     let sending = migration.status.as_ref().is_some_and(|s| s.phase != Some(MigrationPhase::Scheduled));
     let (local, observed) = observe(migration, vm.as_ref(), ctx, sending).await;
@@ -50,21 +51,21 @@ pub async fn drive(
             if let (true, Some(vm)) = (release_vm, &vm) {
                 set_migrating(vms, vm, ctx, None).await?;
             }
-            Ok(Action::await_change())
+            Ok(Next::Change)
         }
         Plan::Send { status, address } => {
             // Only `Send` follows from a running VMM of an existing VM.
-            let (Some(vm), Some(local)) = (&vm, &local) else { return Ok(Action::await_change()) };
+            let (Some(vm), Some(local)) = (&vm, &local) else { return Ok(Next::Change) };
             shell.send(vm, local, &status, &address).await
         }
         Plan::Follow { status, write } => {
             if write {
                 status::write_migration(api, migration, &status, &ctx.manager()).await?;
             }
-            Ok(Next::After(POLL).into())
+            Ok(Next::After(POLL))
         }
         Plan::Succeed { status, target } => {
-            let Some(vm) = &vm else { return Ok(Action::await_change()) };
+            let Some(vm) = &vm else { return Ok(Next::Change) };
             shell.succeed(vm, &status, &target).await
         }
     }
@@ -183,7 +184,7 @@ impl Shell<'_> {
         local: &LocalVm,
         running: &VirtualMachineMigrationStatus,
         address: &str,
-    ) -> Result<Action, Error> {
+    ) -> Result<Next, Error> {
         let Shell { migration, api, vms, ctx } = *self;
         let name = migration.name_any();
         let secret = match secret::read(ctx, migration).await {
@@ -196,7 +197,7 @@ impl Shell<'_> {
                     status::now(),
                 );
                 report::fail(api, migration, &status, &failure, ctx).await?;
-                return Ok(Action::await_change());
+                return Ok(Next::Change);
             }
         };
         // Marked first: while the mark is there the target keeps its receiving VMM,
@@ -224,31 +225,38 @@ impl Shell<'_> {
                 report::fail(api, &fresh, &status, &failure, ctx).await?;
             }
             set_migrating(vms, vm, ctx, None).await?;
-            return Ok(Action::await_change());
+            return Ok(Next::Change);
         }
         tracing::info!(target: TARGET, migration = %name, to = %address, "migration started");
-        Ok(Next::After(POLL).into())
+        Ok(Next::After(POLL))
     }
 
-    /// The VM runs on the target: its status names the target from now on, then the
-    /// migration is Succeeded.
+    /// The VM runs on the target: its status names the target from now on (the
+    /// target agent may have written that first: then it is left as it is), then
+    /// the migration is Succeeded.
     async fn succeed(
         &self,
         vm: &VirtualMachine,
         status: &VirtualMachineMigrationStatus,
         target: &str,
-    ) -> Result<Action, Error> {
+    ) -> Result<Next, Error> {
         let Shell { migration, api, vms, ctx } = *self;
         let vm = vms.get_status(&vm.name_any()).await?;
         let target_cpus = status.target_cpus.as_deref();
-        let moved = decide::moved(&vm, ctx.node(), target, target_cpus, status::now());
-        status::write_vm(vms, &vm, &moved, &ctx.manager()).await?;
+        match handover::moved_from(&vm, ctx.node(), target, target_cpus, status::now()) {
+            Some(moved) => {
+                status::write_vm(vms, &vm, &moved, &ctx.manager()).await?;
+            }
+            None => {
+                tracing::info!(target: TARGET, migration = %migration.name_any(), to = %target, "the VM's status was moved to the target already (by the target agent)");
+            }
+        }
         status::write_migration(api, migration, status, &ctx.manager()).await?;
         tracing::info!(target: TARGET, migration = %migration.name_any(), to = %target, downtime_us = ?status.downtime_micros, total_ms = ?status.total_millis, bytes = ?status.bytes_transferred, passes = ?status.iterations, "migration succeeded");
         let figures = decide::figures(ctx.node(), target, status);
         ctx.events.normal(&vm, reasons::MIGRATED, "Migrate", figures.clone());
         ctx.events.normal(migration, events::reasons::SUCCEEDED, "Migrate", figures);
-        Ok(Action::await_change())
+        Ok(Next::Change)
     }
 }
 
@@ -260,6 +268,11 @@ async fn set_migrating(
     migration: Option<&str>,
 ) -> Result<(), Error> {
     let fresh = vms.get_status(&vm.name_any()).await?;
+    // A release is for a VM that stays here: one placed elsewhere since (restarted
+    // by HA while this host was cut off, say) is another host's to write.
+    if migration.is_none() && !handover::placed_on(&fresh, ctx.node()) {
+        return Ok(());
+    }
     let status = decide::migrating(&fresh, migration);
     status::write_vm(vms, &fresh, &status, &ctx.manager()).await?;
     Ok(())

@@ -1,10 +1,13 @@
 //! The target's shell: looks at the migration's VM and this host's VMM of it,
 //! decides (`decide`), and carries it out: a receiving `drover-vmm` under a monitor,
 //! listening on this host's address, published in `status.targetAddress` once it
-//! listens; after a failure, that VMM stopped (unless it runs the VM, or the source
-//! has not settled yet whether it will).
+//! listens (`targetState: Receiving`); once that VMM runs the guest, the VM's
+//! status moved here if the source has not (`Running`); after a failure, that VMM
+//! stopped (`Stopped`) unless it runs the VM, or the source has not settled yet
+//! whether it will.
 
-use drover_crds::migration::{VirtualMachineMigration, VirtualMachineMigrationStatus};
+use drover_crds::contract::reasons;
+use drover_crds::migration::{MigrationTargetState, VirtualMachineMigration, VirtualMachineMigrationStatus};
 use drover_crds::vm::VirtualMachine;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
@@ -24,7 +27,7 @@ use crate::vmm_client::VmmClient;
 
 mod decide;
 
-use decide::{Observed, Plan, Stop};
+use decide::{Follow, Observed, Plan, Stop, Stopping};
 
 /// How soon a receiving VMM that does not listen yet is looked at again.
 const POLL_LISTEN: std::time::Duration = std::time::Duration::from_millis(50);
@@ -40,7 +43,7 @@ pub async fn prepare(
 ) -> Result<Action, Error> {
     let vm = vms.get_opt(&migration.spec.vm_name).await?;
     let uid = vm.as_ref().and_then(|vm| vm.uid()).unwrap_or_default();
-    let observed = observe(migration, vm.as_ref(), &uid, ctx, false).await;
+    let (_, observed) = observe(migration, vm.as_ref(), ctx, false).await;
     let mut plan = decide::decide(&observed);
     loop {
         match plan {
@@ -63,45 +66,126 @@ pub async fn prepare(
     }
 }
 
-/// Stops this host's receiving VMM of a migration that failed (the VM still runs
-/// on its source), once the source has settled its send; keeps one that runs the VM.
-pub async fn stop(
+/// Follows this host's receiving VMM while the migration is under way: once it
+/// runs the guest, records it (`targetState: Running`), moving the VM's status
+/// here first if the source has not.
+pub async fn follow(
     migration: &VirtualMachineMigration,
+    api: &Api<VirtualMachineMigration>,
     vms: &Api<VirtualMachine>,
     ctx: &Context,
 ) -> Result<Next, Error> {
     let vm = vms.get_opt(&migration.spec.vm_name).await?;
-    let uid = vm.as_ref().and_then(|vm| vm.uid()).unwrap_or_default();
-    match decide::stop(&observe(migration, vm.as_ref(), &uid, ctx, true).await) {
+    let (_, observed) = observe(migration, vm.as_ref(), ctx, true).await;
+    match decide::follow(&observed) {
+        Follow::Wait(next) => Ok(next),
+        Follow::Record(state) => {
+            record(migration, api, ctx, state).await?;
+            Ok(Next::Change)
+        }
+        Follow::TakeOver => {
+            let Some(vm) = &vm else { return Ok(Next::Change) };
+            take_over(migration, api, vms, ctx, vm, &observed, "its source has not recorded the hand-over").await?;
+            Ok(Next::Change)
+        }
+    }
+}
+
+/// Stops this host's receiving VMM of a migration that failed (the VM still runs
+/// on its source), once the source has settled its send (or right away, its host
+/// having failed); keeps one that runs the VM, and takes the VM over. Then says
+/// so in `targetState`.
+pub async fn stop(
+    migration: &VirtualMachineMigration,
+    api: &Api<VirtualMachineMigration>,
+    vms: &Api<VirtualMachine>,
+    ctx: &Context,
+) -> Result<Next, Error> {
+    let vm = vms.get_opt(&migration.spec.vm_name).await?;
+    let (uid, observed) = observe(migration, vm.as_ref(), ctx, true).await;
+    let Stopping { vmm, record: state } = decide::stop(&observed);
+    let next = match vmm {
         Stop::Forget { power_off } => {
             if power_off {
                 ctx.supervisor.kill(&uid, StopReason::MigrationFailed);
             }
             ctx.supervisor.forget(&uid);
             tracing::info!(target: TARGET, migration = %migration.name_any(), "migration failed; receiving VMM stopped");
-            Ok(Next::Change)
+            Next::Change
         }
-        Stop::Wait(next) => Ok(next),
-        Stop::Keep => {
-            tracing::warn!(target: TARGET, migration = %migration.name_any(), vm = %migration.spec.vm_name, "migration ended as failed, but the VM runs here already: kept (the source moves its status here)");
-            Ok(Next::Change)
+        Stop::Wait(next) => next,
+        Stop::TakeOver => {
+            let Some(vm) = &vm else { return Ok(Next::Change) };
+            let why = migration.status.as_ref().and_then(|s| s.failure_message.clone()).unwrap_or_default();
+            let note = format!("the migration ended as failed ({why}), but the VMM here runs the VM already");
+            tracing::warn!(target: TARGET, migration = %migration.name_any(), vm = %vm.name_any(), "{note}: kept");
+            take_over(migration, api, vms, ctx, vm, &observed, &note).await?;
+            return Ok(Next::Change);
         }
-        Stop::Leave => Ok(Next::Change),
+        Stop::Leave => Next::Change,
+    };
+    if let Some(state) = state {
+        record(migration, api, ctx, state).await?;
     }
+    Ok(next)
 }
 
-/// Observes the migration's VM from this host. With `ask_vmm`, a receiving VMM of
-/// this migration that still runs is asked whether it runs the VM yet.
+/// Moves the VM's status here from the source, against the version read (a
+/// conflict: the source moved it meanwhile, or something else changed; the next
+/// look decides again), then records `targetState: Running`.
+async fn take_over(
+    migration: &VirtualMachineMigration,
+    api: &Api<VirtualMachineMigration>,
+    vms: &Api<VirtualMachine>,
+    ctx: &Context,
+    vm: &VirtualMachine,
+    observed: &Observed<'_>,
+    why: &str,
+) -> Result<(), Error> {
+    let moved = decide::taken_over(observed, vm);
+    status::write_vm(vms, vm, &moved, &ctx.manager()).await?;
+    let from = migration.status.as_ref().and_then(|s| s.source_node.clone()).unwrap_or_default();
+    let note = format!("moved from {from} to {}: its VMM here runs the VM ({why})", ctx.node());
+    tracing::info!(target: TARGET, migration = %migration.name_any(), vm = %vm.name_any(), "{note}");
+    ctx.events.normal(vm, reasons::MIGRATED, "Migrate", note);
+    record(migration, api, ctx, MigrationTargetState::Running).await
+}
+
+/// Writes the target's word on its VMM of the migration.
+async fn record(
+    migration: &VirtualMachineMigration,
+    api: &Api<VirtualMachineMigration>,
+    ctx: &Context,
+    state: MigrationTargetState,
+) -> Result<(), Error> {
+    let status = decide::recording(migration.status.clone().unwrap_or_default(), state);
+    if status::write_migration(api, migration, &status, &ctx.manager()).await? {
+        tracing::info!(target: TARGET, migration = %migration.name_any(), "target state: {state:?}");
+    }
+    Ok(())
+}
+
+/// Observes the migration's VM from this host, and the uid of this host's VMM of
+/// it (the VM's; without the VM, that of a receiving VMM of this migration left
+/// for it). With `ask_vmm`, a receiving VMM of this migration that still runs is
+/// asked whether it runs the VM yet.
 async fn observe<'a>(
     migration: &'a VirtualMachineMigration,
     vm: Option<&'a VirtualMachine>,
-    uid: &str,
     ctx: &'a Context,
     ask_vmm: bool,
-) -> Observed<'a> {
-    let found = vm.and_then(|_| ctx.supervisor.get(uid));
-    let local = found.as_ref().and_then(|l| Some((l.meta.role.clone(), ctx.supervisor.state(uid)?)));
+) -> (String, Observed<'a>) {
     let ours = Role::Receive { migration: migration.name_any() };
+    let found = match vm {
+        Some(vm) => vm.uid().and_then(|uid| ctx.supervisor.get(&uid)),
+        None => ctx.supervisor.all().into_iter().find(|l| {
+            l.meta.role == ours
+                && l.meta.name == migration.spec.vm_name
+                && Some(l.meta.namespace.as_str()) == migration.namespace().as_deref()
+        }),
+    };
+    let uid = found.as_ref().map(|l| l.meta.uid.clone()).unwrap_or_default();
+    let local = found.as_ref().and_then(|l| Some((l.meta.role.clone(), ctx.supervisor.state(&uid)?)));
     let resumed = match (&found, &local) {
         (Some(l), Some((role, VmmState::Running))) if ask_vmm && *role == ours => {
             VmmClient::new(&l.dir.api_socket()).status().await.is_ok()
@@ -109,7 +193,9 @@ async fn observe<'a>(
         _ => false,
     };
     let offered = ctx.facts().map(|f| f.offered_cpus()).unwrap_or_default();
-    Observed { migration, node: ctx.node(), vm, local, leased: ctx.leased(), offered, resumed, now: status::now() }
+    let observed =
+        Observed { migration, node: ctx.node(), vm, local, leased: ctx.leased(), offered, resumed, now: status::now() };
+    (uid, observed)
 }
 
 /// Starts a receiving VMM: the Secret's key into its directory, the configuration
