@@ -959,6 +959,7 @@ mod tests {
             handed_over: false,
             orphan: None,
             unrecorded_send: false,
+            migration_gone: false,
         };
         let Plan::Report(r) = observe(&vm, Some(fenced.clone()), true, &facts) else { panic!() };
         assert_eq!(r.status.phase, Some(VmPhase::Failed));
