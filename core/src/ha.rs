@@ -6,8 +6,11 @@
 //! operator's clock (see `HostHealth::Failed`); its agent powered its VMs off before
 //! that. The one case where a VM may still run is a migration in flight: its
 //! target may have resumed it. Such a VM waits until the target's agent has said
-//! what its VMM does (`TargetState`), unless the target never listened (so nothing
-//! was sent) or its host failed too.
+//! what its VMM does (`TargetState`), unless the target's host failed too. Even a
+//! target that never listened is waited for: its receiving VMM may exist, and were
+//! the VM restarted on that very host, its agent would take that VMM for the
+//! migration's hand-over. Its agent answers within a look once the migration has
+//! failed (it powers that VMM off and says `Stopped`).
 //!
 //! | the VM | HA |
 //! | --- | --- |
@@ -38,8 +41,9 @@ pub struct Moving {
     pub migration: String,
     /// The host it went to, once approved.
     pub target: Option<String>,
-    /// The target published its address: the source may have sent.
-    pub target_listening: bool,
+    /// The target's host failed too (its heartbeat, on the operator's clock:
+    /// whether or not its Node is still there to read).
+    pub target_failed: bool,
     /// What the target's agent says of its VMM.
     pub target_state: Option<TargetState>,
 }
@@ -95,7 +99,7 @@ fn decide(cluster: &mut Cluster, s: &Stranded) -> Decision {
         )));
     }
     if let Some(m) = &s.moving
-        && let Some(why) = outcome_pending(cluster, m)
+        && let Some(why) = outcome_pending(m)
     {
         return decision(Verdict::Wait(why));
     }
@@ -115,17 +119,15 @@ fn decide(cluster: &mut Cluster, s: &Stranded) -> Decision {
 }
 
 /// Why a VM moving when its host failed cannot restart yet, if it cannot.
-fn outcome_pending(cluster: &Cluster, m: &Moving) -> Option<String> {
+fn outcome_pending(m: &Moving) -> Option<String> {
     let Some(target) = &m.target else { return None };
-    let target_failed = cluster.host(target).is_none_or(|h| h.health.is_failed());
     match m.target_state {
         Some(TargetState::Running) => Some(format!(
             "migration {} handed it over: its VMM on {target} runs it, and the VM's status moves there",
             m.migration
         )),
-        _ if target_failed => None,
+        _ if m.target_failed => None,
         Some(TargetState::Stopped) => None,
-        _ if !m.target_listening => None,
         _ => Some(format!(
             "migration {} was moving it to {target}: HA waits for {target} to say whether its VMM runs the VM",
             m.migration
@@ -259,26 +261,34 @@ mod tests {
             vec![host("h1", 4, failed()), host("h2", 4, HostHealth::Ready), host("h3", 4, failed())],
             vec![vm("a", 1, "h1", RestartPriority::Medium)],
         );
-        let moving = |target: &str, listening, state| Moving {
+        let moving = |target: &str, target_failed, state| Moving {
             migration: "m".into(),
             target: Some(target.into()),
-            target_listening: listening,
+            target_failed,
             target_state: state,
         };
         let table = [
-            // (target, listening, target state) -> restarts now?
-            ("h2", false, None, true),
-            ("h2", true, None, false),
-            ("h2", true, Some(TargetState::Receiving), false),
-            ("h2", true, Some(TargetState::Stopped), true),
-            ("h2", true, Some(TargetState::Running), false),
+            // (target, its host failed, target state) -> restarts now?
+            // Not listening yet, or listening: the target's receiving VMM may exist.
+            ("h2", false, None, false),
+            ("h2", false, Some(TargetState::Receiving), false),
+            ("h2", false, Some(TargetState::Stopped), true),
+            ("h2", false, Some(TargetState::Running), false),
             ("h3", true, Some(TargetState::Receiving), true),
+            ("h3", true, None, true),
+            // A target whose Node is gone (or unreadable) but whose heartbeat goes
+            // on: it may run the VM, so HA waits for its word.
+            ("gone", false, None, false),
             ("gone", true, None, true),
         ];
-        for (target, listening, state, restarts) in table {
-            let st = [Stranded { vm: &s.vms[0], moving: Some(moving(target, listening, state)) }];
+        for (target, target_failed, state, restarts) in table {
+            let st = [Stranded { vm: &s.vms[0], moving: Some(moving(target, target_failed, state)) }];
             let out = verdicts(&s, &st);
-            assert_eq!(matches!(out[0].1, Verdict::Restart(_)), restarts, "{target} {listening} {state:?}: {out:?}");
+            assert_eq!(
+                matches!(out[0].1, Verdict::Restart(_)),
+                restarts,
+                "{target} failed {target_failed} {state:?}: {out:?}"
+            );
             if let Verdict::Wait(why) = &out[0].1 {
                 assert!(why.contains("migration m"), "{why}");
             }

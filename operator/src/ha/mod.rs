@@ -39,28 +39,41 @@ pub fn stranded_phase(phase: Option<VmPhase>) -> bool {
     )
 }
 
-/// Whether `vm` is on a failed host in such a phase.
-pub fn is_stranded(vm: &VirtualMachine, snapshot: &Snapshot) -> bool {
+/// Whether `vm` is on a failed host in such a phase. A host the snapshot lacks
+/// (its Node deleted after it died, say) is failed when its heartbeat says so
+/// (`stale`): its Lease outlives its Node, and its VMs must not wait for a Node
+/// that will not come back.
+pub fn is_stranded(vm: &VirtualMachine, snapshot: &Snapshot, stale: &dyn Fn(&str) -> bool) -> bool {
     let Some(status) = vm.status.as_ref() else { return false };
     if vm.metadata.deletion_timestamp.is_some() || !stranded_phase(status.phase) {
         return false;
     }
     let Some(node) = status.node_name.as_deref() else { return false };
-    snapshot.hosts.iter().any(|h| h.name == node && h.health.is_failed())
+    match snapshot.hosts.iter().find(|h| h.name == node) {
+        Some(host) => host.health.is_failed(),
+        None => stale(node),
+    }
 }
 
 /// The migration that was moving `vm` when its host failed, as its target last
 /// said. Only a VM whose status names a migration can have been sent: the source
-/// agent records it before its VMM sends.
-fn moving(vm: &VirtualMachine, migrations: &[Arc<VirtualMachineMigration>]) -> Option<Moving> {
+/// agent records it before its VMM sends. Whether the target's host failed is its
+/// heartbeat's word (`stale`), not the snapshot's: a target whose Node is gone or
+/// unreadable may still run the VM.
+fn moving(
+    vm: &VirtualMachine,
+    migrations: &[Arc<VirtualMachineMigration>],
+    stale: &dyn Fn(&str) -> bool,
+) -> Option<Moving> {
     let name = vm.status.as_ref()?.migration.clone()?;
     let ns = vm.namespace();
     let m = migrations.iter().find(|m| m.namespace() == ns && m.name_any() == name);
     let status = m.and_then(|m| m.status.as_ref());
+    let target = status.and_then(|s| s.target_node.clone());
     Some(Moving {
         migration: name,
-        target: status.and_then(|s| s.target_node.clone()),
-        target_listening: status.is_some_and(|s| s.target_address.is_some()),
+        target_failed: target.as_deref().is_some_and(stale),
+        target,
         target_state: status.and_then(|s| s.target_state).map(target_state),
     })
 }
@@ -79,6 +92,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: &Context) -> Result<Action,
             migrations.push(Arc::new(fresh));
         }
     }
+    let stale = |host: &str| crate::heartbeats::heartbeat(&ctx.clock, host).is_stale();
     let guard = ctx.placement.lock().await;
     let snapshot = ctx.snapshot_with(Some(&vm));
     let id = key(vm.as_ref());
@@ -88,8 +102,8 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: &Context) -> Result<Action,
     let core: HashMap<_, _> = snapshot.vms.iter().map(|v| (v.key.clone(), v)).collect();
     let stranded: Vec<Stranded> = objects
         .iter()
-        .filter(|v| is_stranded(v, &snapshot))
-        .filter_map(|v| Some(Stranded { vm: core.get(&key(v.as_ref()))?, moving: moving(v, &migrations) }))
+        .filter(|v| is_stranded(v, &snapshot, &stale))
+        .filter_map(|v| Some(Stranded { vm: core.get(&key(v.as_ref()))?, moving: moving(v, &migrations, &stale) }))
         .collect();
     let mut cluster = Cluster::new(&snapshot);
     let decisions = drover_core::ha::plan(&mut cluster, &stranded);
@@ -169,4 +183,58 @@ async fn write(
         ctx.metrics.ha_restarts.inc();
     }
     Ok(Action::requeue(requeue))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_core::snapshot::{Host, HostHealth};
+
+    fn vm(phase: &str, node: &str) -> VirtualMachine {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "drover.dev/v1alpha1", "kind": "VirtualMachine",
+            "metadata": { "name": "db", "namespace": "ns" },
+            "spec": { "cpu": { "vcpus": 1 }, "memory": { "size": "64Mi" }, "boot": { "kernel": "/k" } },
+            "status": { "phase": phase, "nodeName": node }
+        }))
+        .unwrap()
+    }
+
+    fn snapshot(h1: Option<HostHealth>) -> Snapshot {
+        let hosts = h1
+            .into_iter()
+            .map(|health| Host {
+                name: "h1".into(),
+                labels: Default::default(),
+                health,
+                schedulable: true,
+                maintenance: false,
+                policy: None,
+                capacity: Default::default(),
+                numa_spanning: true,
+            })
+            .collect();
+        Snapshot { hosts, ..Default::default() }
+    }
+
+    #[test]
+    fn a_vm_is_for_ha_once_its_host_failed_with_its_node_or_without() {
+        let failed = || Some(HostHealth::Failed("no heartbeat".into()));
+        // (phase, h1 in the snapshot, h1's heartbeat stale) -> HA's?
+        let table = [
+            ("Running", failed(), false, true),
+            ("Running", Some(HostHealth::Ready), true, false),
+            ("Running", Some(HostHealth::NotReady("overdue".into())), true, false),
+            // Its Node deleted after it died: the heartbeat decides.
+            ("Running", None, true, true),
+            ("Running", None, false, false),
+            // Never started there: placement's, not HA's.
+            ("Scheduled", failed(), true, false),
+            ("Migrating", None, true, true),
+        ];
+        for (phase, h1, stale, expected) in table {
+            let snap = snapshot(h1.clone());
+            assert_eq!(is_stranded(&vm(phase, "h1"), &snap, &|_| stale), expected, "{phase} {h1:?} {stale}");
+        }
+    }
 }

@@ -29,7 +29,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
     let vm = ctx.vm_writes.newest(vm);
     let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
     let snapshot = ctx.snapshot_with(Some(&vm));
-    if crate::ha::is_stranded(&vm, &snapshot) {
+    if crate::ha::is_stranded(&vm, &snapshot, &|host| crate::heartbeats::heartbeat(&ctx.clock, host).is_stale()) {
         return crate::ha::reconcile(vm, &ctx).await;
     }
     let node = vm.status.as_ref().and_then(|s| s.node_name.clone());
