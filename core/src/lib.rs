@@ -19,10 +19,12 @@
 //! - [`maintenance`]: how a host in maintenance is emptied.
 //! - [`ha`]: what HA does with the VMs of failed hosts, High priority first.
 //! - [`admission`]: HA admission control: the failover capacity each pool keeps.
+//! - [`drs`]: one DRS balancing pass: mandatory moves, then balance, each explained.
 
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod drs;
 pub mod explain;
 pub mod ha;
 pub mod ledger;
