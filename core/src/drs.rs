@@ -39,7 +39,8 @@
 //! **Stillness.** A move that does not narrow a gap by the threshold's gain is not
 //! made, and nothing moves while the imbalance is at or under the target
 //! (hysteresis); VMs moved within the cooldown, moving, or not running are given as
-//! [`Input::frozen`] and stay. Every move is checked by placement's own filter on
+//! [`Input::frozen`] and stay, and a VM is not balanced back to a host it left in
+//! a recent move ([`Input::left`]: no ping-pong). Every move is checked by placement's own filter on
 //! its target (capacity, Required rules, NUMA, Dedicated CPUs), a balancing move
 //! never breaks a Preferred rule the VM keeps where it is, and HA admission control
 //! must admit it.
@@ -98,6 +99,10 @@ pub struct Input {
     pub demand: HashMap<VmKey, f64>,
     /// VMs that must not move now: moved within the cooldown, moving, not running.
     pub frozen: BTreeSet<VmKey>,
+    /// The host each VM left in a recent DRS move: balancing does not send it back
+    /// there (the loads that made it leave may return; a VM going back and forth
+    /// pays two migrations for nothing). Mandatory moves may.
+    pub left: HashMap<VmKey, String>,
     /// DRS settings per pool (HostPolicy name). Pools not listed are not balanced,
     /// nor are hosts no policy selects.
     pub settings: BTreeMap<String, Settings>,
@@ -239,7 +244,8 @@ impl<'s> Pool<'s> {
         };
         for (v, vm) in snapshot.vms.iter().enumerate() {
             let Some(&p) = cluster.held_on(&vm.key).and_then(|h| at.get(h)) else { continue };
-            let demand = input.demand.get(&vm.key).copied().unwrap_or(f64::from(vm.vcpus)).clamp(0.0, f64::from(vm.vcpus));
+            let demand =
+                input.demand.get(&vm.key).copied().unwrap_or(f64::from(vm.vcpus)).clamp(0.0, f64::from(vm.vcpus));
             state.cpu[p] += demand;
             state.mem[p] += vm.footprint_mib() as f64;
             state.vms_on[p].push(v);
@@ -281,7 +287,10 @@ impl<'s> Pool<'s> {
         let vm = &self.snapshot.vms[v];
         let d = self.demand.get(&v).copied().unwrap_or(0.0);
         let m = vm.footprint_mib() as f64;
-        (self.load_of(from, self.cpu[from] - d, self.mem[from] - m), self.load_of(to, self.cpu[to] + d, self.mem[to] + m))
+        (
+            self.load_of(from, self.cpu[from] - d, self.mem[from] - m),
+            self.load_of(to, self.cpu[to] + d, self.mem[to] + m),
+        )
     }
 
     /// The pool's imbalance once VM `v` has moved from `from` to `to` (`stats` of
@@ -352,7 +361,7 @@ impl<'s> Pool<'s> {
             match self.best_target(cluster, vm, v, from) {
                 Some((to, placement, after)) => {
                     let reason = format!(
-                        "{} breaks Required rule {} on {}; on {} it keeps it (imbalance {:.2} -> {:.2})",
+                        "{} breaks Required rule {} on {}; on {} it keeps it (imbalance {:.3} -> {:.3})",
                         vm.key.name,
                         rule.name,
                         self.names[from],
@@ -397,11 +406,14 @@ impl<'s> Pool<'s> {
                     .into_iter()
                     .find_map(|v| self.best_target(cluster, &self.snapshot.vms[v], v, from).map(|t| (v, t)));
                 let Some((v, (to, placement, after))) = found else {
-                    blocked.push(format!("{} is over capacity ({what}), and none of its VMs can go elsewhere", self.names[from]));
+                    blocked.push(format!(
+                        "{} is over capacity ({what}), and none of its VMs can go elsewhere",
+                        self.names[from]
+                    ));
                     break;
                 };
                 let reason = format!(
-                    "{} is over capacity ({what}); {} moves to {} (imbalance {:.2} -> {:.2})",
+                    "{} is over capacity ({what}); {} moves to {} (imbalance {:.3} -> {:.3})",
                     self.names[from],
                     self.snapshot.vms[v].key.name,
                     self.names[to],
@@ -418,7 +430,7 @@ impl<'s> Pool<'s> {
             if settings.threshold >= 3 {
                 self.preferred(cluster, &movable, limit, &mut moves);
             }
-            self.rebalance(cluster, &movable, target, settings.threshold, limit, &mut moves);
+            self.rebalance(cluster, &movable, input, settings, target, &mut moves);
         }
         PoolPass { pool: pool.to_string(), settings, target, before, after: self.balance(), moves, blocked }
     }
@@ -458,7 +470,13 @@ impl<'s> Pool<'s> {
         }
     }
 
-    fn preferred(&mut self, cluster: &mut Cluster, movable: &dyn Fn(usize) -> bool, limit: usize, moves: &mut Vec<Move>) {
+    fn preferred(
+        &mut self,
+        cluster: &mut Cluster,
+        movable: &dyn Fn(usize) -> bool,
+        limit: usize,
+        moves: &mut Vec<Move>,
+    ) {
         let mut candidates: Vec<(usize, usize, Vec<Key>)> = Vec::new();
         for (p, vms) in self.vms_on.iter().enumerate() {
             for &v in vms {
@@ -493,13 +511,11 @@ impl<'s> Pool<'s> {
                     let placement = self.fits(cluster, &admission, vm, to)?;
                     (placement.preferred_broken.len() < broken.len()).then_some((to, placement, after))
                 })
-                .min_by(|a, b| {
-                    a.1.preferred_broken.len().cmp(&b.1.preferred_broken.len()).then(a.2.total_cmp(&b.2))
-                });
+                .min_by(|a, b| a.1.preferred_broken.len().cmp(&b.1.preferred_broken.len()).then(a.2.total_cmp(&b.2)));
             if let Some((to, placement, after)) = best {
                 let rule = broken[0].clone();
                 let reason = format!(
-                    "{} breaks Preferred rule {} on {} and keeps it on {}, at no cost to balance (imbalance {:.2} -> {:.2})",
+                    "{} breaks Preferred rule {} on {} and keeps it on {}, at no cost to balance (imbalance {:.3} -> {:.3})",
                     vm.key.name, rule.name, self.names[from], self.names[to], now, after
                 );
                 moves.push(self.make(cluster, Step { v, from, to, placement }, 3, Why::PreferredRule(rule), reason));
@@ -511,11 +527,12 @@ impl<'s> Pool<'s> {
         &mut self,
         cluster: &mut Cluster,
         movable: &dyn Fn(usize) -> bool,
+        input: &Input,
+        settings: Settings,
         target: f64,
-        threshold: u8,
-        limit: usize,
         moves: &mut Vec<Move>,
     ) {
+        let (threshold, limit) = (settings.threshold, settings.max_moves as usize);
         /// Hosts tried as sources (the most loaded) and as targets (the least).
         const SOURCES: usize = 6;
         const TARGETS: usize = 12;
@@ -538,7 +555,11 @@ impl<'s> Pool<'s> {
             for &from in sources {
                 for &v in self.vms_on[from].iter().filter(|&&v| movable(v) && !moved.contains(&v)) {
                     let cost = self.snapshot.vms[v].memory_mib as f64 / 1024.0 * COST_PER_GIB;
+                    let left = input.left.get(&self.snapshot.vms[v].key).map(String::as_str);
                     for &to in targets.iter().filter(|&&to| to != from && loads[to] < loads[from]) {
+                        if left == Some(self.names[to]) {
+                            continue;
+                        }
                         let (lf, lt) = self.moved_loads(v, from, to);
                         let gain = (loads[from] - loads[to]) - (lf - lt).abs() - cost;
                         let after = stats.replace(loads[from], lf).replace(loads[to], lt).deviation();
@@ -569,7 +590,7 @@ impl<'s> Pool<'s> {
             let (lf, lt) = self.moved_loads(v, from, to);
             let p = priority(gain).unwrap_or(5);
             let reason = format!(
-                "balance: {} ({:.2} cores) from {} (load {:.2} -> {:.2}) to {} ({:.2} -> {:.2}); imbalance {:.2} -> {:.2}, target {:.2} (threshold {threshold}, priority {p})",
+                "balance: {} ({:.2} cores) from {} (load {:.2} -> {:.2}) to {} ({:.2} -> {:.2}); imbalance {:.3} -> {:.3}, target {:.2} (threshold {threshold}, priority {p})",
                 vm.key.name,
                 self.demand.get(&v).copied().unwrap_or(0.0),
                 self.names[from],
