@@ -215,6 +215,9 @@ struct Pool<'s> {
     vms_on: Vec<Vec<usize>>,
     /// Each VM's demand (cores), by VM index.
     demand: HashMap<usize, f64>,
+    /// VMs this pass moved: a VM moves at most once a pass (its demand where it
+    /// lands is not known yet, and the cluster charges it there by its move).
+    moved: BTreeSet<usize>,
 }
 
 impl<'s> Pool<'s> {
@@ -240,6 +243,7 @@ impl<'s> Pool<'s> {
             mem_cap: hosts.iter().map(|&i| (snapshot.hosts[i].capacity.memory_mib as f64).max(1.0)).collect(),
             vms_on: vec![Vec::new(); hosts.len()],
             demand: HashMap::new(),
+            moved: BTreeSet::new(),
             hosts,
         };
         for (v, vm) in snapshot.vms.iter().enumerate() {
@@ -310,6 +314,7 @@ impl<'s> Pool<'s> {
         self.mem[to] += m;
         self.vms_on[from].retain(|&x| x != v);
         self.vms_on[to].push(v);
+        self.moved.insert(v);
         cluster.release(vm);
         let mut there = vm.clone();
         there.host = Some(self.names[to].to_string());
@@ -397,7 +402,8 @@ impl<'s> Pool<'s> {
                     break;
                 }
                 // The largest VM that can go somewhere.
-                let mut candidates: Vec<usize> = self.vms_on[from].iter().copied().filter(|&v| movable(v)).collect();
+                let mut candidates: Vec<usize> =
+                    self.vms_on[from].iter().copied().filter(|&v| movable(v) && !self.moved.contains(&v)).collect();
                 candidates.sort_by_key(|&v| {
                     let vm = &self.snapshot.vms[v];
                     (std::cmp::Reverse(if over_cpu { u64::from(vm.vcpus) } else { vm.memory_mib }), vm.key.clone())
@@ -481,7 +487,7 @@ impl<'s> Pool<'s> {
         for (p, vms) in self.vms_on.iter().enumerate() {
             for &v in vms {
                 let key = &self.snapshot.vms[v].key;
-                if !cluster.rules().governs(key) || !movable(v) {
+                if !cluster.rules().governs(key) || !movable(v) || self.moved.contains(&v) {
                     continue;
                 }
                 let own = self.hosts[p];
@@ -536,8 +542,6 @@ impl<'s> Pool<'s> {
         /// Hosts tried as sources (the most loaded) and as targets (the least).
         const SOURCES: usize = 6;
         const TARGETS: usize = 12;
-        // A VM moves at most once a pass (its demand where it lands is not known yet).
-        let mut moved: BTreeSet<usize> = BTreeSet::new();
         while moves.len() < limit {
             let loads = self.loads();
             let stats = Stats::of(&loads);
@@ -553,7 +557,7 @@ impl<'s> Pool<'s> {
             // one that evens the pool most first.
             let mut candidates: Vec<(f64, f64, usize, usize, usize)> = Vec::new();
             for &from in sources {
-                for &v in self.vms_on[from].iter().filter(|&&v| movable(v) && !moved.contains(&v)) {
+                for &v in self.vms_on[from].iter().filter(|&&v| movable(v) && !self.moved.contains(&v)) {
                     let cost = self.snapshot.vms[v].memory_mib as f64 / 1024.0 * COST_PER_GIB;
                     let left = input.left.get(&self.snapshot.vms[v].key).map(String::as_str);
                     for &to in targets.iter().filter(|&&to| to != from && loads[to] < loads[from]) {
@@ -585,7 +589,6 @@ impl<'s> Pool<'s> {
                 (placement.preferred_broken.len() <= kept).then_some((after, gain, v, from, to, placement))
             });
             let Some((after, gain, v, from, to, placement)) = chosen else { return };
-            moved.insert(v);
             let vm = &self.snapshot.vms[v];
             let (lf, lt) = self.moved_loads(v, from, to);
             let p = priority(gain).unwrap_or(5);
