@@ -90,6 +90,10 @@ pub mod annotations {
     /// back; remove it (`kubectl annotate vm NAME drover.dev/ha-not-restarted-`)
     /// and the run strategy takes over.
     pub const HA_NOT_RESTARTED: &str = "drover.dev/ha-not-restarted";
+    /// On a VM: DRS's last move of it, as JSON ([`crate::contract::DrsMove`]). DRS
+    /// does not move it again within its cooldown, nor back where it came from
+    /// soon after; a new leader reads it from here.
+    pub const DRS_MOVED: &str = "drover.dev/drs-moved";
 }
 
 /// Labels the operator sets on the VirtualMachineMigrations it makes.
@@ -200,6 +204,8 @@ pub mod reasons {
     /// VM Scheduled=False: starting it would eat into the capacity HA keeps for
     /// failover (the message gives the figures).
     pub const HA_ADMISSION_CONTROL: &str = "HAAdmissionControl";
+    /// Event on a VM: DRS started a migration of it.
+    pub const DRS_MIGRATION: &str = "DRSMigration";
 }
 
 /// The heartbeat: one `coordination.k8s.io/v1` Lease per host, renewed by its agent.
@@ -308,6 +314,19 @@ impl HostFacts {
     }
 }
 
+/// DRS's last move of a VM (the `drover.dev/drs-moved` annotation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DrsMove {
+    /// When, in milliseconds since the Unix epoch (the operator's clock).
+    pub at_ms: i64,
+    pub from: String,
+    pub to: String,
+    /// The migration that carries it.
+    pub migration: String,
+    pub reason: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,6 +349,15 @@ mod tests {
             policy: Some("prod".into()),
             heartbeat: Some(HeartbeatFact { interval_seconds: 1, lease_duration_seconds: 3 }),
         }
+    }
+
+    #[test]
+    fn a_drs_move_round_trips_through_its_annotation() {
+        let m =
+            DrsMove { at_ms: 1, from: "h1".into(), to: "h2".into(), migration: "m".into(), reason: "balance".into() };
+        let text = serde_json::to_string(&m).unwrap();
+        assert!(text.contains("\"atMs\":1"), "{text}");
+        assert_eq!(serde_json::from_str::<DrsMove>(&text).unwrap(), m);
     }
 
     #[test]

@@ -301,9 +301,31 @@ pub struct HostPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_drs_run: Option<Time>,
 
+    /// The pool's balance as DRS's last pass found it, and what it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drs: Option<DrsStatus>,
+
     /// HA: failed hosts and the failover capacity admission control keeps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ha: Option<HaStatus>,
+}
+
+/// The pool's balance as DRS's last pass found it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DrsStatus {
+    /// Standard deviation of the hosts' loads (a host's load: its VMs' measured CPU
+    /// demand over its CPUs, or their memory over its memory, the larger), e.g. `0.118`.
+    pub imbalance: String,
+    /// The imbalance the migration threshold tolerates (none at threshold 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Mean VM score, 0-100: the share of its CPU demand each VM gets on its host.
+    pub score: String,
+    /// The imbalance once the moves of the last pass are done.
+    pub imbalance_after: String,
+    /// What the last pass did, or why it did nothing.
+    pub message: String,
 }
 
 /// HA as the operator sees it in this pool.

@@ -29,6 +29,9 @@ pub struct Context {
     pub nudger: Nudger,
     /// Opens (true) once every store has listed: no decision before.
     pub gate: tokio::sync::watch::Receiver<bool>,
+    /// What each pool's last DRS pass found and did (this term's; published by
+    /// the HostPolicy reports).
+    pub drs: crate::drs::Reports,
 }
 
 impl Context {

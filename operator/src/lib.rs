@@ -1,6 +1,6 @@
 //! `drover-operator`: the cluster's brain. It places VMs on hosts, starts them
 //! again by their run strategy, approves and limits migrations, empties hosts in
-//! maintenance, and reports on HostPolicies and DRSRules.
+//! maintenance, balances pools (DRS), and reports on HostPolicies and DRSRules.
 //!
 //! Every decision comes from `drover-core` (pure: a snapshot in, decisions with
 //! reasons out); the modules here observe the cluster, ask, and write the answers.
@@ -15,6 +15,7 @@
 //! - [`migration`]: VirtualMachineMigrations: admission, Secrets, limits, cleanup.
 //! - [`maintenance`]: hosts tainted `drover.dev/maintenance`.
 //! - [`reports`]: HostPolicy and DRSRule status.
+//! - [`drs`]: DRS balancing passes: migrations or recommendations, each explained.
 //! - [`leader`]: leader election on a Lease; only the leader acts.
 //! - [`metrics`], [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`writes`], [`events`]: status writes (server-side apply) and Events.
@@ -22,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod context;
+pub mod drs;
 pub mod error;
 pub mod events;
 pub mod ha;

@@ -48,6 +48,7 @@ pub fn policy_status(
     hosts: &[String],
     others: &HashMap<String, Vec<String>>,
     old: Option<&HostPolicyStatus>,
+    drs: Option<&crate::drs::Report>,
 ) -> HostPolicyStatus {
     let mut summaries = Vec::new();
     for name in hosts {
@@ -88,8 +89,14 @@ pub fn policy_status(
         host_count: Some(summaries.len() as i32),
         ready_hosts: Some(summaries.iter().filter(|s| s.ready).count() as i32),
         hosts: summaries,
-        recommendations: old.map(|s| s.recommendations.clone()).unwrap_or_default(),
-        last_drs_run: old.and_then(|s| s.last_drs_run.clone()),
+        // DRS's last pass of this term, else what the status holds (a new leader's
+        // first pass replaces it).
+        recommendations: match drs {
+            Some(r) => r.recommendations.clone(),
+            None => old.map(|s| s.recommendations.clone()).unwrap_or_default(),
+        },
+        last_drs_run: drs.map(|r| r.at.clone()).or_else(|| old.and_then(|s| s.last_drs_run.clone())),
+        drs: drs.map(|r| r.status.clone()).or_else(|| old.and_then(|s| s.drs.clone())),
         ha: Some(ha_status(policy, cluster, hosts)),
     }
 }
@@ -193,7 +200,8 @@ pub async fn reconcile_policy(policy: Arc<HostPolicy>, ctx: Arc<Context>) -> Res
         .into_iter()
         .map(|(h, ps)| (h, ps.into_iter().filter(|p| *p != name).collect()))
         .collect();
-    let status = policy_status(&policy, &cluster, &hosts, &others, policy.status.as_ref());
+    let drs = ctx.drs.lock().unwrap_or_else(|p| p.into_inner()).get(&name).cloned();
+    let status = policy_status(&policy, &cluster, &hosts, &others, policy.status.as_ref(), drs.as_ref());
     if policy.status.as_ref() != Some(&status) {
         let api: Api<HostPolicy> = Api::all(ctx.client.clone());
         apply_status(&api, policy.as_ref(), serde_json::to_value(&status)?).await?;

@@ -70,6 +70,7 @@ pub async fn lead(
         migration_writes: Overlay::default(),
         nudger,
         gate,
+        drs: Default::default(),
     });
     let opener = {
         let (stores, metrics) = (stores.clone(), metrics.clone());
@@ -85,6 +86,7 @@ pub async fn lead(
     };
     tasks.spawn(opener);
     tasks.spawn(gauges(ctx.clone()));
+    tasks.spawn(crate::drs::run(ctx.clone()));
     let Streams { vms: vm_stream, migrations: migration_stream, nodes: node_stream } = streams;
     let tick = || {
         futures::stream::unfold((), |_| async {

@@ -288,12 +288,14 @@ async fn cleanup(ctx: &Context, m: &VirtualMachineMigration) -> Result<(), Error
     Ok(())
 }
 
-/// Creates a migration of `vm` (maintenance evacuations; later DRS and HA).
+/// Creates a migration of `vm` (maintenance evacuations, DRS), to `target` if
+/// given (else placement picks one).
 pub async fn request(
     ctx: &Context,
     vm: &VirtualMachine,
     trigger: drover_crds::migration::MigrationTrigger,
     labels: serde_json::Value,
+    target: Option<&str>,
 ) -> Result<String, Error> {
     let ns = vm.namespace().unwrap_or_default();
     let api: Api<VirtualMachineMigration> = Api::namespaced(ctx.client.clone(), &ns);
@@ -305,7 +307,7 @@ pub async fn request(
             drover_crds::migration::MigrationTrigger::Drs => "drs",
             drover_crds::migration::MigrationTrigger::User => "move",
         }), "labels": labels },
-        "spec": { "vmName": name, "trigger": trigger },
+        "spec": { "vmName": name, "trigger": trigger, "targetNode": target },
     }))?;
     let made = api.create(&PostParams::default(), &object).await?;
     let name = made.name_any();
