@@ -42,7 +42,7 @@ pub struct Report {
 pub type Reports = std::sync::Mutex<HashMap<String, Report>>;
 
 /// Runs DRS for the leader's term: samples the VMs' CPU use every second and
-/// passes over each pool whose interval has elapsed.
+/// passes over each pool once an interval, the first an interval into the term.
 pub async fn run(ctx: Arc<Context>) {
     ctx.ready().await;
     let mut window = DemandWindow::default();
@@ -69,7 +69,10 @@ pub async fn run(ctx: Arc<Context>) {
             let spec = &policy.spec.drs;
             let name = policy.name_any();
             let interval = Duration::from_secs(u64::from(spec.interval_seconds.max(10)));
-            if !spec.enabled || last.get(&name).is_some_and(|at| now.duration_since(*at) < interval) {
+            // A pool's first pass comes one interval into the term: demand is
+            // averaged over a whole interval, never over one sample.
+            let since = *last.entry(name.clone()).or_insert(now);
+            if !spec.enabled || now.duration_since(since) < interval {
                 continue;
             }
             last.insert(name.clone(), now);
