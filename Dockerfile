@@ -1,5 +1,6 @@
-# The image with the Drover binaries: drover-operator, drover-agent (with its
-# drover-monitor, which keeps each VMM company) and drover-vmm.
+# The image with the Drover binaries: drover-operator (and drover-what-if, DRS's
+# dry run), drover-agent (with its drover-monitor, which keeps each VMM company)
+# and drover-vmm.
 #   docker build -t drover:dev .
 # (No Docker engine runs on the project's CI machines; the image is built by users
 # and by e2e/kind, not by ./run-tests.)
@@ -8,7 +9,7 @@ WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bins \
     && mkdir /out \
-    && cp target/release/drover-operator target/release/drover-agent target/release/drover-monitor target/release/drover-vmm /out/
+    && cp target/release/drover-operator target/release/drover-what-if target/release/drover-agent target/release/drover-monitor target/release/drover-vmm /out/
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates iproute2 \

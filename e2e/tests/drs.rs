@@ -11,6 +11,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use drover_e2e::control_plane;
 use drover_e2e::hosts::{Host, unique_name};
 use drover_e2e::operator::Operator;
 use drover_e2e::vms::*;
@@ -114,6 +115,24 @@ fn manual_drs_only_recommends_and_the_move_a_user_applies_is_made() {
     println!("figure: kubectl get hp {pool} -o yaml shows recommendations: {}", Value::Array(recommendations.clone()));
     assert!(drs_migrations(&ns).is_empty());
     assert!(hosts_of(&ns).iter().all(|h| h == hosts[0].name()), "{:?}", hosts_of(&ns));
+    // The what-if command reads the live cluster and says the same, moving nothing.
+    let out = std::process::Command::new(bin_dir().join("drover-what-if"))
+        .args([
+            "--kubeconfig",
+            &control_plane().kubeconfig.display().to_string(),
+            "--heartbeat-namespace",
+            "drover-system",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "drover-what-if: {}", String::from_utf8_lossy(&out.stderr));
+    let pool_report =
+        text.split("\npool ").find(|p| p.starts_with(&pool) || p.starts_with(&format!("pool {pool}"))).unwrap_or("");
+    assert!(pool_report.contains("(Manual, threshold 3, at most 2 moves)"), "{text}");
+    assert!(pool_report.contains("recommended") && pool_report.contains(&format!("  move {ns}/spin-")), "{text}");
+    println!("figure: drover-what-if says of the pool:\npool {}", pool_report.trim_start_matches("pool "));
+    assert!(drs_migrations(&ns).is_empty());
     let first = &recommendations[0];
     assert!(first["reason"].as_str().unwrap().starts_with("balance: "), "{first}");
     assert_eq!(first["from"], hosts[0].name());

@@ -6,13 +6,14 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use drover_core::drs::{Automation, Move, PoolPass, Settings};
-use drover_core::snapshot::VmKey;
+use drover_core::drs::{Automation, Input, Move, PoolPass, Settings};
+use drover_core::snapshot::{Snapshot, VmKey};
 use drover_crds::contract::{DrsMove, annotations};
 use drover_crds::host_policy::{DrsAutomationLevel, DrsRecommendation, DrsStatus, HostPolicy};
 use drover_crds::migration::{MigrationPhase, MigrationTrigger, VirtualMachineMigration};
 use drover_crds::vm::{VirtualMachine, VmPhase};
 use kube::ResourceExt;
+use serde::{Deserialize, Serialize};
 
 use crate::snapshot::key;
 
@@ -80,6 +81,70 @@ pub fn frozen_and_left(
         }
     }
     (frozen, left)
+}
+
+/// Everything one pool's pass takes beside the snapshot, as plain data (the
+/// what-if command dumps and reads it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PoolInput {
+    pub pool: String,
+    pub settings: Settings,
+    /// Each VM's CPU demand, host cores (VMs not listed count their vCPUs).
+    pub demand: Vec<(VmKey, f64)>,
+    pub frozen: Vec<VmKey>,
+    pub left: Vec<(VmKey, String)>,
+}
+
+impl PoolInput {
+    /// The core's input for this pool.
+    pub fn input(&self) -> Input {
+        Input {
+            demand: self.demand.iter().cloned().collect(),
+            frozen: self.frozen.iter().cloned().collect(),
+            left: self.left.iter().cloned().collect(),
+            settings: [(self.pool.clone(), self.settings)].into(),
+        }
+    }
+}
+
+/// `policy`'s pool as DRS sees it at `now_ms`: its settings (less its DRS
+/// migrations under way), which VMs stay, where recent moves came from, and each
+/// running VM's demand (`demand`: its mean use; VMs that do not run use nothing).
+pub fn pool_input(
+    snapshot: &Snapshot,
+    policy: &HostPolicy,
+    vms: &[Arc<VirtualMachine>],
+    migrations: &[Arc<VirtualMachineMigration>],
+    now_ms: i64,
+    demand: &dyn Fn(&VmKey) -> Option<f64>,
+) -> PoolInput {
+    let pool = policy.name_any();
+    let moving = in_flight(migrations);
+    let hosts: BTreeSet<&str> =
+        snapshot.hosts.iter().filter(|h| h.policy.as_deref() == Some(pool.as_str())).map(|h| h.name.as_str()).collect();
+    let in_pool = snapshot
+        .vms
+        .iter()
+        .filter(|v| moving.contains(&v.key) && v.host.as_deref().is_some_and(|h| hosts.contains(h)))
+        .count() as u32;
+    let interval_ms = i64::from(policy.spec.drs.interval_seconds.max(10)) * 1000;
+    let (frozen, left) = frozen_and_left(vms, &moving, now_ms, interval_ms);
+    let running: BTreeSet<VmKey> = vms
+        .iter()
+        .filter(|v| v.status.as_ref().and_then(|s| s.phase) == Some(VmPhase::Running))
+        .map(|v| key(v.as_ref()))
+        .collect();
+    let demand = snapshot
+        .vms
+        .iter()
+        .filter_map(|v| match running.contains(&v.key) {
+            true => demand(&v.key).map(|d| (v.key.clone(), d)),
+            false => Some((v.key.clone(), 0.0)),
+        })
+        .collect();
+    let mut left: Vec<(VmKey, String)> = left.into_iter().collect();
+    left.sort();
+    PoolInput { pool, settings: settings(policy, in_pool), demand, frozen: frozen.into_iter().collect(), left }
 }
 
 /// What to write after a pool's pass.

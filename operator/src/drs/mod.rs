@@ -5,16 +5,18 @@
 //! the HostPolicy status, which a user applies by creating the migration one
 //! describes. Each VM DRS moves is annotated `drover.dev/drs-moved` (when, from,
 //! to, the migration, why) and gets a `DRSMigration` Event. [`decide`] holds the
-//! pure part, [`demand`] the CPU demand window.
+//! pure part, [`demand`] the CPU demand window, [`what_if`] the what-if command.
 
 pub mod decide;
 pub mod demand;
+pub mod what_if;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use drover_core::drs::{self, Input, Move};
+use drover_core::drs::{self, Move};
+use drover_core::snapshot::VmKey;
 use drover_crds::contract::{DrsMove, annotations, migration_labels, reasons};
 use drover_crds::host_policy::{DrsRecommendation, DrsStatus, HostPolicy};
 use drover_crds::migration::MigrationTrigger;
@@ -94,34 +96,10 @@ async fn pass(
     let pool = policy.name_any();
     let snapshot = ctx.snapshot();
     let migrations = ctx.migration_writes.apply(ctx.stores.migrations.state());
-    let moving = decide::in_flight(&migrations);
-    let hosts: BTreeSet<&str> =
-        snapshot.hosts.iter().filter(|h| h.policy.as_deref() == Some(pool.as_str())).map(|h| h.name.as_str()).collect();
-    let in_pool = snapshot
-        .vms
-        .iter()
-        .filter(|v| moving.contains(&v.key) && v.host.as_deref().is_some_and(|h| hosts.contains(h)))
-        .count() as u32;
-    let settings = decide::settings(policy, in_pool);
     let now = Instant::now();
-    let interval_ms = interval.as_millis() as i64;
-    let (frozen, left) = decide::frozen_and_left(vms, &moving, now_ms() as i64, interval_ms);
-    let running: HashSet<_> = vms
-        .iter()
-        .filter(|v| v.status.as_ref().and_then(|s| s.phase) == Some(VmPhase::Running))
-        .map(|v| key(v.as_ref()))
-        .collect();
-    // Running VMs by their mean use over the interval (or, new, their vCPUs);
-    // VMs that do not run use nothing.
-    let demand = snapshot
-        .vms
-        .iter()
-        .filter_map(|v| match running.contains(&v.key) {
-            true => window.mean(&v.key, interval, now).map(|d| (v.key.clone(), d)),
-            false => Some((v.key.clone(), 0.0)),
-        })
-        .collect();
-    let input = Input { demand, frozen, left, settings: [(pool.clone(), settings)].into() };
+    // Running VMs by their mean use over the interval (or, new, their vCPUs).
+    let mean = |vm: &VmKey| window.mean(vm, interval, now);
+    let input = decide::pool_input(&snapshot, policy, vms, &migrations, now_ms() as i64, &mean).input();
     let Some(result) = drs::pass(&snapshot, &input).into_iter().next() else { return Ok(()) };
     let plan = decide::plan(&result);
     tracing::info!(pool = %pool, imbalance = %plan.status.imbalance, moves = result.moves.len(), "DRS: {}", plan.status.message);
