@@ -483,7 +483,7 @@ impl<'s> Pool<'s> {
         limit: usize,
         moves: &mut Vec<Move>,
     ) {
-        let mut candidates: Vec<(usize, usize, Vec<Key>)> = Vec::new();
+        let mut candidates: Vec<(usize, usize)> = Vec::new();
         for (p, vms) in self.vms_on.iter().enumerate() {
             for &v in vms {
                 let key = &self.snapshot.vms[v].key;
@@ -493,16 +493,22 @@ impl<'s> Pool<'s> {
                 let own = self.hosts[p];
                 let broken = cluster.rules().check(key, Some(own), own, self.names[p]).preferred_broken;
                 if !broken.is_empty() {
-                    candidates.push((v, p, broken));
+                    candidates.push((v, p));
                 }
             }
         }
         candidates.sort_by(|a, b| self.snapshot.vms[a.0].key.cmp(&self.snapshot.vms[b.0].key));
-        for (v, from, broken) in candidates {
+        for (v, from) in candidates {
             if moves.len() >= limit {
                 return;
             }
             let vm = &self.snapshot.vms[v];
+            // An earlier move may have kept it (the other VM of the rule moved).
+            let own = self.hosts[from];
+            let broken = cluster.rules().check(&vm.key, Some(own), own, self.names[from]).preferred_broken;
+            if broken.is_empty() {
+                continue;
+            }
             let admission = Admission::new(cluster);
             let loads = self.loads();
             let stats = Stats::of(&loads);

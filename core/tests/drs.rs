@@ -184,6 +184,19 @@ fn a_preferred_rule_is_kept_when_it_costs_no_balance_and_balance_never_breaks_on
 }
 
 #[test]
+fn a_preferred_anti_affinity_pair_on_one_host_moves_one_of_them_only() {
+    let mut snapshot = pooled(Snapshot {
+        hosts: vec![host("h1", 4, 8, 4.0), host("h2", 4, 8, 4.0), host("h3", 4, 8, 4.0)],
+        vms: vec![on(vm("web-1", 1, 32), "h1"), on(vm("web-2", 1, 32), "h1")],
+        ..Default::default()
+    });
+    snapshot.rules.push(rule("spread", RuleKind::VmVmAntiAffinity, false, &["web-1", "web-2"], &[]));
+    let pass = one(&snapshot, &input(3, 4, &[("web-1", 0.0), ("web-2", 0.0)]));
+    assert_eq!(pass.moves.len(), 1, "{:#?}", pass.moves);
+    assert_eq!(pass.moves[0].why, Why::PreferredRule(Key::new("ns", "spread")));
+}
+
+#[test]
 fn dedicated_vms_move_with_cpus_chosen_on_their_target() {
     let snapshot = pooled(Snapshot {
         hosts: vec![host("h1", 4, 8, 1.0), host("h2", 4, 8, 1.0)],

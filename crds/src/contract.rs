@@ -94,6 +94,8 @@ pub mod annotations {
     /// does not move it again within its cooldown, nor back where it came from
     /// soon after; a new leader reads it from here.
     pub const DRS_MOVED: &str = "drover.dev/drs-moved";
+    /// On a migration DRS made: why (the imbalance before and the predicted after).
+    pub const DRS_REASON: &str = "drover.dev/drs-reason";
 }
 
 /// Labels the operator sets on the VirtualMachineMigrations it makes.

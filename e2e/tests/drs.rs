@@ -1,9 +1,12 @@
 //! DRS on the real control plane, with real agents and VMMs: VMs whose guests burn
 //! CPU (the test guest's `spin` mode), all started on one host, are spread over
 //! the pool's three hosts by FullyAutomated DRS, each move a real live migration,
-//! and the pool then stays still; at the Manual level DRS only recommends, and
-//! exactly the move a user applies (by creating the migration it describes) is
-//! made.
+//! and the pool then stays still; at the Manual level DRS only recommends (and
+//! `drover-what-if` says the same), and exactly the move a user applies (by
+//! creating the migration it describes) is made; a Required rule broken where its
+//! VMs run (made after they were placed) is fixed by a mandatory move at
+//! threshold 1, which balances nothing; PartiallyAutomated places a new VM and
+//! moves nothing; a Preferred rule is kept when keeping it costs no balance.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
@@ -21,11 +24,17 @@ use serde_json::Value;
 const INTERVAL: u64 = 10;
 const SPINNERS: [&str; 3] = ["spin-1", "spin-2", "spin-3"];
 
-/// Three hosts in a pool of their own with DRS at `level`, threshold 3, a
-/// 10-second interval; three 1-vCPU spinning VMs all running on the first host
-/// (the other two cordoned while they start, then uncordoned; HA admission
-/// control off, as cordoned hosts keep no failover capacity).
-fn spinning_on_one_host(prefix: &str, level: &str) -> (String, String, Vec<Host>, Operator) {
+/// Three hosts in a pool of their own with DRS at `level` and `threshold`, a
+/// 10-second interval; 1-vCPU VMs `vms` (guest mode `mode`) all running on the
+/// first host (the other two cordoned while they start, then uncordoned; HA
+/// admission control off, as cordoned hosts keep no failover capacity).
+fn on_one_host(
+    prefix: &str,
+    level: &str,
+    threshold: u32,
+    vms: &[&str],
+    mode: &str,
+) -> (String, String, Vec<Host>, Operator) {
     let ns = namespace(prefix);
     let pool = unique_name(prefix);
     let hosts: Vec<Host> = (1..=3).map(|i| Host::add(&format!("{pool}-{i}"))).collect();
@@ -35,16 +44,16 @@ fn spinning_on_one_host(prefix: &str, level: &str) -> (String, String, Vec<Host>
     apply(&format!(
         "apiVersion: drover.dev/v1alpha1\nkind: HostPolicy\nmetadata: {{name: {pool}}}\nspec:\n  \
          nodeSelector: {{matchLabels: {{drover.dev/pool: {pool}}}}}\n  capacity: {{cpuOvercommitRatio: 4}}\n  ha: {{admissionControl: false}}\n  \
-         drs: {{automationLevel: {level}, migrationThreshold: 3, intervalSeconds: {INTERVAL}, maxConcurrentMigrations: 2}}\n"
+         drs: {{automationLevel: {level}, migrationThreshold: {threshold}, intervalSeconds: {INTERVAL}, maxConcurrentMigrations: 2}}\n"
     ));
     for h in &hosts[1..] {
         kubectl(&["cordon", h.name()]);
     }
     let op = Operator::start("op-1", &ns, &[]);
-    for vm in SPINNERS {
-        apply(&vm_yaml(&ns, vm, 1, "32Mi", "drover.mode=spin"));
+    for vm in vms {
+        apply(&vm_yaml(&ns, vm, 1, "32Mi", &format!("drover.mode={mode}")));
     }
-    for vm in SPINNERS {
+    for vm in vms {
         let status = wait_phase(&ns, vm, "Running", Duration::from_secs(60));
         assert_eq!(status["nodeName"], hosts[0].name(), "{vm}: {status}");
     }
@@ -52,6 +61,10 @@ fn spinning_on_one_host(prefix: &str, level: &str) -> (String, String, Vec<Host>
         kubectl(&["uncordon", h.name()]);
     }
     (ns, pool, hosts, op)
+}
+
+fn spinning_on_one_host(prefix: &str, level: &str) -> (String, String, Vec<Host>, Operator) {
+    on_one_host(prefix, level, 3, &SPINNERS, "spin")
 }
 
 fn hosts_of(ns: &str) -> Vec<String> {
@@ -84,6 +97,10 @@ fn fully_automated_drs_spreads_vms_burning_cpu_on_one_host_and_then_stays_still(
     assert_eq!(moves.len(), 2, "{moves:#?}");
     for m in &moves {
         assert_eq!(m["status"]["phase"], "Succeeded", "{m}");
+        assert!(
+            m["metadata"]["annotations"]["drover.dev/drs-reason"].as_str().unwrap().starts_with("balance: "),
+            "{m}"
+        );
         let vm = get(&ns, "vm", m["spec"]["vmName"].as_str().unwrap());
         let moved: Value =
             serde_json::from_str(vm["metadata"]["annotations"]["drover.dev/drs-moved"].as_str().unwrap()).unwrap();
@@ -151,4 +168,85 @@ fn manual_drs_only_recommends_and_the_move_a_user_applies_is_made() {
     let on = hosts_of(&ns);
     assert_eq!(on.iter().filter(|h| *h == hosts[0].name()).count(), 2, "{on:?}");
     assert!(drs_migrations(&ns).is_empty(), "{:#?}", drs_migrations(&ns));
+}
+
+#[test]
+fn a_required_rule_broken_where_the_vms_run_is_fixed_by_a_mandatory_move_even_at_threshold_one() {
+    let _serial = serial();
+    // Two idle VMs on one host; then a Required anti-affinity rule for them.
+    let (ns, pool, hosts, _op) = on_one_host("drs-rule", "FullyAutomated", 1, &["pair-1", "pair-2"], "idle");
+    apply(&format!(
+        "apiVersion: drover.dev/v1alpha1\nkind: DRSRule\nmetadata: {{name: apart, namespace: {ns}}}\nspec:\n  \
+         type: VmVmAntiAffinity\n  enforcement: Required\n  vmNames: [pair-1, pair-2]\n"
+    ));
+    let ruled = Instant::now();
+    let apart = wait_for("the pair apart", Duration::from_secs(3 * INTERVAL + 30), || {
+        let on: Vec<String> = ["pair-1", "pair-2"]
+            .iter()
+            .map(|v| vm_status(&ns, v)["nodeName"].as_str().unwrap_or_default().to_string())
+            .collect();
+        let running = ["pair-1", "pair-2"].iter().all(|v| vm_status(&ns, v)["phase"] == "Running");
+        (on[0] != on[1] && running).then_some(on)
+    });
+    let moves = drs_migrations(&ns);
+    assert_eq!(moves.len(), 1, "{moves:#?}");
+    let vm = get(&ns, "vm", moves[0]["spec"]["vmName"].as_str().unwrap());
+    let moved: Value =
+        serde_json::from_str(vm["metadata"]["annotations"]["drover.dev/drs-moved"].as_str().unwrap()).unwrap();
+    assert!(moved["reason"].as_str().unwrap().contains("breaks Required rule apart on"), "{moved}");
+    assert_eq!(moved["from"], hosts[0].name());
+    println!(
+        "figure: Required rule applied -> the pair on {apart:?} {} ms later (threshold 1, {INTERVAL} s interval): {}",
+        ruled.elapsed().as_millis(),
+        moved["reason"]
+    );
+    wait_for("the rule compliant", Duration::from_secs(20), || {
+        (get(&ns, "drsrule", "apart")["status"]["compliant"] == true).then_some(())
+    });
+    let drs = &get("", "hostpolicy", &pool)["status"]["drs"];
+    assert_eq!(drs["target"], Value::Null, "threshold 1 balances nothing: {drs}");
+}
+
+#[test]
+fn partially_automated_drs_places_new_vms_and_only_recommends_moves() {
+    let _serial = serial();
+    let (ns, pool, hosts, _op) = spinning_on_one_host("drs-partial", "PartiallyAutomated");
+    wait_for("DRS recommendations", Duration::from_secs(2 * INTERVAL + 20), || {
+        let status = get("", "hostpolicy", &pool)["status"].clone();
+        status["recommendations"].as_array().filter(|r| !r.is_empty()).cloned()
+    });
+    apply(&vm_yaml(&ns, "new-1", 1, "32Mi", "drover.mode=idle"));
+    let placed = wait_phase(&ns, "new-1", "Running", Duration::from_secs(40));
+    println!("figure: a new VM in a PartiallyAutomated pool placed on {}", placed["nodeName"]);
+    // Another pass: still recommendations only.
+    std::thread::sleep(Duration::from_secs(INTERVAL + 2));
+    assert!(drs_migrations(&ns).is_empty(), "{:#?}", drs_migrations(&ns));
+    assert!(hosts_of(&ns).iter().all(|h| h == hosts[0].name()), "{:?}", hosts_of(&ns));
+    let drs = &get("", "hostpolicy", &pool)["status"]["drs"];
+    assert!(drs["message"].as_str().unwrap().contains("recommended"), "{drs}");
+}
+
+#[test]
+fn a_preferred_rule_is_kept_by_drs_when_keeping_it_costs_no_balance() {
+    let _serial = serial();
+    // Two idle VMs on one host, then a Preferred anti-affinity rule for them: a
+    // move costs no balance (it even evens the hosts' memory), so DRS makes it.
+    let (ns, _pool, _hosts, _op) = on_one_host("drs-pref", "FullyAutomated", 3, &["web-1", "web-2"], "idle");
+    apply(&format!(
+        "apiVersion: drover.dev/v1alpha1\nkind: DRSRule\nmetadata: {{name: spread, namespace: {ns}}}\nspec:\n  \
+         type: VmVmAntiAffinity\n  enforcement: Preferred\n  vmNames: [web-1, web-2]\n"
+    ));
+    wait_for("the web VMs apart", Duration::from_secs(3 * INTERVAL + 30), || {
+        let on: Vec<String> = ["web-1", "web-2"]
+            .iter()
+            .map(|v| vm_status(&ns, v)["nodeName"].as_str().unwrap_or_default().to_string())
+            .collect();
+        let running = ["web-1", "web-2"].iter().all(|v| vm_status(&ns, v)["phase"] == "Running");
+        (on[0] != on[1] && running).then_some(on)
+    });
+    let moves = drs_migrations(&ns);
+    assert_eq!(moves.len(), 1, "{moves:#?}");
+    let reason = moves[0]["metadata"]["annotations"]["drover.dev/drs-reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("breaks Preferred rule spread on") && reason.contains("at no cost to balance"), "{reason}");
+    println!("figure: Preferred rule kept by DRS: {reason}");
 }

@@ -203,7 +203,8 @@ async fn carry_out(ctx: &Context, host: &str, step: &Step) -> Result<(), Error> 
         Step::Migrate(_) => {
             let labels =
                 serde_json::json!({ migration_labels::VM: vm_key.name, migration_labels::MAINTENANCE_HOST: host });
-            let name = crate::migration::request(ctx, &vm, MigrationTrigger::Maintenance, labels, None).await?;
+            let metadata = serde_json::json!({ "labels": labels });
+            let name = crate::migration::request(ctx, &vm, MigrationTrigger::Maintenance, metadata, None).await?;
             tracing::info!(host, vm = %vm_key, migration = %name, "evacuating by live migration");
             ctx.events.normal(
                 &vm,

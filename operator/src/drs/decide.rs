@@ -178,9 +178,10 @@ pub fn plan(pass: &PoolPass) -> Plan {
     };
     let balanced = match pass.target {
         None => "threshold 1: only mandatory moves".to_string(),
-        Some(t) if pass.before.imbalance <= t => {
+        Some(t) if pass.before.imbalance <= t && pass.moves.is_empty() => {
             format!("balanced (imbalance {:.3}, target {t:.2})", pass.before.imbalance)
         }
+        Some(t) if pass.before.imbalance <= t => format!("imbalance {:.3} within target {t:.2}", pass.before.imbalance),
         Some(t) => format!("imbalance {:.3} over target {t:.2}", pass.before.imbalance),
     };
     let mut message = format!("{balanced}; {did}");

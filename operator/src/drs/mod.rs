@@ -114,8 +114,11 @@ async fn pass(
 
 /// Starts move `m` of `vm`: the migration, the VM's annotation, an Event.
 async fn start(ctx: &Context, vm: &VirtualMachine, m: &Move) -> Result<(), Error> {
-    let labels = serde_json::json!({ migration_labels::VM: vm.name_any() });
-    let migration = crate::migration::request(ctx, vm, MigrationTrigger::Drs, labels, Some(&m.to)).await?;
+    let metadata = serde_json::json!({
+        "labels": { migration_labels::VM: vm.name_any() },
+        "annotations": { annotations::DRS_REASON: m.reason },
+    });
+    let migration = crate::migration::request(ctx, vm, MigrationTrigger::Drs, metadata, Some(&m.to)).await?;
     let record = DrsMove {
         at_ms: now_ms() as i64,
         from: m.from.clone(),

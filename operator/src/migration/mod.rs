@@ -288,27 +288,33 @@ async fn cleanup(ctx: &Context, m: &VirtualMachineMigration) -> Result<(), Error
     Ok(())
 }
 
-/// Creates a migration of `vm` (maintenance evacuations, DRS), to `target` if
-/// given (else placement picks one).
+/// Creates a migration of `vm` (maintenance evacuations, DRS) with `metadata`
+/// (labels, annotations), to `target` if given (else placement picks one).
 pub async fn request(
     ctx: &Context,
     vm: &VirtualMachine,
     trigger: drover_crds::migration::MigrationTrigger,
-    labels: serde_json::Value,
+    metadata: serde_json::Value,
     target: Option<&str>,
 ) -> Result<String, Error> {
     let ns = vm.namespace().unwrap_or_default();
     let api: Api<VirtualMachineMigration> = Api::namespaced(ctx.client.clone(), &ns);
     let name = vm.name_any();
-    let object: VirtualMachineMigration = serde_json::from_value(serde_json::json!({
+    let mut object = serde_json::json!({
         "apiVersion": "drover.dev/v1alpha1", "kind": "VirtualMachineMigration",
         "metadata": { "generateName": format!("{}-{}-", name.chars().take(200).collect::<String>(), match trigger {
             drover_crds::migration::MigrationTrigger::Maintenance => "evacuate",
             drover_crds::migration::MigrationTrigger::Drs => "drs",
             drover_crds::migration::MigrationTrigger::User => "move",
-        }), "labels": labels },
+        }) },
         "spec": { "vmName": name, "trigger": trigger, "targetNode": target },
-    }))?;
+    });
+    for field in ["labels", "annotations"] {
+        if let Some(value) = metadata.get(field) {
+            object["metadata"][field] = value.clone();
+        }
+    }
+    let object: VirtualMachineMigration = serde_json::from_value(object)?;
     let made = api.create(&PostParams::default(), &object).await?;
     let name = made.name_any();
     // Seen at once by the next evacuation pass, before its watch event.
