@@ -6,7 +6,9 @@
 //! creating the migration it describes) is made; a Required rule broken where its
 //! VMs run (made after they were placed) is fixed by a mandatory move at
 //! threshold 1, which balances nothing; PartiallyAutomated places a new VM and
-//! moves nothing; a Preferred rule is kept when keeping it costs no balance.
+//! moves nothing; a Preferred rule is kept when keeping it costs no balance; DRS
+//! moves and a maintenance evacuation together keep to the cluster's migration
+//! limit.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
@@ -35,6 +37,18 @@ fn on_one_host(
     vms: &[&str],
     mode: &str,
 ) -> (String, String, Vec<Host>, Operator) {
+    on_one_host_with(prefix, level, threshold, vms, mode, &[])
+}
+
+/// [`on_one_host`], the operator started with `flags`.
+fn on_one_host_with(
+    prefix: &str,
+    level: &str,
+    threshold: u32,
+    vms: &[&str],
+    mode: &str,
+    flags: &[&str],
+) -> (String, String, Vec<Host>, Operator) {
     let ns = namespace(prefix);
     let pool = unique_name(prefix);
     let hosts: Vec<Host> = (1..=3).map(|i| Host::add(&format!("{pool}-{i}"))).collect();
@@ -49,7 +63,7 @@ fn on_one_host(
     for h in &hosts[1..] {
         kubectl(&["cordon", h.name()]);
     }
-    let op = Operator::start("op-1", &ns, &[]);
+    let op = Operator::start("op-1", &ns, flags);
     for vm in vms {
         apply(&vm_yaml(&ns, vm, 1, "32Mi", &format!("drover.mode={mode}")));
     }
@@ -249,4 +263,77 @@ fn a_preferred_rule_is_kept_by_drs_when_keeping_it_costs_no_balance() {
     let reason = moves[0]["metadata"]["annotations"]["drover.dev/drs-reason"].as_str().unwrap().to_string();
     assert!(reason.contains("breaks Preferred rule spread on") && reason.contains("at no cost to balance"), "{reason}");
     println!("figure: Preferred rule kept by DRS: {reason}");
+}
+
+#[test]
+fn drs_and_a_maintenance_evacuation_together_keep_to_the_migration_limit() {
+    let _serial = serial();
+    // One migration at a time in the cluster. Spinners on host 1 (DRS wants two
+    // moves), two idle VMs on host 2; once DRS has made its migrations, host 2
+    // goes into maintenance and its VMs must leave too.
+    let flags = ["--migrations-per-cluster", "1"];
+    let (ns, _pool, hosts, _op) = on_one_host_with("drs-limit", "FullyAutomated", 3, &SPINNERS, "spin", &flags);
+    for h in [&hosts[0], &hosts[2]] {
+        kubectl(&["cordon", h.name()]);
+    }
+    for vm in ["idle-1", "idle-2"] {
+        apply(&vm_yaml(&ns, vm, 1, "32Mi", "drover.mode=idle"));
+    }
+    for vm in ["idle-1", "idle-2"] {
+        let status = wait_phase(&ns, vm, "Running", Duration::from_secs(40));
+        assert_eq!(status["nodeName"], hosts[1].name(), "{vm}: {status}");
+    }
+    for h in [&hosts[0], &hosts[2]] {
+        kubectl(&["uncordon", h.name()]);
+    }
+    let list = || -> Vec<Value> {
+        let list: Value = serde_json::from_str(&kubectl(&["get", "vmim", "-n", &ns, "-o", "json"])).unwrap();
+        list["items"].as_array().cloned().unwrap_or_default()
+    };
+    wait_for("DRS's migrations", Duration::from_secs(3 * INTERVAL + 20), || {
+        (list().iter().filter(|m| m["spec"]["trigger"] == "DRS").count() >= 2).then_some(())
+    });
+    kubectl(&["taint", "node", hosts[1].name(), "drover.dev/maintenance=planned:NoExecute", "--overwrite"]);
+    // Every migration as it goes, until host 2 is empty and none is under way.
+    let began = Instant::now();
+    let (mut most, mut both, mut samples) = (0, false, 0);
+    loop {
+        let all = list();
+        samples += 1;
+        let unfinished: Vec<&Value> =
+            all.iter().filter(|m| !matches!(m["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))).collect();
+        let in_flight = unfinished
+            .iter()
+            .filter(|m| matches!(m["status"]["phase"].as_str(), Some("Scheduled" | "Running" | "Switchover")))
+            .count();
+        most = most.max(in_flight);
+        let kinds: BTreeSet<&str> = unfinished.iter().filter_map(|m| m["spec"]["trigger"].as_str()).collect();
+        both |= kinds.contains("DRS") && kinds.contains("Maintenance");
+        if unfinished.is_empty()
+            && all.iter().any(|m| m["spec"]["trigger"] == "Maintenance")
+            && ["idle-1", "idle-2"].iter().all(|v| vm_status(&ns, v)["nodeName"] != hosts[1].name())
+        {
+            break;
+        }
+        assert!(began.elapsed() < Duration::from_secs(120), "migrations still under way: {all:#?}");
+    }
+    let all = list();
+    let count = |t: &str| all.iter().filter(|m| m["spec"]["trigger"] == t).count();
+    println!(
+        "figure: {} DRS and {} maintenance migrations, at most {most} under way at once (limit 1) over {samples} \
+         samples; DRS and maintenance migrations waiting together: {both}",
+        count("DRS"),
+        count("Maintenance")
+    );
+    assert_eq!(most, 1, "more migrations at once than the cluster's limit");
+    assert!(both, "the evacuation did not meet DRS's migrations: the test proved nothing");
+    // Every evacuation done; a DRS move whose target went into maintenance before
+    // its turn failed saying so (its VM stays where it was), the others done.
+    for m in &all {
+        let refused = m["status"]["failureMessage"].as_str().is_some_and(|f| f.ends_with("is in maintenance"));
+        let ok = m["status"]["phase"] == "Succeeded" || (m["spec"]["trigger"] == "DRS" && refused);
+        assert!(ok, "{m:#}");
+    }
+    assert!(SPINNERS.iter().all(|v| vm_status(&ns, v)["phase"] == "Running"));
+    kubectl(&["taint", "node", hosts[1].name(), "drover.dev/maintenance-"]);
 }
