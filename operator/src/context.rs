@@ -31,7 +31,7 @@ pub struct Context {
     pub gate: tokio::sync::watch::Receiver<bool>,
     /// What each pool's last DRS pass found and did (this term's; published by
     /// the HostPolicy reports).
-    pub drs: crate::drs::Reports,
+    pub drs: crate::drs::report::Reports,
 }
 
 impl Context {

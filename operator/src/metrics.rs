@@ -38,6 +38,10 @@ pub struct Metrics {
     pub ha_restarts: Counter,
     /// Hosts declared failed now.
     pub failed_hosts: Gauge,
+    /// DRS passes made.
+    pub drs_passes: Counter,
+    /// Migrations DRS started (FullyAutomated pools).
+    pub drs_migrations: Counter,
     /// Whether the stores have synced (for /readyz).
     pub synced: AtomicBool,
 }
@@ -54,6 +58,10 @@ impl Metrics {
         let leader = Gauge::default();
         let ha_restarts = Counter::default();
         let failed_hosts = Gauge::default();
+        let drs_passes = Counter::default();
+        let drs_migrations = Counter::default();
+        registry.register("drs_passes", "DRS balancing passes over a pool", drs_passes.clone());
+        registry.register("drs_migrations", "Migrations DRS started", drs_migrations.clone());
         registry.register("ha_restarts", "VMs of failed hosts HA placed on another host", ha_restarts.clone());
         registry.register("failed_hosts", "Hosts whose heartbeat Lease ran out (failed)", failed_hosts.clone());
         registry.register("reconciles", "Reconciles, by controller", reconciles.clone());
@@ -72,6 +80,8 @@ impl Metrics {
             leader,
             ha_restarts,
             failed_hosts,
+            drs_passes,
+            drs_migrations,
             synced: AtomicBool::new(false),
         }
     }

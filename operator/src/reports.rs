@@ -48,7 +48,7 @@ pub fn policy_status(
     hosts: &[String],
     others: &HashMap<String, Vec<String>>,
     old: Option<&HostPolicyStatus>,
-    drs: Option<&crate::drs::Report>,
+    drs: Option<&crate::drs::report::Report>,
 ) -> HostPolicyStatus {
     let mut summaries = Vec::new();
     for name in hosts {

@@ -9,6 +9,7 @@
 
 pub mod decide;
 pub mod demand;
+pub mod report;
 pub mod what_if;
 
 use std::collections::{HashMap, HashSet};
@@ -18,10 +19,9 @@ use std::time::{Duration, Instant};
 use drover_core::drs::{self, Move};
 use drover_core::snapshot::VmKey;
 use drover_crds::contract::{DrsMove, annotations, migration_labels, reasons};
-use drover_crds::host_policy::{DrsRecommendation, DrsStatus, HostPolicy};
+use drover_crds::host_policy::HostPolicy;
 use drover_crds::migration::MigrationTrigger;
 use drover_crds::vm::{VirtualMachine, VmPhase};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
@@ -30,18 +30,7 @@ use crate::context::Context;
 use crate::snapshot::key;
 use crate::writes::{ms_time, now_ms};
 use demand::DemandWindow;
-
-/// What a pool's last pass found and did, for its HostPolicy status.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Report {
-    pub at: Time,
-    pub status: DrsStatus,
-    pub recommendations: Vec<DrsRecommendation>,
-}
-
-/// The last report of each pool, by HostPolicy name (the reports controller
-/// publishes them).
-pub type Reports = std::sync::Mutex<HashMap<String, Report>>;
+use report::Report;
 
 /// Runs DRS for the leader's term: samples the VMs' CPU use every second and
 /// passes over each pool once an interval, the first an interval into the term.
@@ -101,6 +90,7 @@ async fn pass(
     let mean = |vm: &VmKey| window.mean(vm, interval, now);
     let input = decide::pool_input(&snapshot, policy, vms, &migrations, now_ms() as i64, &mean).input();
     let Some(result) = drs::pass(&snapshot, &input).into_iter().next() else { return Ok(()) };
+    ctx.metrics.drs_passes.inc();
     let plan = decide::plan(&result);
     tracing::info!(pool = %pool, imbalance = %plan.status.imbalance, moves = result.moves.len(), "DRS: {}", plan.status.message);
     for m in &plan.migrate {
@@ -136,5 +126,6 @@ async fn start(ctx: &Context, vm: &VirtualMachine, m: &Move) -> Result<(), Error
     let note = format!("DRS moves it from {} to {} (migration {migration}): {}", m.from, m.to, m.reason);
     tracing::info!(vm = %m.vm, "{note}");
     ctx.events.normal(vm, reasons::DRS_MIGRATION, "Migrate", note);
+    ctx.metrics.drs_migrations.inc();
     Ok(())
 }
