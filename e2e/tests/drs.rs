@@ -122,17 +122,22 @@ fn fully_automated_drs_spreads_vms_burning_cpu_on_one_host_and_then_stays_still(
         assert!(moved["reason"].as_str().unwrap().starts_with("balance: "), "{moved}");
         println!("figure: {} annotated drover.dev/drs-moved: {moved}", vm["metadata"]["name"]);
     }
-    let hp = get("", "hostpolicy", &pool);
-    let drs = &hp["status"]["drs"];
-    assert!(drs["imbalance"].is_string() && drs["message"].is_string(), "{}", hp["status"]);
+    // The HostPolicy status shows the pass (its reports refresh every 5 s).
+    let status_of = |wanted: &str| {
+        wait_for(&format!("status.drs saying {wanted:?}"), Duration::from_secs(2 * INTERVAL + 10), || {
+            let drs = get("", "hostpolicy", &pool)["status"]["drs"].clone();
+            drs["message"].as_str().is_some_and(|m| m.contains(wanted)).then_some(drs)
+        })
+    };
+    let drs = status_of("2 migrations started");
+    assert!(drs["imbalance"].is_string() && drs["imbalanceAfter"].is_string() && drs["target"] == "0.10", "{drs}");
     println!("figure: HostPolicy status.drs after the moves: {drs}");
-    // Balanced: two more passes start nothing.
-    std::thread::sleep(Duration::from_secs(2 * INTERVAL + 2));
+    // Balanced: the next passes start nothing.
+    let drs = status_of("no move needed");
+    println!("figure: a pass later: {drs}");
+    std::thread::sleep(Duration::from_secs(INTERVAL + 2));
     assert_eq!(drs_migrations(&ns).len(), 2, "DRS moved a balanced pool: {:#?}", drs_migrations(&ns));
     assert_eq!(hosts_of(&ns), spread);
-    let drs = &get("", "hostpolicy", &pool)["status"]["drs"];
-    assert!(drs["message"].as_str().unwrap().ends_with("no move needed"), "{drs}");
-    println!("figure: two passes later: {drs}");
 }
 
 #[test]
@@ -217,7 +222,10 @@ fn a_required_rule_broken_where_the_vms_run_is_fixed_by_a_mandatory_move_even_at
     wait_for("the rule compliant", Duration::from_secs(20), || {
         (get(&ns, "drsrule", "apart")["status"]["compliant"] == true).then_some(())
     });
-    let drs = &get("", "hostpolicy", &pool)["status"]["drs"];
+    let drs = wait_for("the pass in status.drs", Duration::from_secs(2 * INTERVAL + 10), || {
+        let drs = get("", "hostpolicy", &pool)["status"]["drs"].clone();
+        drs["message"].as_str().is_some_and(|m| m.starts_with("threshold 1: only mandatory moves")).then_some(drs)
+    });
     assert_eq!(drs["target"], Value::Null, "threshold 1 balances nothing: {drs}");
 }
 
