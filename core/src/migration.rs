@@ -179,7 +179,6 @@ mod tests {
             source: from.into(),
             target: Some(to.into()),
             approved: true,
-            target_listening: false,
             target_state: None,
         }
     }

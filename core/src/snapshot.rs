@@ -270,10 +270,6 @@ pub struct Migration {
     /// Approved and not ended: it holds the VM's resources on `target` (and the VM
     /// still holds its own on `source`).
     pub approved: bool,
-    /// The target published where its receiving VMM listens: the source may have
-    /// sent, so the target may run the VM.
-    #[serde(default)]
-    pub target_listening: bool,
     /// What the target agent last said of its VMM.
     #[serde(default)]
     pub target_state: Option<TargetState>,

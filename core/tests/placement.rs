@@ -183,7 +183,6 @@ fn approved_migrations_hold_their_target() {
             source: "h1".into(),
             target: Some("h2".into()),
             approved: true,
-            target_listening: false,
             target_state: None,
         }],
         ..Default::default()

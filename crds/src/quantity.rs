@@ -43,9 +43,36 @@ pub fn format_mib(mib: u64) -> String {
     if mib >= 1024 && mib.is_multiple_of(1024) { format!("{}Gi", mib / 1024) } else { format!("{mib}Mi") }
 }
 
+/// Host cores as `status.cpuUsage` carries them: millicores rounded to 50m
+/// (`1500m`), so an idle or steady VM does not cause a status write per sample.
+pub fn format_cores(cores: f64) -> String {
+    format!("{}m", ((cores * 1000.0 / 50.0).round() * 50.0) as i64)
+}
+
+/// Host cores from a CPU quantity (`1500m`, `2`); `None` if it is not one.
+pub fn cores(quantity: &str) -> Option<f64> {
+    let q = quantity.trim();
+    let value = match q.strip_suffix('m') {
+        Some(milli) => milli.parse::<f64>().ok()? / 1000.0,
+        None => q.parse::<f64>().ok()?,
+    };
+    (value.is_finite() && value >= 0.0).then_some(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cores_round_trip_in_millicores() {
+        assert_eq!(format_cores(1.5), "1500m");
+        assert_eq!(format_cores(0.4321), "450m");
+        assert_eq!(cores(&format_cores(0.37)), Some(0.35));
+        assert_eq!(cores("2"), Some(2.0));
+        assert_eq!(cores("0m"), Some(0.0));
+        assert_eq!(cores("-1"), None);
+        assert_eq!(cores("lots"), None);
+    }
 
     #[test]
     fn quantities_in_mib() {

@@ -17,66 +17,20 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: a failed step ends it, saying where
 
+mod bench_cluster;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bench_cluster::{Cluster, Names, env_usize};
+
 use drover_crds::vm::{VirtualMachine, VmPhase};
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-struct Cluster {
-    env: Vec<(&'static str, String)>,
-    tools: PathBuf,
-    kubeconfig: PathBuf,
-}
-
 impl Cluster {
-    fn script(&self, args: &[&str]) -> String {
-        let out = Command::new(repo().join("e2e/cluster"))
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (*k, v)))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "e2e/cluster {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let mut child = Command::new(self.tools.join("kubectl"))
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        if let Some(input) = stdin {
-            use std::io::Write;
-            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-        }
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
     fn host_health(&self, host: &str) -> String {
         self.kubectl(&["get", "node", host, "-o", "jsonpath={.metadata.annotations.drover\\.dev/host-health}"], None)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ =
-            Command::new(repo().join("e2e/cluster")).arg("down").envs(self.env.iter().map(|(k, v)| (*k, v))).output();
     }
 }
 
@@ -92,13 +46,7 @@ fn watch(kubeconfig: PathBuf, seen: Arc<Mutex<Seen>>) {
     use futures::StreamExt;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async move {
-        let config = kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(),
-            &Default::default(),
-        )
-        .await
-        .unwrap();
-        let client = kube::Client::try_from(config).unwrap();
+        let client = bench_cluster::client(&kubeconfig).await;
         let api: kube::Api<VirtualMachine> = kube::Api::namespaced(client, "bench");
         let mut events = kube::runtime::watcher(api, Default::default()).boxed();
         while let Some(event) = events.next().await {
@@ -150,54 +98,16 @@ fn main() {
     }
     let trials = env_usize("DROVER_BENCH_TRIALS", 20);
     let many = env_usize("DROVER_BENCH_HA_VMS", 50);
-    let release = repo().join("target/release");
-    for bin in ["drover-agent", "drover-vmm", "drover-monitor", "drover-operator"] {
-        assert!(
-            release.join(bin).is_file(),
-            "{} missing: cargo build --release --bins -p drover-node-agent -p drover-hypervisor -p drover-operator",
-            release.join(bin).display()
-        );
-    }
-    let state = std::env::temp_dir().join(format!("drover-bench-ha-{}", std::process::id()));
-    let env = vec![
-        ("DROVER_STATE", state.display().to_string()),
-        ("DROVER_APISERVER_PORT", "31443".to_string()),
-        ("DROVER_ETCD_PORT", "31379".to_string()),
-        ("DROVER_BRIDGE", "droverha0".to_string()),
-        ("DROVER_HOST_NET", "10.83.0".to_string()),
-        ("DROVER_NETNS_PREFIX", "droverha-".to_string()),
-        ("DROVER_BIN_DIR", release.display().to_string()),
-    ];
-    let tools = PathBuf::from(
-        String::from_utf8_lossy(&Command::new(repo().join("e2e/build-tools")).output().unwrap().stdout).trim(),
-    );
-    let mut cluster = Cluster { env, tools, kubeconfig: PathBuf::new() };
-    cluster.kubeconfig = PathBuf::from(cluster.script(&["up", "--bare", "--hosts", "3"]));
-    let crds = repo().join("crds").display().to_string();
-    cluster.kubectl(&["apply", "-f", &crds], None);
-    cluster.kubectl(&["wait", "--for", "condition=Established", "--timeout", "60s", "-f", &crds], None);
-    cluster.kubectl(&["label", "nodes", "--all", "drover.dev/pool=bench"], None);
     // The HA timing defaults (1 s heartbeat, 3 s detection), and room for the 50
     // VMs on two hosts. Admission control is off: the bench crowds 50 VMs onto one
     // host while the others are cordoned (offering nothing for failover), which
     // admission control rightly refuses; it plays no part in restart times.
-    cluster.kubectl(&["apply", "-f", "-"], Some("apiVersion: drover.dev/v1alpha1\nkind: HostPolicy\nmetadata: {name: bench}\nspec:\n  nodeSelector: {matchLabels: {drover.dev/pool: bench}}\n  capacity: {cpuOvercommitRatio: 32, reservedMemory: 1Gi}\n  ha: {admissionControl: false}\n"));
-    let guest = state.join("guest.elf");
-    assert!(Command::new(release.join("drover-vmm")).arg("write-test-guest").arg(&guest).status().unwrap().success());
-    cluster.kubectl(&["create", "namespace", "bench"], None);
-    let log = std::fs::File::create(state.join("operator-bench.log")).unwrap();
-    let mut operator = Command::new(release.join("drover-operator"))
-        .args(["--kubeconfig", &cluster.kubeconfig.display().to_string(), "--identity", "bench"])
-        .args(["--http-address", "127.0.0.1:0", "--leader-lease-seconds", "6"])
-        .env("RUST_LOG", "warn")
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let hosts: Vec<String> = cluster
-        .kubectl(&["get", "nodes", "-o", "jsonpath={.items[*].metadata.name}"], None)
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
+    let names = Names { bench: "ha", short: "ha", apiserver_port: 31443, etcd_port: 31379, host_net: "10.83.0" };
+    let policy = "  capacity: {cpuOvercommitRatio: 32, reservedMemory: 1Gi}\n  ha: {admissionControl: false}\n";
+    let cluster = Cluster::up(&names, 3, policy);
+    let guest = cluster.guest.clone();
+    let mut operator = cluster.start_operator();
+    let hosts = cluster.hosts();
     let ready = |cluster: &Cluster, host: &str| {
         let start = Instant::now();
         while cluster.host_health(host) != "Ready" {

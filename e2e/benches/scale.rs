@@ -19,62 +19,14 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: a failed step ends it, saying where
 
+mod bench_cluster;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-struct Cluster {
-    env: Vec<(&'static str, String)>,
-    tools: PathBuf,
-    kubeconfig: PathBuf,
-}
-
-impl Cluster {
-    fn script(&self, args: &[&str]) -> String {
-        let out = Command::new(repo().join("e2e/cluster"))
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (*k, v)))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "e2e/cluster {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let mut child = Command::new(self.tools.join("kubectl"))
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        if let Some(input) = stdin {
-            use std::io::Write;
-            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-        }
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ =
-            Command::new(repo().join("e2e/cluster")).arg("down").envs(self.env.iter().map(|(k, v)| (*k, v))).output();
-    }
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
+use bench_cluster::{Cluster, Names, env_usize};
 
 /// Write requests served so far, by resource: (verb sum over POST, PUT, PATCH, APPLY, DELETE).
 fn writes(cluster: &Cluster) -> HashMap<String, f64> {
@@ -110,13 +62,7 @@ fn watch_vms(kubeconfig: &Path, started: Instant, seen: Arc<Mutex<Seen>>, vms: u
     use futures::StreamExt;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async move {
-        let config = kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(kubeconfig).unwrap(),
-            &Default::default(),
-        )
-        .await
-        .unwrap();
-        let client = kube::Client::try_from(config).unwrap();
+        let client = bench_cluster::client(kubeconfig).await;
         let api: kube::Api<drover_crds::vm::VirtualMachine> = kube::Api::namespaced(client, "bench");
         let mut events = kube::runtime::watcher(api, Default::default()).boxed();
         let deadline = tokio::time::sleep(Duration::from_secs(300));
@@ -160,64 +106,11 @@ fn main() {
     let vms = env_usize("DROVER_BENCH_VMS", 500);
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let hosts = env_usize("DROVER_BENCH_HOSTS", vms.div_ceil(32 * cpus).max(1));
-    let release = repo().join("target/release");
-    for bin in ["drover-agent", "drover-vmm", "drover-monitor", "drover-operator"] {
-        assert!(
-            release.join(bin).is_file(),
-            "{} missing: cargo build --release --bins -p drover-node-agent -p drover-hypervisor -p drover-operator",
-            release.join(bin).display()
-        );
-    }
-    let state = std::env::temp_dir().join(format!("drover-bench-scale-{}", std::process::id()));
-    let env = vec![
-        ("DROVER_STATE", state.display().to_string()),
-        ("DROVER_APISERVER_PORT", "30443".to_string()),
-        ("DROVER_ETCD_PORT", "30379".to_string()),
-        ("DROVER_BRIDGE", "droverbn0".to_string()),
-        ("DROVER_HOST_NET", "10.82.0".to_string()),
-        ("DROVER_NETNS_PREFIX", "droverbn-".to_string()),
-        ("DROVER_BIN_DIR", release.display().to_string()),
-    ];
-    let tools = PathBuf::from(
-        String::from_utf8_lossy(&Command::new(repo().join("e2e/build-tools")).output().unwrap().stdout).trim(),
-    );
-    let mut cluster = Cluster { env, tools, kubeconfig: PathBuf::new() };
-    cluster.kubeconfig = PathBuf::from(cluster.script(&["up", "--bare", "--hosts", &hosts.to_string()]));
-    cluster.kubectl(&["apply", "-f", &repo().join("crds").display().to_string()], None);
-    cluster.kubectl(
-        &[
-            "wait",
-            "--for",
-            "condition=Established",
-            "--timeout",
-            "60s",
-            "-f",
-            &repo().join("crds").display().to_string(),
-        ],
-        None,
-    );
     // A pool with room for them all: idle guests cost almost no CPU.
-    cluster.kubectl(&["label", "nodes", "--all", "drover.dev/pool=bench"], None);
-    cluster.kubectl(&["apply", "-f", "-"], Some("apiVersion: drover.dev/v1alpha1\nkind: HostPolicy\nmetadata: {name: bench}\nspec:\n  nodeSelector: {matchLabels: {drover.dev/pool: bench}}\n  capacity: {cpuOvercommitRatio: 32, reservedMemory: 1Gi}\n"));
-    let guest = state.join("guest.elf");
-    assert!(Command::new(release.join("drover-vmm")).arg("write-test-guest").arg(&guest).status().unwrap().success());
-    cluster.kubectl(&["create", "namespace", "bench"], None);
-    let log = std::fs::File::create(state.join("operator-bench.log")).unwrap();
-    let mut operator = Command::new(release.join("drover-operator"))
-        .args([
-            "--kubeconfig",
-            &cluster.kubeconfig.display().to_string(),
-            "--identity",
-            "bench",
-            "--http-address",
-            "127.0.0.1:0",
-            "--leader-lease-seconds",
-            "6",
-        ])
-        .env("RUST_LOG", "warn")
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let names = Names { bench: "scale", short: "bn", apiserver_port: 30443, etcd_port: 30379, host_net: "10.82.0" };
+    let cluster = Cluster::up(&names, hosts, "  capacity: {cpuOvercommitRatio: 32, reservedMemory: 1Gi}\n");
+    let guest = cluster.guest.clone();
+    let mut operator = cluster.start_operator();
     // Let the hosts publish their facts under the policy.
     std::thread::sleep(Duration::from_secs(5));
     let sizes = ["16Mi", "32Mi", "48Mi", "64Mi"];

@@ -76,6 +76,35 @@ pub fn vm_yaml(ns: &str, name: &str, vcpus: u32, memory: &str, cmdline: &str) ->
     )
 }
 
+/// An idle 32 MiB VM of `vcpus` with `labels` (YAML map entries, may be empty)
+/// and `extra` spec lines (indented two spaces) after the boot.
+pub fn idle_vm(ns: &str, name: &str, labels: &str, vcpus: u32, extra: &str) -> String {
+    format!(
+        "apiVersion: drover.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\n\
+         spec:\n  cpu: {{vcpus: {vcpus}}}\n  memory: {{size: 32Mi}}\n  boot: {{kernel: {}, cmdline: \"drover.mode=idle\"}}\n{extra}",
+        guest_image().display()
+    )
+}
+
+/// The condition `type_` of an object's status, or null.
+pub fn condition(status: &Value, type_: &str) -> Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// The host a VM's status places it on ("" if none).
+pub fn node_of(ns: &str, name: &str) -> String {
+    vm_status(ns, name)["nodeName"].as_str().unwrap_or_default().to_string()
+}
+
+/// The host of `hosts` named `name`.
+pub fn host_named<'a>(hosts: &'a [Host], name: &str) -> &'a Host {
+    hosts.iter().find(|h| h.name() == name).unwrap_or_else(|| panic!("no host {name}"))
+}
+
 /// Places a VM on a host and asks for it to start, as the operator will.
 pub fn place(ns: &str, vm: &str, host: &Host) {
     let patch = format!(r#"{{"status":{{"nodeName":"{}","phase":"Scheduled"}}}}"#, host.name());

@@ -14,31 +14,6 @@ use std::time::{Duration, Instant};
 use drover_e2e::hosts::{Host, unique_name};
 use drover_e2e::operator::Operator;
 use drover_e2e::vms::*;
-use serde_json::Value;
-
-fn vm(ns: &str, name: &str, labels: &str, vcpus: u32, extra: &str) -> String {
-    format!(
-        "apiVersion: drover.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\n\
-         spec:\n  cpu: {{vcpus: {vcpus}}}\n  memory: {{size: 32Mi}}\n  boot: {{kernel: {}, cmdline: \"drover.mode=idle\"}}\n{extra}",
-        guest_image().display()
-    )
-}
-
-fn condition(status: &Value, type_: &str) -> Value {
-    status["conditions"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
-fn node_of(ns: &str, name: &str) -> String {
-    vm_status(ns, name)["nodeName"].as_str().unwrap_or_default().to_string()
-}
-
-fn host_named<'a>(hosts: &'a [Host], name: &str) -> &'a Host {
-    hosts.iter().find(|h| h.name() == name).unwrap_or_else(|| panic!("no host {name}"))
-}
 
 #[test]
 fn a_stopped_hosts_vms_run_elsewhere_within_seconds_and_disabled_ones_stay_down() {
@@ -46,10 +21,10 @@ fn a_stopped_hosts_vms_run_elsewhere_within_seconds_and_disabled_ones_stay_down(
     let ns = namespace("ha-basic");
     let hosts = [Host::add(&unique_name("ha")), Host::add(&unique_name("ha"))];
     let _op = Operator::start("op-1", &ns, &[]);
-    apply(&vm(&ns, "web", "", 1, "  ha: {restartPriority: High}\n"));
+    apply(&idle_vm(&ns, "web", "", 1, "  ha: {restartPriority: High}\n"));
     wait_phase(&ns, "web", "Running", Duration::from_secs(30));
     let first = node_of(&ns, "web");
-    apply(&vm(
+    apply(&idle_vm(
         &ns,
         "scratch",
         "",

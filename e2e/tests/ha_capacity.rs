@@ -14,26 +14,6 @@ use drover_e2e::operator::Operator;
 use drover_e2e::vms::*;
 use serde_json::Value;
 
-fn vm(ns: &str, name: &str, vcpus: u32, extra: &str) -> String {
-    format!(
-        "apiVersion: drover.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {name}, namespace: {ns}}}\n\
-         spec:\n  cpu: {{vcpus: {vcpus}}}\n  memory: {{size: 32Mi}}\n  boot: {{kernel: {}, cmdline: \"drover.mode=idle\"}}\n{extra}",
-        guest_image().display()
-    )
-}
-
-fn condition(status: &Value, type_: &str) -> Value {
-    status["conditions"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
-fn node_of(ns: &str, name: &str) -> String {
-    vm_status(ns, name)["nodeName"].as_str().unwrap_or_default().to_string()
-}
-
 /// A pool of its own (label `drover.dev/pool=<pool>` on its hosts): no CPU
 /// overcommit, HA admission control for one host failure.
 fn pool(pool: &str, hosts: &[&Host]) {
@@ -71,12 +51,12 @@ fn admission_control_holds_the_start_that_breaks_failover_capacity_until_a_host_
     // 3 hosts x 2 vCPUs: 4 vCPUs of protected VMs survive any one host failure
     // (the other two hosts hold 4); a fifth does not.
     for i in 1..=4 {
-        apply(&vm(&ns, &format!("vm-{i}"), 1, ""));
+        apply(&idle_vm(&ns, &format!("vm-{i}"), "", 1, ""));
     }
     for i in 1..=4 {
         wait_phase(&ns, &format!("vm-{i}"), "Running", Duration::from_secs(40));
     }
-    apply(&vm(&ns, "vm-5", 1, ""));
+    apply(&idle_vm(&ns, "vm-5", "", 1, ""));
     let status = wait_phase(&ns, "vm-5", "Pending", Duration::from_secs(20));
     let why = condition(&status, "Scheduled");
     let message = why["message"].as_str().unwrap().to_string();
@@ -99,7 +79,7 @@ fn admission_control_holds_the_start_that_breaks_failover_capacity_until_a_host_
     // A VM HA would not restart (Disabled) needs no reserve, but must not eat it
     // either: with 8 vCPUs, 5 protected, a 3-vCPU Disabled VM cannot fit anyway,
     // a 1-vCPU one can.
-    apply(&vm(&ns, "scratch", 1, "  ha: {restartPriority: Disabled}\n"));
+    apply(&idle_vm(&ns, "scratch", "", 1, "  ha: {restartPriority: Disabled}\n"));
     wait_phase(&ns, "scratch", "Running", Duration::from_secs(40));
 }
 
@@ -110,12 +90,12 @@ fn with_room_for_some_the_high_priority_vm_restarts_first_and_the_low_one_waits_
     let (a, b) = (Host::add(&unique_name("order")), Host::add(&unique_name("order")));
     let _op = Operator::start("op-1", &ns, &[]);
     // b gets a filler VM, leaving it one free vCPU (2-CPU hosts, no policy: no overcommit).
-    apply(&vm(&ns, "filler", 1, &format!("  nodeSelector: {{kubernetes.io/hostname: {}}}\n", b.name())));
+    apply(&idle_vm(&ns, "filler", "", 1, &format!("  nodeSelector: {{kubernetes.io/hostname: {}}}\n", b.name())));
     wait_phase(&ns, "filler", "Running", Duration::from_secs(30));
     // high and low on a: b cordoned while they are placed.
     kubectl(&["cordon", b.name()]);
-    apply(&vm(&ns, "low", 1, "  ha: {restartPriority: Low}\n"));
-    apply(&vm(&ns, "high", 1, "  ha: {restartPriority: High}\n"));
+    apply(&idle_vm(&ns, "low", "", 1, "  ha: {restartPriority: Low}\n"));
+    apply(&idle_vm(&ns, "high", "", 1, "  ha: {restartPriority: High}\n"));
     wait_phase(&ns, "low", "Running", Duration::from_secs(30));
     wait_phase(&ns, "high", "Running", Duration::from_secs(30));
     assert_eq!((node_of(&ns, "low"), node_of(&ns, "high")), (a.name().to_string(), a.name().to_string()));

@@ -107,14 +107,6 @@ fn reasons(status: &Value) -> String {
         .unwrap_or_default()
 }
 
-fn node_of(ns: &str, name: &str) -> String {
-    vm_status(ns, name)["nodeName"].as_str().unwrap_or_default().to_string()
-}
-
-fn host_named<'a>(hosts: &'a [Host], name: &str) -> &'a Host {
-    hosts.iter().find(|h| h.name() == name).unwrap_or_else(|| panic!("no host {name}"))
-}
-
 /// The rounds the run that printed the digest went through, from a console log
 /// that may hold earlier runs too (each starts again at round 1, or a migrated one
 /// at the round it came with): the last unbroken sequence before the digest.

@@ -55,28 +55,8 @@ impl Kind {
     }
 }
 
-fn vm(ns: &str, name: &str, labels: &str, extra: &str) -> String {
-    format!(
-        "apiVersion: drover.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\n\
-         spec:\n  cpu: {{vcpus: 1}}\n  memory: {{size: 32Mi}}\n  boot: {{kernel: {}, cmdline: \"drover.mode=idle\"}}\n{extra}",
-        guest_image().display()
-    )
-}
-
-fn condition(status: &Value, type_: &str) -> Value {
-    status["conditions"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
 fn node_in(status: &Value) -> String {
     status["nodeName"].as_str().unwrap_or_default().to_string()
-}
-
-fn host_named<'a>(hosts: &'a [Host], name: &str) -> &'a Host {
-    hosts.iter().find(|h| h.name() == name).unwrap_or_else(|| panic!("no host {name}"))
 }
 
 fn health(host: &str) -> String {
@@ -119,13 +99,14 @@ fn forty_host_failures_never_run_a_vm_twice_restart_a_disabled_one_or_join_a_req
     let sampler = Sampler::start();
     let _op = Operator::start("op-1", &ns, &[]);
 
-    apply(&vm(&ns, "high", "", "  ha: {restartPriority: High}\n"));
+    apply(&idle_vm(&ns, "high", "", 1, "  ha: {restartPriority: High}\n"));
     let first = node_in(&wait_phase(&ns, "high", "Running", Duration::from_secs(40)));
     // The Disabled VM on the High VM's host: it fails with it in the first trial.
-    apply(&vm(
+    apply(&idle_vm(
         &ns,
         "disabled",
         "",
+        1,
         &format!("  ha: {{restartPriority: Disabled}}\n  nodeSelector: {{kubernetes.io/hostname: {first}}}\n"),
     ));
     wait_phase(&ns, "disabled", "Running", Duration::from_secs(40));
@@ -133,8 +114,8 @@ fn forty_host_failures_never_run_a_vm_twice_restart_a_disabled_one_or_join_a_req
         "apiVersion: drover.dev/v1alpha1\nkind: DRSRule\nmetadata: {{name: pair-apart, namespace: {ns}}}\nspec:\n  \
          type: VmVmAntiAffinity\n  enforcement: Required\n  vmSelector: {{matchLabels: {{app: pair}}}}\n"
     ));
-    apply(&vm(&ns, "pair-1", "app: pair", ""));
-    apply(&vm(&ns, "pair-2", "app: pair", ""));
+    apply(&idle_vm(&ns, "pair-1", "app: pair", 1, ""));
+    apply(&idle_vm(&ns, "pair-2", "app: pair", 1, ""));
     let uids: BTreeMap<&str, String> =
         ["high", "disabled", "pair-1", "pair-2"].into_iter().map(|v| (v, uid(&ns, v))).collect();
     sampler.keep_apart(&uids["pair-1"], &uids["pair-2"]);

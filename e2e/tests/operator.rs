@@ -31,18 +31,6 @@ fn idle(ns: &str, name: &str, labels: &str, vcpus: u32) -> String {
     vm(ns, name, labels, &format!("{{vcpus: {vcpus}}}"), "32Mi", "drover.mode=idle", "")
 }
 
-fn condition(status: &Value, type_: &str) -> Value {
-    status["conditions"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
-fn node_of(ns: &str, name: &str) -> String {
-    vm_status(ns, name)["nodeName"].as_str().unwrap_or_default().to_string()
-}
-
 fn migration_status(ns: &str, name: &str) -> Value {
     get(ns, "vmim", name)["status"].clone()
 }

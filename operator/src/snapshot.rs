@@ -293,7 +293,6 @@ pub fn migration(m: &VirtualMachineMigration) -> Option<Migration> {
         source: status.and_then(|s| s.source_node.clone()).unwrap_or_default(),
         target: status.and_then(|s| s.target_node.clone()).filter(|_| approved),
         approved,
-        target_listening: status.is_some_and(|s| s.target_address.is_some()),
         target_state: status.and_then(|s| s.target_state).map(target_state),
     })
 }

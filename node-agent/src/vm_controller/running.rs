@@ -124,8 +124,7 @@ pub fn status(seen: &Seen) -> VirtualMachineStatus {
         new.boot_millis = vmm.boot_time_ms.map(|ms| ms as i64);
     }
     if let Some(cores) = seen.cpu_usage {
-        // Rounded to 50m, so an idle or steady VM does not cause a write per sample.
-        new.cpu_usage = Some(format!("{}m", ((cores * 1000.0 / 50.0).round() * 50.0) as i64));
+        new.cpu_usage = Some(drover_crds::quantity::format_cores(cores));
     }
     new.console_url =
         Some(format!("{}/vms/{}/{}/console", seen.agent_url, vm.namespace().unwrap_or_default(), vm.name_any()));

@@ -41,28 +41,9 @@ impl DemandWindow {
     }
 }
 
-/// Host cores from a CPU quantity as the agent writes it (`1500m`, `2`).
-pub fn cores(quantity: &str) -> Option<f64> {
-    let q = quantity.trim();
-    let value = match q.strip_suffix('m') {
-        Some(milli) => milli.parse::<f64>().ok()? / 1000.0,
-        None => q.parse::<f64>().ok()?,
-    };
-    (value.is_finite() && value >= 0.0).then_some(value)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quantities_read_as_cores() {
-        assert_eq!(cores("1500m"), Some(1.5));
-        assert_eq!(cores("2"), Some(2.0));
-        assert_eq!(cores("0m"), Some(0.0));
-        assert_eq!(cores("-1"), None);
-        assert_eq!(cores("lots"), None);
-    }
 
     #[test]
     fn the_mean_is_over_the_window_only() {

@@ -49,7 +49,7 @@ pub async fn run(ctx: Arc<Context>) {
             if status.and_then(|s| s.phase) != Some(VmPhase::Running) {
                 continue;
             }
-            if let Some(cores) = status.and_then(|s| s.cpu_usage.as_deref()).and_then(demand::cores) {
+            if let Some(cores) = status.and_then(|s| s.cpu_usage.as_deref()).and_then(drover_crds::quantity::cores) {
                 let k = key(vm.as_ref());
                 window.record(&k, cores, now);
                 live.insert(k);

@@ -8,6 +8,7 @@
 //! operator times Leases on its own clock instead; for a what-if the difference
 //! is a second of skew).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use drover_core::drs::{self, PoolPass};
@@ -23,7 +24,6 @@ use kube::{Api, ResourceExt};
 use serde::{Deserialize, Serialize};
 
 use super::decide::{self, PoolInput};
-use super::demand;
 use crate::Error;
 use crate::heartbeats::Heartbeat;
 use crate::snapshot::{World, build, key};
@@ -61,11 +61,13 @@ pub async fn live(client: kube::Client, heartbeat_namespace: &str) -> Result<Dum
         migrations: &migrations,
         heartbeat: &heartbeat,
     });
-    let usage = |vm: &drover_core::snapshot::VmKey| {
-        vms.iter()
-            .find(|v| key(v.as_ref()) == *vm)
-            .and_then(|v| v.status.as_ref()?.cpu_usage.as_deref().and_then(demand::cores))
-    };
+    let usage: HashMap<_, f64> = vms
+        .iter()
+        .filter_map(|v| {
+            Some((key(v.as_ref()), drover_crds::quantity::cores(v.status.as_ref()?.cpu_usage.as_deref()?)?))
+        })
+        .collect();
+    let usage = |vm: &drover_core::snapshot::VmKey| usage.get(vm).copied();
     let pools = policies
         .iter()
         .filter(|p| p.spec.drs.enabled)
