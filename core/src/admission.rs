@@ -265,41 +265,14 @@ fn failover(settings: HaSettings, hosts: &[Counted]) -> Failover {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::{Capacity, HostHealth, RestartPriority, Snapshot, VmHa};
+    use crate::snapshot::{HostHealth, RestartPriority, Snapshot, VmHa};
 
     fn host(name: &str, cpus: u32) -> Host {
-        Host {
-            name: name.into(),
-            labels: Default::default(),
-            health: HostHealth::Ready,
-            schedulable: true,
-            maintenance: false,
-            policy: Some("pool".into()),
-            capacity: Capacity {
-                cpus: (0..cpus).collect(),
-                vcpus: u64::from(cpus),
-                memory_mib: 64 * 1024,
-                numa: vec![],
-                siblings: vec![],
-            },
-            numa_spanning: true,
-        }
+        crate::fixtures::host(name, cpus, u64::from(cpus), 64 * 1024)
     }
 
     fn vm(name: &str, vcpus: u32, on: Option<&str>, priority: RestartPriority) -> Vm {
-        Vm {
-            key: crate::snapshot::Key::new("ns", name),
-            labels: Default::default(),
-            vcpus,
-            memory_mib: 1024,
-            cpu: CpuRequest::Shared { host_cpus: None },
-            numa: Default::default(),
-            node_selector: Default::default(),
-            host: on.map(str::to_string),
-            holds: on.is_some(),
-            allocated_cpus: None,
-            ha: VmHa { priority, keeps_running: true },
-        }
+        Vm { ha: VmHa { priority, keeps_running: true }, ..crate::fixtures::vm(name, vcpus, 1024, on) }
     }
 
     fn snapshot(vms: Vec<Vm>, tolerate: u32) -> Snapshot {

@@ -138,25 +138,10 @@ fn outcome_pending(m: &Moving) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::{Capacity, CpuRequest, HaSettings, Host, HostHealth, Key, Rule, RuleKind, Snapshot, VmHa};
+    use crate::snapshot::{HaSettings, Host, HostHealth, Key, Rule, RuleKind, Snapshot, VmHa};
 
     fn host(name: &str, cpus: u32, health: HostHealth) -> Host {
-        Host {
-            name: name.into(),
-            labels: Default::default(),
-            health,
-            schedulable: true,
-            maintenance: false,
-            policy: Some("pool".into()),
-            capacity: Capacity {
-                cpus: (0..cpus).collect(),
-                vcpus: u64::from(cpus),
-                memory_mib: 64 * 1024,
-                numa: vec![],
-                siblings: vec![],
-            },
-            numa_spanning: true,
-        }
+        Host { health, ..crate::fixtures::host(name, cpus, u64::from(cpus), 64 * 1024) }
     }
 
     fn failed() -> HostHealth {
@@ -164,19 +149,7 @@ mod tests {
     }
 
     fn vm(name: &str, vcpus: u32, on: &str, priority: RestartPriority) -> Vm {
-        Vm {
-            key: Key::new("ns", name),
-            labels: Default::default(),
-            vcpus,
-            memory_mib: 512,
-            cpu: CpuRequest::Shared { host_cpus: None },
-            numa: Default::default(),
-            node_selector: Default::default(),
-            host: Some(on.into()),
-            holds: true,
-            allocated_cpus: None,
-            ha: VmHa { priority, keeps_running: true },
-        }
+        Vm { ha: VmHa { priority, keeps_running: true }, ..crate::fixtures::vm(name, vcpus, 512, Some(on)) }
     }
 
     fn snapshot(hosts: Vec<Host>, vms: Vec<Vm>) -> Snapshot {

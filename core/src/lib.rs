@@ -26,6 +26,8 @@
 pub mod admission;
 pub mod drs;
 pub mod explain;
+#[cfg(test)]
+mod fixtures;
 pub mod ha;
 pub mod ledger;
 pub mod lifecycle;

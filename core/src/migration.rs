@@ -141,35 +141,14 @@ fn explain_one(host: &str, reason: Reason) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::{Capacity, CpuRequest, Host, HostHealth, NumaRequest, Snapshot};
+    use crate::snapshot::{Host, Snapshot};
 
     fn host(name: &str) -> Host {
-        Host {
-            name: name.into(),
-            labels: Default::default(),
-            health: HostHealth::Ready,
-            schedulable: true,
-            maintenance: false,
-            policy: None,
-            capacity: Capacity { cpus: (0..4).collect(), vcpus: 8, memory_mib: 8192, numa: vec![], siblings: vec![] },
-            numa_spanning: true,
-        }
+        Host { policy: None, ..crate::fixtures::host(name, 4, 8, 8192) }
     }
 
     fn vm(name: &str, on: &str) -> Vm {
-        Vm {
-            key: Key::new("ns", name),
-            labels: Default::default(),
-            vcpus: 2,
-            memory_mib: 512,
-            cpu: CpuRequest::Shared { host_cpus: None },
-            numa: NumaRequest::default(),
-            node_selector: Default::default(),
-            host: Some(on.into()),
-            holds: true,
-            allocated_cpus: None,
-            ha: Default::default(),
-        }
+        crate::fixtures::vm(name, 2, 512, Some(on))
     }
 
     fn migration(name: &str, vm: &str, from: &str, to: &str) -> Migration {
