@@ -3,13 +3,14 @@
 //! ELF vmlinux without the note boots through the Linux 64-bit boot protocol. Both
 //! get ACPI tables (RSDP, XSDT, MADT) and an MP table describing every vCPU.
 
+use crate::memory::GuestRam;
 use std::fs::File;
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::{Elf, Error as ElfError, PvhBootCapability};
 use linux_loader::loader::{Error as LoaderError, KernelLoader, KernelLoaderResult};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::Error;
 use crate::arch::x86_64::{acpi, layout, linux, mptable, pvh, regs};
@@ -34,7 +35,7 @@ enum Kernel {
 /// Loads the kernel of `config` and its boot structures into `memory`.
 pub fn load(
     config: &VmConfig,
-    memory: &GuestMemoryMmap,
+    memory: &GuestRam,
     apic_ids: &[u32],
     ram: &[(u64, u64)],
 ) -> Result<BootEntry, Error> {
@@ -84,7 +85,7 @@ pub fn load(
     }
 }
 
-fn load_kernel(config: &VmConfig, memory: &GuestMemoryMmap) -> Result<Kernel, Error> {
+fn load_kernel(config: &VmConfig, memory: &GuestRam) -> Result<Kernel, Error> {
     let kernel_err = |why: String| Error::Kernel { path: config.kernel.display().to_string(), why };
     let mut file = File::open(&config.kernel).map_err(|e| kernel_err(format!("cannot open: {e}")))?;
     let high = Some(GuestAddress(layout::HIMEM_START));
@@ -104,7 +105,7 @@ fn load_kernel(config: &VmConfig, memory: &GuestMemoryMmap) -> Result<Kernel, Er
 
 fn load_initrd(
     config: &VmConfig,
-    memory: &GuestMemoryMmap,
+    memory: &GuestRam,
     ram: &[(u64, u64)],
     max: Option<u64>,
 ) -> Result<Option<(u64, u64)>, Error> {
@@ -120,12 +121,12 @@ fn load_initrd(
     Ok(Some((addr, bytes.len() as u64)))
 }
 
-fn load_cmdline(memory: &GuestMemoryMmap, at: u64, cmdline: &Cmdline) -> Result<(), Error> {
+fn load_cmdline(memory: &GuestRam, at: u64, cmdline: &Cmdline) -> Result<(), Error> {
     linux_loader::loader::load_cmdline(memory, GuestAddress(at), cmdline)
         .map_err(|e| Error::Memory(format!("writing the command line: {e}")))
 }
 
-fn write(memory: &GuestMemoryMmap, at: u64, bytes: &[u8], what: &str) -> Result<(), Error> {
+fn write(memory: &GuestRam, at: u64, bytes: &[u8], what: &str) -> Result<(), Error> {
     memory.write_slice(bytes, GuestAddress(at)).map_err(|e| Error::Memory(format!("writing the {what}: {e}")))
 }
 
@@ -134,8 +135,8 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()
+    fn memory() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()
     }
 
     fn config(kernel: &Path, cmdline: &str) -> VmConfig {

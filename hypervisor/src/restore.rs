@@ -3,8 +3,8 @@
 //! restore; the sources (`snapshot`, `migration::receive`) implement it without
 //! knowing the VMM.
 
-use vm_memory::GuestMemoryMmap;
 
+use crate::memory::GuestRam;
 use crate::Error;
 use crate::state::VmState;
 
@@ -15,7 +15,7 @@ use crate::state::VmState;
 /// they run. For a migration target everything after `load` is downtime.
 pub trait RestoreSource {
     /// Fills guest memory and returns the rest of the VM's state.
-    fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error>;
+    fn load(&mut self, memory: &GuestRam) -> Result<VmState, Error>;
     /// The VM is restored; its vCPU threads start (held) after this returns.
     fn restored(&mut self) -> Result<(), Error> {
         Ok(())

@@ -1,12 +1,13 @@
 //! Snapshots: a paused VM's state and memory written to a directory
 //! (`state.bin`, `memory.bin`), and a VM started again from them.
 
+use crate::memory::GuestRam;
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::Error;
 use crate::control::VmControl;
@@ -88,7 +89,7 @@ impl Snapshot {
 }
 
 impl crate::restore::RestoreSource for Snapshot {
-    fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error> {
+    fn load(&mut self, memory: &GuestRam) -> Result<VmState, Error> {
         for region in memory.iter() {
             memory
                 .read_exact_volatile_from(region.start_addr(), &mut self.memory, region.len() as usize)

@@ -3,7 +3,8 @@
 //! them. A migration counts them, merges them and walks them as runs of
 //! consecutive pages.
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use super::GuestRam;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Guest page size.
 const PAGE: u64 = 4096;
@@ -40,12 +41,12 @@ impl PageBitmap {
     }
 
     /// No page of `memory`, with a region for each of its regions.
-    pub fn none_of(memory: &GuestMemoryMmap) -> Self {
+    pub fn none_of(memory: &GuestRam) -> Self {
         Self { regions: regions_of(memory).map(|(first_page, pages)| Region::new(first_page, pages, false)).collect() }
     }
 
     /// Every page of `memory`.
-    pub fn all_of(memory: &GuestMemoryMmap) -> Self {
+    pub fn all_of(memory: &GuestRam) -> Self {
         Self { regions: regions_of(memory).map(|(first_page, pages)| Region::new(first_page, pages, true)).collect() }
     }
 
@@ -94,7 +95,7 @@ impl Region {
 }
 
 /// `(first page, page count)` of each region of `memory`.
-fn regions_of(memory: &GuestMemoryMmap) -> impl Iterator<Item = (u64, u64)> + '_ {
+fn regions_of(memory: &GuestRam) -> impl Iterator<Item = (u64, u64)> + '_ {
     memory.iter().map(|r| (r.start_addr().0 / PAGE, r.len() / PAGE))
 }
 
@@ -242,7 +243,7 @@ mod tests {
     fn all_none_and_merge_cover_the_regions_of_memory() {
         // 100 pages (not a multiple of 64) and 256 pages at 4 GiB.
         let memory =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 100 * 4096), (GuestAddress(1 << 32), 256 * 4096)])
+            GuestRam::from_ranges(&[(GuestAddress(0), 100 * 4096), (GuestAddress(1 << 32), 256 * 4096)])
                 .unwrap();
         let all = PageBitmap::all_of(&memory);
         assert_eq!(all.page_count(), 356);

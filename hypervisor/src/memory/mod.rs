@@ -8,9 +8,14 @@
 //! - `bitmap`: sets of guest pages ([`PageBitmap`]: dirty logs, the page map)
 //! - `pagemap`: which pages the host has ever given the guest
 //! - `copy`: copying a page out of a running guest
+//!
+//! Guest RAM carries a dirty bitmap of its own ([`GuestRam`]): every write the
+//! VMM makes through vm-memory (a device's used ring, a disk read into a guest
+//! buffer, a received frame) marks its page there, as KVM's dirty log marks the
+//! guest's own writes; a migration reads both (`Vm::take_dirty_pages`).
 
 use drover_topology::CpuSet;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::Error;
 use crate::config::NumaPolicy;
@@ -22,6 +27,10 @@ mod pagemap;
 pub use bitmap::{PageBitmap, Runs};
 pub use copy::copy_page;
 pub use pagemap::populated_pages;
+
+/// Guest RAM: vm-memory's mmap backend with a page bitmap of the writes the VMM
+/// itself makes (see the module's comment).
+pub type GuestRam = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 const MPOL_PREFERRED: i32 = 1;
 const MPOL_BIND: i32 = 2;
@@ -41,7 +50,7 @@ pub fn mode(policy: NumaPolicy) -> Option<i32> {
 }
 
 /// Binds every region of `memory` to `nodes` with `policy`.
-pub fn bind(memory: &GuestMemoryMmap, policy: NumaPolicy, nodes: &CpuSet) -> Result<(), Error> {
+pub fn bind(memory: &GuestRam, policy: NumaPolicy, nodes: &CpuSet) -> Result<(), Error> {
     let Some(mode) = mode(policy) else { return Ok(()) };
     if nodes.is_empty() {
         return Err(Error::Config(format!("numa: policy {policy:?} needs at least one node")));
@@ -87,7 +96,7 @@ pub fn bind(memory: &GuestMemoryMmap, policy: NumaPolicy, nodes: &CpuSet) -> Res
 /// A migration target does this before it listens, so that the transfer writes
 /// into memory that is already there instead of paying a page fault (and the
 /// zeroing of the page) for every page it receives.
-pub fn prefault(memory: &GuestMemoryMmap) -> Result<(), Error> {
+pub fn prefault(memory: &GuestRam) -> Result<(), Error> {
     const MADV_POPULATE_WRITE: i32 = 23;
     for region in memory.iter() {
         let addr = memory
@@ -119,11 +128,11 @@ pub fn prefault(memory: &GuestMemoryMmap) -> Result<(), Error> {
 ///
 /// Nothing else may read or write these pages while the slice lives: no vCPU
 /// runs, no other thread touches them, and no other reference to them exists.
-// The bytes are the guest's, not the `GuestMemoryMmap` value's: a shared borrow of
+// The bytes are the guest's, not the `GuestRam` value's: a shared borrow of
 // the mapping's handle says nothing about them, and exclusivity is the caller's
 // promise.
 #[allow(clippy::mut_from_ref)]
-pub unsafe fn pages_mut(memory: &GuestMemoryMmap, first: u64, count: usize) -> Result<&mut [u8], Error> {
+pub unsafe fn pages_mut(memory: &GuestRam, first: u64, count: usize) -> Result<&mut [u8], Error> {
     let len = count * 4096;
     let slice = memory
         .get_slice(GuestAddress(first << 12), len)

@@ -2,7 +2,8 @@
 //! page at all and reads as zero, so a migration's first pass skips it without
 //! reading it (a 4 GiB idle guest: 8 MiB of page map instead of 4 GiB of memory).
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use super::GuestRam;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::bitmap::PageBitmap;
 use crate::Error;
@@ -11,7 +12,7 @@ use crate::Error;
 /// Read from `/proc/self/pagemap` (the present and swapped bits need no
 /// privilege), by up to `threads` threads: the kernel's page-table walk costs
 /// about 5 ms per GiB of guest memory that the host has.
-pub fn populated_pages(memory: &GuestMemoryMmap, threads: usize) -> Result<PageBitmap, Error> {
+pub fn populated_pages(memory: &GuestRam, threads: usize) -> Result<PageBitmap, Error> {
     const PAGE: u64 = 4096;
     // 16 Ki pages (64 MiB of guest memory, 128 KiB of page map) per piece; a
     // multiple of 64, so pieces own whole words of the bitmap.
@@ -75,7 +76,7 @@ mod tests {
 
     #[test]
     fn prefaulted_memory_is_populated_and_still_zero() {
-        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let memory = GuestRam::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
         crate::memory::prefault(&memory).unwrap();
         let populated = populated_pages(&memory, 2).unwrap();
         assert_eq!(populated.runs().collect::<Vec<_>>(), vec![(0, 2048)], "every page present");
@@ -89,7 +90,7 @@ mod tests {
         // The low region spans two whole 64 MiB pieces of the page map and part of
         // a third.
         let memory =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 160 << 20), (GuestAddress(1 << 32), 16 << 20)])
+            GuestRam::from_ranges(&[(GuestAddress(0), 160 << 20), (GuestAddress(1 << 32), 16 << 20)])
                 .unwrap();
         memory.write_slice(&[1], GuestAddress(5 * 4096 + 100)).unwrap();
         memory.write_slice(&[1; 8192], GuestAddress(1000 * 4096)).unwrap();

@@ -2,11 +2,12 @@
 //! a new VM, and start it only when the source says it never will again (`Go`).
 //! Whatever goes wrong before then, this VM never runs: a partial VM is never resumed.
 
+use crate::memory::GuestRam;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::channel::SecureStream;
 use super::wire::{self, Frame, PAGE_SIZE, WireError};
@@ -133,7 +134,7 @@ impl Incoming {
 
     /// Receives pages on every lane until the VM state arrives on lane 0 and the
     /// other lanes are done; returns the state.
-    fn receive_memory(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error> {
+    fn receive_memory(&mut self, memory: &GuestRam) -> Result<VmState, Error> {
         let count = self.lanes.len() as u32 + 1;
         // Every socket, to stop all lanes when one fails.
         let sockets: Vec<TcpStream> =
@@ -174,7 +175,7 @@ impl Incoming {
 /// blocks are refused: lanes write guest memory at once, never the same pages.
 fn receive_lane(
     stream: &mut SecureStream,
-    memory: &GuestMemoryMmap,
+    memory: &GuestRam,
     lane: u32,
     lanes: u32,
     peer: &str,
@@ -261,7 +262,7 @@ impl Prefaulted {
 }
 
 impl RestoreSource for Prefaulted {
-    fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error> {
+    fn load(&mut self, memory: &GuestRam) -> Result<VmState, Error> {
         let started = std::time::Instant::now();
         crate::memory::prefault(memory)?;
         tracing::info!(
@@ -289,7 +290,7 @@ impl RestoreSource for Prefaulted {
 }
 
 /// Checks that `count` pages from `first` lie inside guest memory.
-fn check_pages(memory: &GuestMemoryMmap, first: u64, count: u64) -> Result<(), Error> {
+fn check_pages(memory: &GuestRam, first: u64, count: u64) -> Result<(), Error> {
     let out = |page| Error::Wire(WireError::PageOutOfRange { page });
     let last = first.checked_add(count.saturating_sub(1)).ok_or(out(first))?;
     let start = first.checked_mul(PAGE_SIZE as u64).ok_or(out(first))?;
@@ -303,7 +304,7 @@ fn check_pages(memory: &GuestMemoryMmap, first: u64, count: u64) -> Result<(), E
 }
 
 impl RestoreSource for Incoming {
-    fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmState, Error> {
+    fn load(&mut self, memory: &GuestRam) -> Result<VmState, Error> {
         // (Prefaulting all of guest memory in a background thread was tried: it
         // costs a 1 GiB idle guest 300 ms of downtime and all its memory at once.)
         self.receive_memory(memory)
@@ -338,7 +339,7 @@ mod tests {
     fn pages_outside_guest_memory_are_refused() {
         let regions = crate::arch::x86_64::layout::ram_regions(4 << 30);
         let ranges: Vec<_> = regions.iter().map(|(a, l)| (GuestAddress(*a), *l as usize)).collect();
-        let memory = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+        let memory = GuestRam::from_ranges(&ranges).unwrap();
         let low_end = (3u64 << 30) >> 12; // first page of the MMIO hole
         assert!(check_pages(&memory, 0, 256).is_ok());
         assert!(check_pages(&memory, (4u64 << 30) >> 12, 256).is_ok());

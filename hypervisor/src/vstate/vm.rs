@@ -1,9 +1,10 @@
 //! The KVM VM: in-kernel interrupt controllers (PIC, IOAPIC, LAPICs) and PIT, and
 //! guest RAM registered as KVM memory slots.
 
+use crate::memory::GuestRam;
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::Error;
 use crate::arch::x86_64::layout;
@@ -13,13 +14,13 @@ use crate::memory::PageBitmap;
 pub struct Vm {
     pub kvm: Kvm,
     pub fd: VmFd,
-    pub memory: GuestMemoryMmap,
+    pub memory: GuestRam,
 }
 
 /// Asks for transparent huge pages behind guest RAM: fewer page faults when memory
 /// is first touched (a migration target writes all of it at once) and fewer TLB
 /// misses. Advice only: a host without THP ignores it.
-fn advise_huge_pages(memory: &GuestMemoryMmap) {
+fn advise_huge_pages(memory: &GuestRam) {
     for region in memory.iter() {
         if let Ok(addr) = memory.get_host_address(region.start_addr()) {
             // SAFETY: the range is a mapping owned by `memory`; MADV_HUGEPAGE changes
@@ -49,7 +50,7 @@ impl Vm {
             .into_iter()
             .map(|(start, size)| (GuestAddress(start), size as usize))
             .collect();
-        let memory = GuestMemoryMmap::from_ranges(&ranges)
+        let memory = GuestRam::from_ranges(&ranges)
             .map_err(|e| Error::Memory(format!("cannot allocate {} MiB of guest memory: {e}", mem_bytes >> 20)))?;
         advise_huge_pages(&memory);
         let vm = Self { kvm, fd, memory };
@@ -69,15 +70,21 @@ impl Vm {
         self.register_slots(if on { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
     }
 
-    /// Pages written since the last call (KVM's dirty log of every slot). Reading
-    /// clears them.
+    /// Pages written since the last call: KVM's dirty log of every slot (the
+    /// guest's writes) ORed with guest RAM's own bitmap (the VMM's writes: devices).
+    /// Reading clears both.
     pub fn take_dirty_pages(&self) -> Result<PageBitmap, Error> {
         let mut dirty = PageBitmap::with_regions(self.memory.num_regions());
         for (slot, region) in self.memory.iter().enumerate() {
-            let bitmap = self
+            let mut bitmap = self
                 .fd
                 .get_dirty_log(slot as u32, region.len() as usize)
                 .map_err(|source| Error::Kvm { what: "KVM_GET_DIRTY_LOG", source })?;
+            // Each word is swapped out atomically: a device write racing this read
+            // lands in this set or the next, never in neither.
+            for (word, device) in bitmap.iter_mut().zip(std::ops::Deref::deref(region).bitmap().get_and_reset()) {
+                *word |= device;
+            }
             dirty.push_region(region.start_addr().0 >> 12, bitmap);
         }
         Ok(dirty)
@@ -147,5 +154,20 @@ mod tests {
         let mut byte = [0u8];
         vm.memory.read_slice(&mut byte, vm_memory::GuestAddress(0x5000)).unwrap();
         assert_eq!(byte, [1]);
+    }
+
+    /// Needs /dev/kvm. A page a device thread writes (through vm-memory, as the
+    /// virtio devices do) is in the next dirty set, though KVM never saw the write.
+    #[test]
+    fn pages_the_vmm_writes_are_dirty_too() {
+        let vm = Vm::new(1, 16 << 20).expect("this test needs a usable /dev/kvm");
+        vm.set_dirty_logging(true).unwrap();
+        vm.take_dirty_pages().unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| vm.memory.write_obj(0xabcd_u32, vm_memory::GuestAddress(0x7_3ffe)).unwrap());
+        });
+        let dirty: Vec<u64> = vm.take_dirty_pages().unwrap().pages().collect();
+        assert_eq!(dirty, vec![0x73, 0x74], "a write across a page boundary dirties both pages");
+        assert_eq!(vm.take_dirty_pages().unwrap().page_count(), 0, "reading clears the VMM's bitmap too");
     }
 }
