@@ -33,12 +33,7 @@ enum Kernel {
 }
 
 /// Loads the kernel of `config` and its boot structures into `memory`.
-pub fn load(
-    config: &VmConfig,
-    memory: &GuestRam,
-    apic_ids: &[u32],
-    ram: &[(u64, u64)],
-) -> Result<BootEntry, Error> {
+pub fn load(config: &VmConfig, memory: &GuestRam, apic_ids: &[u32], ram: &[(u64, u64)]) -> Result<BootEntry, Error> {
     let kernel = load_kernel(config, memory)?;
     let memmap = pvh::memory_map(ram);
     let (rsdp, tables) = acpi::tables(layout::ACPI_START, apic_ids);

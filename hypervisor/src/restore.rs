@@ -3,9 +3,8 @@
 //! restore; the sources (`snapshot`, `migration::receive`) implement it without
 //! knowing the VMM.
 
-
-use crate::memory::GuestRam;
 use crate::Error;
+use crate::memory::GuestRam;
 use crate::state::VmState;
 
 /// Where a restored VM comes from: a snapshot, or a migration source.

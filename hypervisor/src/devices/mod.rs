@@ -12,6 +12,7 @@
 pub mod debug_exit;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};

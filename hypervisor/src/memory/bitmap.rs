@@ -243,8 +243,7 @@ mod tests {
     fn all_none_and_merge_cover_the_regions_of_memory() {
         // 100 pages (not a multiple of 64) and 256 pages at 4 GiB.
         let memory =
-            GuestRam::from_ranges(&[(GuestAddress(0), 100 * 4096), (GuestAddress(1 << 32), 256 * 4096)])
-                .unwrap();
+            GuestRam::from_ranges(&[(GuestAddress(0), 100 * 4096), (GuestAddress(1 << 32), 256 * 4096)]).unwrap();
         let all = PageBitmap::all_of(&memory);
         assert_eq!(all.page_count(), 356);
         assert_eq!(all.runs().collect::<Vec<_>>(), vec![(0, 100), (1 << 20, 256)], "no pages past a region's end");

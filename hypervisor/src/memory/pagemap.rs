@@ -89,9 +89,7 @@ mod tests {
     fn populated_pages_are_the_ones_written() {
         // The low region spans two whole 64 MiB pieces of the page map and part of
         // a third.
-        let memory =
-            GuestRam::from_ranges(&[(GuestAddress(0), 160 << 20), (GuestAddress(1 << 32), 16 << 20)])
-                .unwrap();
+        let memory = GuestRam::from_ranges(&[(GuestAddress(0), 160 << 20), (GuestAddress(1 << 32), 16 << 20)]).unwrap();
         memory.write_slice(&[1], GuestAddress(5 * 4096 + 100)).unwrap();
         memory.write_slice(&[1; 8192], GuestAddress(1000 * 4096)).unwrap();
         memory.write_slice(&[1], GuestAddress(30_000 * 4096)).unwrap();
