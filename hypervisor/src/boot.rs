@@ -15,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::Error;
 use crate::arch::x86_64::{acpi, layout, linux, mptable, pvh, regs};
 use crate::config::VmConfig;
+use crate::devices::virtio;
 
 /// How the boot CPU starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +45,14 @@ pub fn load(config: &VmConfig, memory: &GuestRam, apic_ids: &[u32], ram: &[(u64,
     if !config.cmdline.is_empty() {
         cmdline.insert_str(&config.cmdline).map_err(|e| Error::Config(format!("cmdline: {e}")))?;
     }
+    // Every virtio device, as Linux's virtio_mmio driver (and the test guest) finds them.
+    for index in 0..config.disks.len() + config.nics.len() {
+        let (base, irq) = virtio::slot(index);
+        cmdline.add_virtio_mmio_device(virtio::MMIO_SIZE, GuestAddress(base), irq, None).map_err(|e| {
+            Error::Config(format!("cmdline: no room for virtio device {index} after the configured command line: {e}"))
+        })?;
+    }
+    let cmdline_len = cmdline.as_cstring().map(|c| c.as_bytes().len()).unwrap_or(config.cmdline.len());
 
     match kernel {
         Kernel::Pvh(entry) => {
@@ -64,7 +73,7 @@ pub fn load(config: &VmConfig, memory: &GuestRam, apic_ids: &[u32], ram: &[(u64,
             let entry = if hdr.is_some() { r.kernel_load.0 + 0x200 } else { r.kernel_load.0 };
             load_cmdline(memory, layout::LINUX_CMDLINE_START, &cmdline)?;
             let initrd = load_initrd(config, memory, ram, hdr.map(|h| u64::from(h.initrd_addr_max)))?;
-            let mut zero_page = linux::zero_page(hdr, config.cmdline.len(), initrd, &memmap);
+            let mut zero_page = linux::zero_page(hdr, cmdline_len, initrd, &memmap);
             zero_page.0.acpi_rsdp_addr = rsdp;
             memory
                 .write_obj(zero_page, GuestAddress(layout::ZERO_PAGE_START))
@@ -150,6 +159,25 @@ mod tests {
         let mut mp = [0u8; 4];
         mem.read_slice(&mut mp, GuestAddress(mptable::address())).unwrap();
         assert_eq!(&mp, b"_MP_");
+    }
+
+    #[test]
+    fn virtio_devices_are_announced_on_the_command_line() {
+        let mem = memory();
+        let mut config = config(Path::new(env!("DROVER_TEST_GUEST")), "drover.mode=disk");
+        let disk = crate::config::DiskConfig { path: "/d".into(), read_only: false, id: String::new() };
+        config.disks = vec![disk.clone(), disk];
+        config.nics = vec![crate::config::NicConfig { tap: "t0".into(), mac: "52:54:00:00:00:01".into() }];
+        load(&config, &mem, &[0, 1], &[(0, 64 << 20)]).unwrap();
+        let mut cmdline = vec![0u8; 160];
+        mem.read_slice(&mut cmdline, GuestAddress(layout::CMDLINE_START)).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let cmdline = cmdline.trim_end_matches('\0');
+        assert_eq!(
+            cmdline,
+            "drover.mode=disk virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
+             virtio_mmio.device=4K@0xd0002000:7"
+        );
     }
 
     #[test]

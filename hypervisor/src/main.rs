@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use drover_hypervisor::config::{CpuPlacement, NumaConfig, NumaPolicy, SerialOutput, Topology, VmConfig};
+use drover_hypervisor::config::{
+    CpuPlacement, DiskConfig, NicConfig, NumaConfig, NumaPolicy, SerialOutput, Topology, VmConfig,
+};
 use drover_hypervisor::exit::VmExit;
 use drover_hypervisor::restore::Origin;
 use drover_hypervisor::{api, vmm};
@@ -93,6 +95,10 @@ struct HostSide {
     /// Host CPUs for the vCPUs here, if not the ones it had.
     #[arg(long)]
     host_cpus: Option<String>,
+    /// The tap of each NIC here, in order, if not the names it had (taps are
+    /// per host; the MACs travel with the VM).
+    #[arg(long = "tap")]
+    taps: Vec<String>,
 }
 
 impl HostSide {
@@ -101,6 +107,9 @@ impl HostSide {
         config.api_socket = self.api_socket;
         if self.host_cpus.is_some() {
             config.cpus.host_cpus = self.host_cpus;
+        }
+        for (nic, tap) in config.nics.iter_mut().zip(self.taps) {
+            nic.tap = tap;
         }
         config
     }
@@ -154,6 +163,27 @@ struct RunArgs {
     /// VM name, for logs.
     #[arg(long)]
     name: Option<String>,
+    /// A virtio-blk disk on a raw image: `PATH`, or `PATH,ro` for a read-only
+    /// one (repeat for more disks; they come after the config's).
+    #[arg(long = "disk", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
+    /// A virtio-net NIC on an existing tap: `TAP,mac=52:54:00:12:34:56` (repeat
+    /// for more; after the config's).
+    #[arg(long = "nic", value_parser = parse_nic)]
+    nics: Vec<NicConfig>,
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let (path, read_only) = match s.strip_suffix(",ro") {
+        Some(path) => (path, true),
+        None => (s, false),
+    };
+    Ok(DiskConfig { path: path.into(), read_only, id: String::new() })
+}
+
+fn parse_nic(s: &str) -> Result<NicConfig, String> {
+    let (tap, mac) = s.split_once(",mac=").ok_or_else(|| format!("{s:?} is not TAP,mac=MAC"))?;
+    Ok(NicConfig { tap: tap.into(), mac: mac.into() })
 }
 
 fn parse_topology(s: &str) -> Result<Topology, String> {
@@ -185,6 +215,8 @@ impl RunArgs {
                 numa: NumaConfig::default(),
                 shares: 1000,
                 api_socket: None,
+                disks: Vec::new(),
+                nics: Vec::new(),
             },
         };
         if let Some(v) = self.vcpus {
@@ -236,6 +268,8 @@ impl RunArgs {
         if let Some(v) = self.api_socket {
             c.api_socket = Some(v)
         }
+        c.disks.extend(self.disks);
+        c.nics.extend(self.nics);
         Ok(c)
     }
 }

@@ -72,6 +72,8 @@ fn build_checked(
         },
         shares: spec.cpu.effective_shares(),
         api_socket: Some(dir.api_socket()),
+        disks: Vec::new(),
+        nics: Vec::new(),
     };
     config.validate().map_err(|e| Error::Config(e.to_string()))?;
     Ok(config)

@@ -46,6 +46,60 @@ pub struct VmConfig {
     /// Path of the control API's Unix socket.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
+    /// virtio-blk disks, in the order the guest finds them (`/dev/vda`, `vdb`, ...).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs, after the disks on the MMIO bus.
+    #[serde(default)]
+    pub nics: Vec<NicConfig>,
+}
+
+/// A virtio-blk disk on a raw image file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiskConfig {
+    /// The image file (raw: the guest's sectors, byte for byte).
+    pub path: PathBuf,
+    /// The guest may read but not write it.
+    #[serde(default)]
+    pub read_only: bool,
+    /// What the guest reads as the disk's serial (`/sys/block/vda/serial`), up to
+    /// 20 bytes; default: the image's file name.
+    #[serde(default)]
+    pub id: String,
+}
+
+/// A virtio-net NIC on a tap device the caller created (and attached to a bridge).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NicConfig {
+    /// The tap's interface name on this host.
+    pub tap: String,
+    /// The guest's MAC address, `52:54:00:12:34:56`.
+    pub mac: String,
+}
+
+/// The most virtio devices (disks and NICs together) a VM can have: IOAPIC pins 5-23.
+pub const MAX_DEVICES: usize = 19;
+/// Longest interface name Linux takes (IFNAMSIZ less the NUL).
+pub const MAX_IFNAME: usize = 15;
+/// Longest disk ID (VIRTIO_BLK_ID_BYTES).
+pub const MAX_DISK_ID: usize = 20;
+
+/// Parses a MAC address, `aa:bb:cc:dd:ee:ff`; a guest NIC's must be unicast.
+pub fn parse_mac(mac: &str) -> Result<[u8; 6], String> {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|b| if b.len() == 2 { u8::from_str_radix(b, 16).ok() } else { None })
+        .collect::<Option<_>>()
+        .filter(|b: &Vec<u8>| b.len() == 6)
+        .ok_or_else(|| format!("{mac:?} is not a MAC address like 52:54:00:12:34:56"))?;
+    let mut out = [0u8; 6];
+    out.copy_from_slice(&bytes);
+    if out[0] & 1 != 0 {
+        return Err(format!("{mac:?} is a multicast address; a NIC needs a unicast one (first byte even)"));
+    }
+    Ok(out)
 }
 
 fn default_name() -> String {
@@ -166,6 +220,62 @@ impl VmConfig {
         if self.numa.policy == NumaPolicy::None && !self.numa.nodes.is_empty() {
             return bad("numa.nodes: set a policy (Preferred, Strict or Interleave) to use nodes".into());
         }
+        if self.disks.len() + self.nics.len() > MAX_DEVICES {
+            return bad(format!(
+                "disks, nics: {} disks and {} NICs, more than the {MAX_DEVICES} devices a VM can have",
+                self.disks.len(),
+                self.nics.len()
+            ));
+        }
+        for (i, disk) in self.disks.iter().enumerate() {
+            if disk.path.as_os_str().is_empty() {
+                return bad(format!("disks[{i}].path: empty"));
+            }
+            if disk.id.len() > MAX_DISK_ID {
+                return bad(format!("disks[{i}].id: {} bytes, more than {MAX_DISK_ID}", disk.id.len()));
+            }
+        }
+        for (i, nic) in self.nics.iter().enumerate() {
+            if nic.tap.is_empty() || nic.tap.len() > MAX_IFNAME || nic.tap.contains(['/', ' ', ':']) {
+                return bad(format!("nics[{i}].tap: {:?} is not an interface name (1-{MAX_IFNAME} bytes)", nic.tap));
+            }
+            parse_mac(&nic.mac).map_err(|e| Error::Config(format!("nics[{i}].mac: {e}")))?;
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        serde_json::from_str(r#"{"vcpus": 1, "memoryMib": 64, "kernel": "/k"}"#).unwrap()
+    }
+
+    #[test]
+    fn macs_parse_and_multicast_is_refused() {
+        assert_eq!(parse_mac("52:54:00:12:34:5f").unwrap(), [0x52, 0x54, 0, 0x12, 0x34, 0x5f]);
+        for bad in ["52:54:00:12:34", "52:54:00:12:34:5g", "52-54-00-12-34-56", "5:54:00:12:34:56:1", ""] {
+            assert!(parse_mac(bad).unwrap_err().contains("not a MAC"), "{bad}");
+        }
+        assert!(parse_mac("01:00:5e:00:00:01").unwrap_err().contains("multicast"));
+    }
+
+    #[test]
+    fn devices_are_checked_with_the_field_named() {
+        let mut c = config();
+        c.disks = vec![DiskConfig { path: "/d.img".into(), read_only: false, id: "x".repeat(21) }];
+        assert!(c.validate().unwrap_err().to_string().contains("disks[0].id: 21 bytes"));
+        c.disks[0].id.clear();
+        c.nics = vec![NicConfig { tap: "tap-with-a-long-name".into(), mac: "52:54:00:00:00:01".into() }];
+        assert!(c.validate().unwrap_err().to_string().contains("nics[0].tap"));
+        c.nics[0].tap = "tap0".into();
+        c.nics[0].mac = "ff:ff:ff:ff:ff:ff".into();
+        assert!(c.validate().unwrap_err().to_string().contains("nics[0].mac"));
+        c.nics[0].mac = "52:54:00:00:00:01".into();
+        c.validate().unwrap();
+        c.disks = vec![c.disks[0].clone(); MAX_DEVICES];
+        assert!(c.validate().unwrap_err().to_string().contains("19 disks and 1 NICs"));
     }
 }

@@ -10,7 +10,8 @@ const SPEC_REV: u8 = 4; // MP spec 1.4
 const APIC_VERSION: u8 = 0x14;
 const IOAPIC_ID: u8 = 0xfe; // above every CPU's APIC ID
 const ISA_BUS: u8 = 0;
-const IRQS: u8 = 16;
+/// Every pin of the IOAPIC: 0-15 the ISA IRQs, 5-23 also the virtio devices.
+const IRQS: u8 = 24;
 
 /// The MP floating pointer and configuration table for CPUs with these APIC IDs
 /// (the first is the boot CPU), to be written at `address()`.
@@ -34,7 +35,8 @@ pub fn mptable(apic_ids: &[u32]) -> Vec<u8> {
     entries.extend_from_slice(&[2, IOAPIC_ID, APIC_VERSION, 1]);
     entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     count += 1;
-    // I/O interrupts: ISA IRQ n -> IOAPIC pin n (type 3, INT, conforming flags).
+    // I/O interrupts: IRQ n -> IOAPIC pin n (type 3, INT, conforming flags: edge,
+    // active high, as the irqfds signal them).
     for irq in 0..IRQS {
         entries.extend_from_slice(&[3, 0, 0, 0, ISA_BUS, irq, IOAPIC_ID, irq]);
         count += 1;
@@ -106,7 +108,7 @@ mod tests {
             table[44..].chunks(20).take_while(|e| e[0] == 0).map(|e| (e[1], e[3])).collect();
         assert_eq!(processors, vec![(0, 3), (1, 1), (2, 1), (3, 1)]);
         let count = u16::from_le_bytes(table[34..36].try_into().unwrap());
-        assert_eq!(count, 4 + 1 + 1 + 16 + 2);
+        assert_eq!(count, 4 + 1 + 1 + 24 + 2);
     }
 
     #[test]

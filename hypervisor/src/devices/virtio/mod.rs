@@ -8,10 +8,13 @@
 //!   notify it and the interrupt it raises; the thread that serves its queues
 //! - `block`: virtio-blk on a raw image file; `net`: virtio-net on a tap
 //! - `state`: what a device saves in snapshots and migrations
+//! - `bus`: the VM's devices by slot, built from its configuration
+//! - `tap`: opening a tap with a virtio-net header
 //!
 //! Where they live: device `i` at [`MMIO_BASE`] + `i` × [`MMIO_SIZE`] in the MMIO
 //! gap, on IOAPIC pin [`FIRST_IRQ`] + `i`, announced to the guest on its command
-//! line (`virtio_mmio.device=4K@0xd0000000:5`), as an unmodified Linux reads it.
+//! line (`virtio_mmio.device=4K@0xd0000000:5`, written by linux-loader), as an
+//! unmodified Linux reads it.
 //!
 //! The guest notifies a queue by writing its index to `QueueNotify`; KVM turns that
 //! write into an eventfd signal (ioeventfd) where it can, and the vCPU thread does
@@ -21,11 +24,12 @@
 //! bitmap (see `memory`).
 
 pub mod block;
+pub mod bus;
 pub mod device;
 pub mod mmio;
+pub mod net;
 pub mod state;
-
-use std::fmt::Write;
+pub mod tap;
 
 use virtio_queue::Queue;
 
@@ -49,17 +53,6 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_
 /// Where device `index` is: its MMIO base and IRQ.
 pub fn slot(index: usize) -> (u64, u32) {
     (MMIO_BASE + index as u64 * MMIO_SIZE, FIRST_IRQ + index as u32)
-}
-
-/// The command-line parameters announcing `count` devices, as Linux's
-/// virtio_mmio driver (and the test guest) reads them.
-pub fn cmdline_announcement(count: usize) -> String {
-    let mut out = String::new();
-    for index in 0..count {
-        let (base, irq) = slot(index);
-        let _ = write!(out, " virtio_mmio.device={}K@{base:#x}:{irq}", MMIO_SIZE >> 10);
-    }
-    out
 }
 
 /// What a virtio device does; the transport does the rest.
