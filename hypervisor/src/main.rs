@@ -13,7 +13,7 @@ use drover_hypervisor::config::{
     CpuPlacement, DiskConfig, NicConfig, NumaConfig, NumaPolicy, SerialOutput, Topology, VmConfig,
 };
 use drover_hypervisor::exit::VmExit;
-use drover_hypervisor::restore::Origin;
+use drover_hypervisor::restore::{Origin, RestoreSource, Unannounced};
 use drover_hypervisor::{api, vmm};
 use drover_vmm_api::ExitStatus;
 
@@ -99,9 +99,21 @@ struct HostSide {
     /// per host; the MACs travel with the VM).
     #[arg(long = "tap")]
     taps: Vec<String>,
+    /// Do not announce the VM's MACs (RARP) once it runs here; bridges then
+    /// learn its new port only when the guest next sends.
+    #[arg(long)]
+    no_announce: bool,
 }
 
 impl HostSide {
+    /// The restore source, with the announcement turned off where asked.
+    fn origin(&self, source: Box<dyn RestoreSource>) -> Origin {
+        match self.no_announce {
+            true => Origin::Restore(Box::new(Unannounced(source))),
+            false => Origin::Restore(source),
+        }
+    }
+
     fn apply(self, mut config: VmConfig) -> VmConfig {
         config.serial = self.serial.as_deref().map(serial_output).unwrap_or(SerialOutput::Stdout);
         config.api_socket = self.api_socket;
@@ -320,8 +332,9 @@ fn main() -> ExitCode {
         Command::Run(args) => finish(args.into_config().and_then(|config| run_vm(&config, Origin::Boot))),
         Command::Restore { from, here } => {
             let result = drover_hypervisor::snapshot::load(&from).and_then(|snapshot| {
-                let config = here.apply(snapshot.config().clone());
-                run_vm(&config, Origin::Restore(Box::new(snapshot)))
+                let config = snapshot.config().clone();
+                let origin = here.origin(Box::new(snapshot));
+                run_vm(&here.apply(config), origin)
             });
             finish(result)
         }
@@ -334,15 +347,19 @@ fn main() -> ExitCode {
                 if let (true, Some(expected)) = (prefault, expected.clone()) {
                     // The VM is built from the expected configuration (the source's
                     // must have its shape), so its memory exists before anyone connects.
-                    let config = here.apply(expected.clone());
-                    let source =
-                        drover_hypervisor::migration::receive::Prefaulted::new(&listen, secret.trim_ascii(), expected);
-                    return run_vm(&config, Origin::Restore(Box::new(source)));
+                    let source = drover_hypervisor::migration::receive::Prefaulted::new(
+                        &listen,
+                        secret.trim_ascii(),
+                        expected.clone(),
+                    );
+                    let origin = here.origin(Box::new(source));
+                    return run_vm(&here.apply(expected), origin);
                 }
                 let incoming =
                     drover_hypervisor::migration::receive::accept(&listen, secret.trim_ascii(), expected.as_ref())?;
-                let config = here.apply(incoming.config.clone());
-                run_vm(&config, Origin::Restore(Box::new(incoming)))
+                let config = incoming.config.clone();
+                let origin = here.origin(Box::new(incoming));
+                run_vm(&here.apply(config), origin)
             })();
             finish(result)
         }

@@ -25,6 +25,11 @@ pub trait RestoreSource {
     }
     /// Called once the vCPUs run.
     fn running(&mut self) {}
+    /// Whether the VMM then announces the VM's MACs (RARP, see
+    /// `devices::virtio::net`): after a move its NICs are on new bridge ports.
+    fn announce_nics(&self) -> bool {
+        true
+    }
 }
 
 /// Where a VM's first state comes from.
@@ -33,4 +38,26 @@ pub enum Origin {
     Boot,
     /// Continue a VM saved elsewhere.
     Restore(Box<dyn RestoreSource>),
+}
+
+/// A source whose VM does not announce its MACs once it runs (`--no-announce`:
+/// for tests that show what the announcement is for).
+pub struct Unannounced(pub Box<dyn RestoreSource>);
+
+impl RestoreSource for Unannounced {
+    fn load(&mut self, memory: &GuestRam) -> Result<VmState, Error> {
+        self.0.load(memory)
+    }
+    fn restored(&mut self) -> Result<(), Error> {
+        self.0.restored()
+    }
+    fn before_run(&mut self) -> Result<(), Error> {
+        self.0.before_run()
+    }
+    fn running(&mut self) {
+        self.0.running()
+    }
+    fn announce_nics(&self) -> bool {
+        false
+    }
 }

@@ -16,7 +16,7 @@ use crate::Error;
 use crate::config::VmConfig;
 
 /// Format version of `VmState`; a restore refuses any other.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 
 /// One vCPU.
 #[derive(Serialize, Deserialize)]
@@ -102,6 +102,8 @@ pub struct VmState {
     pub vcpus: Vec<VcpuState>,
     pub kvm: VmKvmState,
     pub serial: SerialState,
+    /// The virtio devices, in slot order (disks, then NICs).
+    pub virtio: Vec<crate::devices::virtio::state::DeviceState>,
 }
 
 impl VmState {

@@ -14,6 +14,7 @@ use crate::arch::x86_64::{cpuid, layout, regs};
 use crate::boot::BootEntry;
 use crate::config::{SerialOutput, VmConfig};
 use crate::control::{self, VmControl};
+use crate::devices::virtio::bus::MmioBus;
 use crate::devices::{IrqTrigger, Keyboard, PioBus, i8042, serial};
 use crate::exit::VmExit;
 use crate::restore::{Origin, RestoreSource};
@@ -72,26 +73,39 @@ pub fn start(config: &VmConfig, origin: Origin) -> Result<RunningVm, Error> {
     let first_output = Arc::new(serial::FirstOutput::default());
     let control =
         Arc::new(VmControl::new(config.clone(), started, placement, numa_nodes, exits_tx, vm, first_output.clone()));
-    let Prepared { fds, serial, keyboard, msrs, mut source } = prepare(config, control.vm(), &apic_ids, origin)?;
+    let Prepared { fds, serial, keyboard, msrs, virtio, mut source } =
+        prepare(config, control.vm(), &apic_ids, origin)?;
     let bus = Arc::new(PioBus::new(serial, keyboard, first_output, control.exits().clone()));
-    control.set_bus(bus.clone());
+    let virtio = Arc::new(virtio);
+    control.set_bus(bus.clone(), virtio.clone());
     let msrs = Arc::new(msrs);
     let vcpus: Vec<Vcpu> = (0..config.vcpus)
         .zip(fds)
-        .map(|(index, fd)| Vcpu { index, fd, bus: bus.clone(), control: control.clone(), msrs: msrs.clone() })
+        .map(|(index, fd)| Vcpu {
+            index,
+            fd,
+            bus: bus.clone(),
+            mmio: virtio.clone(),
+            control: control.clone(),
+            msrs: msrs.clone(),
+        })
         .collect();
     let running = RunningVm { control, exits };
     let control = &running.control;
     tracing::debug!(us = started.elapsed().as_micros() as u64, "guest loaded, vCPUs created");
     control::install_kick_handler()?;
     match source.as_mut() {
-        None => spawn_vcpus(vcpus, control)?,
+        None => {
+            virtio.start()?;
+            spawn_vcpus(vcpus, control)?
+        }
         Some(source) => {
             // A restored VM's vCPU threads start held: for a migration target they
             // come up while `Ready` and `Go` cross the network, and run only if
             // `before_run` allows it.
             let at = Instant::now();
             control.hold();
+            virtio.start()?;
             source.restored()?;
             spawn_vcpus(vcpus, control)?;
             let spawned = at.elapsed().as_micros() as u64;
@@ -103,6 +117,10 @@ pub fn start(config: &VmConfig, origin: Origin) -> Result<RunningVm, Error> {
                 "vCPU threads up, then running"
             );
             source.running();
+            if source.announce_nics() {
+                // Its NICs may be on new ports now: tell the bridges at once.
+                virtio.announce_in_background();
+            }
         }
     }
     control.clone().apply_priority_in_background();
@@ -126,6 +144,7 @@ struct Prepared {
     serial: serial::SerialPort,
     keyboard: Keyboard,
     msrs: Vec<u32>,
+    virtio: MmioBus,
     source: Option<Box<dyn RestoreSource>>,
 }
 
@@ -133,8 +152,9 @@ struct Prepared {
 ///
 /// What does not depend on the guest's state (the vCPUs themselves, the serial
 /// port's interrupt and output, the keyboard controller, which is not part of the
-/// saved state) is set up before the state is loaded: a migration target loads it
-/// while the guest is paused, and does the rest beforehand.
+/// saved state, the virtio devices' disks and taps) is set up before the state is
+/// loaded: a migration target loads it while the guest is paused, and does the
+/// rest beforehand (its taps are open before it reports ready).
 fn prepare(config: &VmConfig, vm: &Vm, apic_ids: &[u32], origin: Origin) -> Result<Prepared, Error> {
     let irq_for = |gsi| -> Result<IrqTrigger, Error> {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?;
@@ -149,6 +169,7 @@ fn prepare(config: &VmConfig, vm: &Vm, apic_ids: &[u32], origin: Origin) -> Resu
             vm.fd.create_vcpu(u64::from(index)).map_err(|source| Error::Kvm { what: "KVM_CREATE_VCPU", source })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let virtio = MmioBus::build(config, &vm.fd, &vm.memory)?;
 
     let (serial, msrs, source) = match origin {
         Origin::Boot => {
@@ -172,6 +193,7 @@ fn prepare(config: &VmConfig, vm: &Vm, apic_ids: &[u32], origin: Origin) -> Resu
             for (fd, saved) in fds.iter().zip(&state.vcpus) {
                 crate::state::restore_vcpu(fd, saved)?;
             }
+            virtio.restore(&state.virtio)?;
             // The VM saves the MSRs it was restored with: every one of them was
             // just written here, and the guest's CPUID (the source's) advertises no
             // others. Probing this host's list would cost the switch-over 0.1 ms
@@ -184,7 +206,7 @@ fn prepare(config: &VmConfig, vm: &Vm, apic_ids: &[u32], origin: Origin) -> Resu
             (serial, msrs, Some(source))
         }
     };
-    Ok(Prepared { fds, serial, keyboard, msrs, source })
+    Ok(Prepared { fds, serial, keyboard, msrs, virtio, source })
 }
 
 /// Sets each new vCPU up to boot: CPUID and topology, FPU, LAPIC lines; the first

@@ -25,6 +25,7 @@ use drover_topology::CpuSet;
 use drover_vmm_api::api::{MigrationPhase as Phase, MigrationStatus, VcpuStatus, VmStatus};
 
 use crate::config::VmConfig;
+use crate::devices::virtio::bus::MmioBus;
 use crate::devices::{PioBus, serial::FirstOutput};
 use crate::exit::VmExit;
 use crate::state::{STATE_VERSION, VcpuState, VmState};
@@ -44,6 +45,9 @@ pub struct VmControl {
     vm: Vm,
     /// The devices, for their state (set once they exist; they report to no one).
     bus: OnceLock<Arc<PioBus>>,
+    /// The virtio devices (set with the port devices). They pause after the
+    /// vCPUs and resume before them.
+    virtio: OnceLock<Arc<MmioBus>>,
     first_output: Arc<FirstOutput>,
     numa_nodes: CpuSet,
     threads: VcpuThreads,
@@ -73,6 +77,7 @@ impl VmControl {
             started,
             vm,
             bus: OnceLock::new(),
+            virtio: OnceLock::new(),
             first_output,
             numa_nodes,
             exits,
@@ -142,8 +147,14 @@ impl VmControl {
 
     /// Records the device bus (made after the control: a restored VM's devices
     /// come from its state, and the control is made before the state arrives).
-    pub fn set_bus(&self, bus: Arc<PioBus>) {
+    pub fn set_bus(&self, bus: Arc<PioBus>, virtio: Arc<MmioBus>) {
         let _ = self.bus.set(bus);
+        let _ = self.virtio.set(virtio);
+    }
+
+    /// The virtio devices (none until `set_bus`).
+    pub fn virtio(&self) -> Option<&Arc<MmioBus>> {
+        self.virtio.get()
     }
 
     /// The state of the devices the VMM emulates.
@@ -160,6 +171,7 @@ impl VmControl {
             vcpus: self.save_vcpus()?,
             kvm: crate::state::save_vm(&self.vm.fd)?,
             serial: self.serial_state(),
+            virtio: self.virtio.get().map(|v| v.state()).unwrap_or_default(),
         })
     }
 
@@ -193,13 +205,25 @@ impl VmControl {
 
     /// Stops every vCPU (they park outside KVM_RUN) and returns once all have.
     pub fn pause(&self) -> Result<(), Error> {
-        self.park.pause(|| self.threads.kick_all())
+        self.park.pause(|| self.threads.kick_all())?;
+        self.pause_devices();
+        Ok(())
+    }
+
+    /// Once no vCPU runs, no driver makes new requests: finish the ones under way
+    /// and start none until `resume` (see `devices::virtio::device`).
+    fn pause_devices(&self) {
+        if let Some(virtio) = self.virtio.get() {
+            virtio.pause();
+        }
     }
 
     /// `pause`, each vCPU saving its state as it parks: `save_vcpus` then finds
     /// the states ready (a switch-over saves a round of vCPU wake-ups).
     pub fn pause_and_save(&self) -> Result<(), Error> {
-        self.park.pause_and_save(|| self.threads.kick_all())
+        self.park.pause_and_save(|| self.threads.kick_all())?;
+        self.pause_devices();
+        Ok(())
     }
 
     /// Whether the vCPUs are paused.
@@ -211,6 +235,8 @@ impl VmControl {
     /// restored VM's threads start held, and run on `resume`.
     pub fn hold(&self) {
         self.park.hold();
+        // Restored devices serve nothing either (a tap's frames wait) until `resume`.
+        self.pause_devices();
     }
 
     /// Lets paused vCPUs run again, unless the VM was handed over to a migration
@@ -219,6 +245,11 @@ impl VmControl {
         if self.migration.handed_over() {
             tracing::warn!("not resuming: the VM was handed over to the migration target");
             return;
+        }
+        // Devices first: requests the driver made while paused are served as the
+        // vCPUs come back.
+        if let Some(virtio) = self.virtio.get() {
+            virtio.resume();
         }
         self.park.resume();
     }

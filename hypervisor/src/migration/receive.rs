@@ -50,8 +50,24 @@ pub fn accept(listen: &str, secret: &[u8], expected: Option<&VmConfig>) -> Resul
     }
     if let Some(want) = expected {
         let (a, b) = (&hello.config, want);
-        if a.vcpus != b.vcpus || a.memory_mib != b.memory_mib || a.topology() != b.topology() {
-            let shape = |c: &VmConfig| format!("{} vCPUs ({:?}), {} MiB", c.vcpus, c.topology(), c.memory_mib);
+        let devices =
+            |c: &VmConfig| (c.disks.len(), c.nics.iter().map(|n| n.mac.to_ascii_lowercase()).collect::<Vec<_>>());
+        if a.vcpus != b.vcpus
+            || a.memory_mib != b.memory_mib
+            || a.topology() != b.topology()
+            || devices(a) != devices(b)
+        {
+            let shape = |c: &VmConfig| {
+                let macs: Vec<&str> = c.nics.iter().map(|n| n.mac.as_str()).collect();
+                format!(
+                    "{} vCPUs ({:?}), {} MiB, {} disks, NICs [{}]",
+                    c.vcpus,
+                    c.topology(),
+                    c.memory_mib,
+                    c.disks.len(),
+                    macs.join(", ")
+                )
+            };
             let why = format!("the source sends {}, this target expects {}", shape(a), shape(b));
             let _ = wire::write_frame(&mut stream, &Frame::Abort(why.clone()));
             let _ = stream.flush();

@@ -45,8 +45,9 @@ use crate::config::VmConfig;
 /// The preamble's magic.
 pub const MAGIC: &[u8; 8] = b"DROVERMG";
 /// The protocol version this build speaks (2: the channel's transport messages
-/// carry up to 4 MiB, the preamble travels in clear; 3: Sync and Synced).
-pub const VERSION: u16 = 3;
+/// carry up to 4 MiB, the preamble travels in clear; 3: Sync and Synced; 4: the
+/// state carries virtio devices).
+pub const VERSION: u16 = 4;
 /// Guest page size.
 pub const PAGE_SIZE: usize = 4096;
 /// The largest frame payload accepted (a Pages frame of 1024 pages, or a VmState).

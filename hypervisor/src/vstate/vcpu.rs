@@ -7,6 +7,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::control::VmControl;
 use crate::devices::PioBus;
+use crate::devices::virtio::bus::MmioBus;
 use crate::exit::VmExit;
 
 /// KVM_SYSTEM_EVENT_* types.
@@ -18,6 +19,8 @@ pub struct Vcpu {
     pub index: u32,
     pub fd: VcpuFd,
     pub bus: Arc<PioBus>,
+    /// The virtio devices in the MMIO gap.
+    pub mmio: Arc<MmioBus>,
     pub control: Arc<VmControl>,
     /// MSRs to save with this vCPU's state (probed once per VM).
     pub msrs: Arc<Vec<u32>>,
@@ -45,9 +48,8 @@ impl Vcpu {
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => self.bus.write(port, data),
                 Ok(VcpuExit::IoIn(port, data)) => self.bus.read(port, data),
-                // No MMIO devices yet: reads see nothing, writes are dropped.
-                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
-                Ok(VcpuExit::MmioWrite(..)) => {}
+                Ok(VcpuExit::MmioRead(addr, data)) => self.mmio.read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => self.mmio.write(addr, data),
                 Ok(VcpuExit::Hlt) => {
                     // With the in-kernel LAPIC, HLT sleeps in KVM; seeing it means no
                     // interrupt can wake the CPU.

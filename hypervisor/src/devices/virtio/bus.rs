@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::block::Block;
 use super::device::MmioDevice;
-use super::net::Net;
+use super::net::{Announcer, Net};
 use super::state::DeviceState;
 use super::{MMIO_BASE, MMIO_SIZE, VirtioDevice, slot};
 use crate::Error;
@@ -22,6 +22,8 @@ use crate::memory::GuestRam;
 #[derive(Default)]
 pub struct MmioBus {
     devices: Vec<Arc<MmioDevice>>,
+    /// Each NIC's tap and MAC, to announce it.
+    announcers: Vec<Announcer>,
     /// Whether KVM takes queue notifications as ioeventfds (else each is a vCPU exit).
     pub ioeventfds: bool,
 }
@@ -31,6 +33,7 @@ impl MmioBus {
     /// runs yet: [`MmioBus::start`] starts the device threads.
     pub fn build(config: &VmConfig, vm: &VmFd, memory: &GuestRam) -> Result<Self, Error> {
         let mut devices: Vec<(Box<dyn VirtioDevice>, String)> = Vec::new();
+        let mut announcers = Vec::new();
         for (i, disk) in config.disks.iter().enumerate() {
             let id = if disk.id.is_empty() {
                 disk.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
@@ -39,14 +42,17 @@ impl MmioBus {
             };
             let block = Block::open(&disk.path, disk.read_only, &id)
                 .map_err(|e| Error::Config(format!("disks[{i}] ({}): {e}", disk.path.display())))?;
-            let identity = format!("disk of {} sectors{}", block.sectors(), if disk.read_only { ", read-only" } else { "" });
+            let identity =
+                format!("disk of {} sectors{}", block.sectors(), if disk.read_only { ", read-only" } else { "" });
             devices.push((Box::new(block), identity));
         }
         for (i, nic) in config.nics.iter().enumerate() {
-            let net = Net::open(&nic.tap, &nic.mac).map_err(|e| Error::Config(format!("nics[{i}] ({}): {e}", nic.tap)))?;
+            let net =
+                Net::open(&nic.tap, &nic.mac).map_err(|e| Error::Config(format!("nics[{i}] ({}): {e}", nic.tap)))?;
+            announcers.push(net.announcer());
             devices.push((Box::new(net), format!("NIC {}", nic.mac)));
         }
-        let mut bus = MmioBus { devices: Vec::new(), ioeventfds: true };
+        let mut bus = MmioBus { devices: Vec::new(), announcers, ioeventfds: true };
         for (index, (device, identity)) in devices.into_iter().enumerate() {
             let (base, irq) = slot(index);
             let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?;
@@ -108,6 +114,29 @@ impl MmioBus {
     /// Lets every device serve again, what waited first.
     pub fn resume(&self) {
         self.devices.iter().for_each(|d| d.resume());
+    }
+
+    /// Announces every NIC's MAC a few times over the next quarter second, as
+    /// QEMU does after a migration (at 0, 50, 150 and 250 ms: one lost frame
+    /// does not leave a bridge pointing at the old port).
+    pub fn announce_in_background(&self) {
+        if self.announcers.is_empty() {
+            return;
+        }
+        let announcers = self.announcers.clone();
+        let spawned = std::thread::Builder::new().name("announce".into()).spawn(move || {
+            for wait_ms in [0, 50, 100, 100] {
+                std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+                for a in &announcers {
+                    if let Err(e) = a.announce() {
+                        tracing::warn!("announcing a NIC: {e}");
+                    }
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("announcing the NICs: cannot start a thread: {e}");
+        }
     }
 
     /// Every device's state, in slot order.
