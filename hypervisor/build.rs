@@ -7,7 +7,7 @@ use std::process::Command;
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    let sources = ["guest/start.S", "guest/kernel.c", "guest/user.c"];
+    let sources = ["guest/start.S", "guest/kernel.c", "guest/user.c", "guest/virtio.c", "guest/disk.c", "guest/net.c"];
     for f in sources.iter().chain(&["guest/guest.h", "guest/guest.ld"]) {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -86,5 +86,89 @@ static inline void print_lock_take(void) {
     while (__atomic_exchange_n(&print_lock, 1, __ATOMIC_ACQUIRE)) cpu_relax();
 }
 static inline void print_lock_release(void) { __atomic_store_n(&print_lock, 0, __ATOMIC_RELEASE); }
+
+/* user.c: helpers every ring-3 workload uses. */
+void lock(void);
+void unlock(void);
+void puts_(const char *s);
+void put_dec(u64 v);
+void put_hex(u64 v);
+void guest_exit(u8 status) __attribute__((noreturn));
+void halt_this_cpu(void) __attribute__((noreturn));
+void barrier(u32 ncpus);
+u64 splitmix64(u64 x);
+const char *param(struct hvm_start_info *info, const char *key);
+u64 param_u64(struct hvm_start_info *info, const char *key, u64 dflt);
+/* Prints "drover-guest: <what>" and ends the VM with exit status `status`. */
+void fail(const char *what, u8 status) __attribute__((noreturn));
+
+/* virtio.c: a polling virtio-mmio (version 2) driver. */
+struct virtio_dev {
+    volatile u8 *regs;
+    u64 base;
+    u32 irq;
+};
+struct virtq {
+    struct virtio_dev *dev;
+    u32 index;
+    u16 size;
+    u16 avail_idx; /* the next free slot of the available ring */
+    u16 last_used; /* the next used entry to read */
+    volatile struct vring_desc *desc;
+    volatile struct vring_avail *avail;
+    volatile struct vring_used *used;
+};
+struct vring_desc {
+    u64 addr;
+    u32 len;
+    u16 flags;
+    u16 next;
+};
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+struct vring_avail {
+    u16 flags;
+    u16 idx;
+    u16 ring[];
+};
+struct vring_used_elem {
+    u32 id;
+    u32 len;
+};
+struct vring_used {
+    u16 flags;
+    u16 idx;
+    struct vring_used_elem ring[];
+};
+#define VIRTIO_ID_NET 1
+#define VIRTIO_ID_BLOCK 2
+/* Guest-physical memory the drivers own (below it: the image, stacks, page tables;
+ * the `digest` and `dirty` workloads use 32 MiB and up). */
+#define VIRTQ_AREA (16ULL << 20)   /* 64 KiB per queue, 8 queues */
+#define VIRTQ_AREA_SIZE (64ULL << 10)
+#define DRIVER_AREA (17ULL << 20) /* buffers, up to 32 MiB */
+
+/* Finds the nth (from 0) virtio device with this ID among those the command line
+ * announces (virtio_mmio.device=<size>@<base>:<irq>); 0 if there is none. */
+int virtio_find(struct hvm_start_info *info, u32 device_id, u32 nth, struct virtio_dev *dev);
+/* Resets the device and negotiates VIRTIO_F_VERSION_1 plus the wanted low 32
+ * feature bits the device offers; returns those, or stops the VM on a refusal. */
+u32 virtio_init(struct virtio_dev *dev, u32 wanted);
+/* Sets up queue `index` with at most `size` entries, its rings in area `slot`. */
+void virtq_init(struct virtio_dev *dev, struct virtq *q, u32 index, u16 size, u32 slot);
+/* DRIVER_OK: the device may use the queues now. */
+void virtio_ready(struct virtio_dev *dev);
+u32 virtio_config32(struct virtio_dev *dev, u32 offset);
+u8 virtio_config8(struct virtio_dev *dev, u32 offset);
+/* Makes the chain at `head` available (no notification yet). */
+void virtq_push(struct virtq *q, u16 head);
+/* Notifies the device of what was pushed, unless it asked not to be. */
+void virtq_kick(struct virtq *q);
+/* The next used chain: its head in *id and the bytes written in *len; 0 if none. */
+int virtq_pop(struct virtq *q, u32 *id, u32 *len);
+
+void disk_main(u32 cpu, u32 ncpus, struct hvm_start_info *info) __attribute__((noreturn));
+void blkbench_main(u32 cpu, struct hvm_start_info *info) __attribute__((noreturn));
+void net_main(u32 cpu, struct hvm_start_info *info) __attribute__((noreturn));
 #endif
 #endif

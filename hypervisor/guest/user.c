@@ -32,6 +32,12 @@
  *                  (drover.mem=0 drover.once=1: an idle guest).
  *   pio            CPU 0 writes drover.pio (default 100000) times to port 0x80,
  *                  between two lines, so a benchmark can time port-I/O exits.
+ *   disk, blkbench the virtio-blk workloads (disk.c): a read-modify-write of every
+ *                  block over drover.rounds rounds then a digest of the disk; and a
+ *                  benchmark of drover.qd requests of drover.bs bytes in flight.
+ *   net            CPU 0 answers ARP and ICMP echo for drover.ip= on the first
+ *                  virtio-net device (net.c).
+ * virtio.c is their driver: virtio-mmio devices found on the command line, polled.
  * Exit port values: 0 success, 1..0x7f workload failure, 0x80 + vector exception. */
 #include "guest.h"
 
@@ -42,7 +48,7 @@ static volatile u64 total;
 static volatile u32 barrier_count, barrier_generation;
 
 /* All ncpus CPUs wait here until every one has arrived. */
-static void barrier(u32 ncpus) {
+void barrier(u32 ncpus) {
     u32 gen = __atomic_load_n(&barrier_generation, __ATOMIC_ACQUIRE);
     if (__atomic_add_fetch(&barrier_count, 1, __ATOMIC_ACQ_REL) == ncpus) {
         __atomic_store_n(&barrier_count, 0, __ATOMIC_RELAXED);
@@ -52,14 +58,14 @@ static void barrier(u32 ncpus) {
     }
 }
 
-static void lock(void) { print_lock_take(); }
-static void unlock(void) { print_lock_release(); }
+void lock(void) { print_lock_take(); }
+void unlock(void) { print_lock_release(); }
 
-static void puts_(const char *s) {
+void puts_(const char *s) {
     while (*s) outb(COM1, (u8)*s++);
 }
 
-static void put_dec(u64 v) {
+void put_dec(u64 v) {
     char buf[21];
     int i = 20;
     buf[i] = 0;
@@ -67,19 +73,28 @@ static void put_dec(u64 v) {
     puts_(&buf[i]);
 }
 
-static void put_hex(u64 v) {
+void put_hex(u64 v) {
     char buf[17];
     for (int i = 0; i < 16; i++) buf[i] = "0123456789abcdef"[(v >> (60 - 4 * i)) & 0xf];
     buf[16] = 0;
     puts_(buf);
 }
 
-static void __attribute__((noreturn)) guest_exit(u8 status) {
+void guest_exit(u8 status) {
     outb(EXIT_PORT, status);
     for (;;) cpu_relax(); /* the VMM ends the VM; never reached on a working one */
 }
 
-static void __attribute__((noreturn)) halt_this_cpu(void) {
+void fail(const char *what, u8 status) {
+    lock();
+    puts_("drover-guest: ");
+    puts_(what);
+    puts_("\n");
+    unlock();
+    guest_exit(status);
+}
+
+void halt_this_cpu(void) {
     __asm__ volatile("ud2" ::"a"((u64)HALT_REQUEST) : "memory");
     __builtin_unreachable();
 }
@@ -118,7 +133,7 @@ static int starts_with(const char *s, const char *prefix) {
 }
 
 /* The value of `key` (e.g. "drover.mode=") on the command line, or 0. */
-static const char *param(struct hvm_start_info *info, const char *key) {
+const char *param(struct hvm_start_info *info, const char *key) {
     const char *s = info->cmdline_paddr ? (const char *)info->cmdline_paddr : "";
     for (; *s; s++)
         if ((s == (const char *)info->cmdline_paddr || s[-1] == ' ') && starts_with(s, key)) {
@@ -128,7 +143,7 @@ static const char *param(struct hvm_start_info *info, const char *key) {
     return 0;
 }
 
-static u64 param_u64(struct hvm_start_info *info, const char *key, u64 dflt) {
+u64 param_u64(struct hvm_start_info *info, const char *key, u64 dflt) {
     const char *v = param(info, key);
     if (!v || *v < '0' || *v > '9') return dflt;
     u64 n = 0;
@@ -170,7 +185,7 @@ static u32 cpus_from_madt(struct hvm_start_info *info) {
     return 0;
 }
 
-static u64 splitmix64(u64 x) {
+u64 splitmix64(u64 x) {
     x += 0x9e3779b97f4a7c15ULL;
     x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
     x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
@@ -333,6 +348,9 @@ void user_main(u32 cpu, struct hvm_start_info *info) {
             }
         }
     }
+    if (mode_is(info, "disk")) disk_main(cpu, ncpus, info);
+    if (mode_is(info, "blkbench")) blkbench_main(cpu, info);
+    if (mode_is(info, "net")) net_main(cpu, info);
     if (mode_is(info, "pio")) {
         if (cpu != 0) halt_this_cpu();
         u64 n = param_u64(info, "drover.pio=", 100000);
