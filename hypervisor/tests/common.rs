@@ -255,6 +255,7 @@ pub struct TwoHosts {
 }
 
 impl TwoHosts {
+    #[allow(clippy::new_without_default)] // it creates namespaces: not a default value
     pub fn new() -> TwoHosts {
         let id = std::process::id() % 10000;
         let names = [format!("drvm{id}a"), format!("drvm{id}b")];
