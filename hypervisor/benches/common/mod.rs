@@ -98,3 +98,25 @@ pub fn qemu_cpu(guest: &Path) -> &'static str {
     }
     panic!("qemu-system-x86_64 cannot boot the test guest with KVM here; install Debian's qemu-system-x86");
 }
+
+/// The `p`-th percentile (0 to 100) of `v`, nearest rank.
+pub fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// QEMU's microvm with virtio-mmio devices in virtio 1.x mode, as the test guest's
+/// driver expects: microvm announces them on the kernel command line only without
+/// ACPI, and without ACPI the guest learns its CPU count from `drover.cpus=`.
+/// `serial` is a QEMU chardev (`stdio`, `file:PATH`, `null`); add devices to taste.
+pub fn qemu_virtio(guest: &Path, vcpus: u32, cmdline: &str, cpu: &str, serial: &str) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-M", "microvm,acpi=off", "-enable-kvm", "-cpu", cpu, "-smp", &vcpus.to_string()])
+        .args(["-m", &format!("{MEMORY_MIB}M"), "-nodefaults", "-no-user-config", "-nographic"])
+        .args(["-serial", serial, "-device", "isa-debug-exit", "-global", "virtio-mmio.force-legacy=false"])
+        .arg("-kernel")
+        .arg(guest)
+        .args(["-append", &format!("{cmdline} drover.cpus={vcpus}")]);
+    c
+}
